@@ -1,0 +1,40 @@
+"""`manage.py rundht`: a bootstrap DHT peer that other peers join through."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+from hivemind import DHT
+
+
+class Command(BaseCommand):
+    help = "Run a bootstrap DHT peer for the swarm; prints its multiaddrs and runs until interrupted."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--host-maddrs", nargs="+", default=settings.SWARM_HOST_MADDRS)
+        parser.add_argument("--announce-maddrs", nargs="+", default=settings.SWARM_ANNOUNCE_MADDRS)
+        parser.add_argument("--identity-path", help="private key file; makes the peer id stable across restarts")
+        parser.add_argument("--initial-peers", nargs="*", default=settings.SWARM_INITIAL_PEERS)
+
+    def handle(self, *args, **options) -> None:
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        dht = DHT(
+            initial_peers=options["initial_peers"],
+            start=True,
+            host_maddrs=options["host_maddrs"],
+            announce_maddrs=options["announce_maddrs"] or None,
+            identity_path=options["identity_path"],
+        )
+        try:
+            for maddr in dht.get_visible_maddrs():
+                self.stdout.write(str(maddr))
+            self.stdout.flush()
+            self.stderr.write(f"DHT peer {dht.peer_id} is running; press Ctrl-C to stop")
+            stop.wait()
+        finally:
+            dht.shutdown()

@@ -1,0 +1,20 @@
+"""Client settings: a small dataclass instead of a maze of keyword arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass
+class ClientConfig:
+    initial_peers: Sequence[str] = ()
+    dht_prefix: str | None = None  # default: derived from the model name as Petals does
+    request_timeout: float = 30.0  # one RPC or one inference step
+    connect_timeout: float = 10.0  # opening an inference stream
+    max_retries: int = 4  # replacement servers tried for one step before giving up
+    ban_seconds: float = 15.0  # how long a failed server is avoided
+    routing_refresh: float = 30.0  # seconds between DHT reads of the swarm
+    missing_blocks_timeout: float = 30.0  # how long to wait for uncovered blocks to appear
+    alloc_timeout: float = 30.0  # how long a server may wait to fit our attention cache
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)

@@ -1,0 +1,43 @@
+"""One background asyncio loop per process for the synchronous client API.
+
+transformers' `generate()` is synchronous while hivemind's P2P is asyncio: client calls hop
+onto this loop's thread and wait for the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def background_loop() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="swarm-client-loop", daemon=True)
+            thread.start()
+            _loop = loop
+        return _loop
+
+
+def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run `coro` on the background loop and wait for its result (from any other thread)."""
+    loop = background_loop()
+    if _running_on(loop):
+        raise RuntimeError("run_sync was called from the client's own event loop")
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+
+def _running_on(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

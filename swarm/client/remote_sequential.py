@@ -1,0 +1,163 @@
+"""Full-sequence forward and backward through the swarm, as a differentiable torch function.
+
+Servers' weights are frozen: backward returns gradients for the hidden states (and deep
+prompts) only, which is what prompt tuning and client-side adapters need.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from hivemind.p2p.p2p_daemon_bindings.control import MAX_UNARY_PAYLOAD_SIZE
+from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+from swarm.client.event_loop import run_sync
+from swarm.client.routing import MissingBlocksError, RouteSpan, SequenceManager
+from swarm.names import block_uids, join_chain
+from swarm.wire import deserialize, dumps_metadata, pack_args, serialize
+
+logger = logging.getLogger(__name__)
+
+_NO_PROMPTS = torch.empty(0)
+
+
+async def _call(
+    manager: SequenceManager, span: RouteSpan, method: str, tensors: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """One rpc_forward/rpc_backward call, streamed when the payload is large."""
+    tensors, structure = pack_args(tensors)
+    uid = join_chain(block_uids(manager.dht_prefix, span.start, span.end))
+    metadata = dumps_metadata({"args_structure": structure})
+    serialized = [serialize(t) for t in tensors]
+    stub = manager.stub(span.peer_id)
+    timeout = manager.config.request_timeout
+    if sum(len(t.buffer) for t in serialized) <= MAX_UNARY_PAYLOAD_SIZE // 2:
+        response = await getattr(stub, method)(
+            runtime_pb2.ExpertRequest(uid=uid, tensors=serialized, metadata=metadata), timeout=timeout
+        )
+        return deserialize(response.tensors)
+
+    async def parts():
+        for tensor in serialized:
+            for part in split_for_streaming(tensor, MAX_UNARY_PAYLOAD_SIZE // 2):
+                yield runtime_pb2.ExpertRequest(uid=uid, tensors=[part], metadata=metadata)
+
+    chunks = [part async for response in await getattr(stub, f"{method}_stream")(parts()) for part in response.tensors]
+    results, i = [], 0
+    while i < len(chunks):
+        count = max(chunks[i].chunks, 1)
+        results.append(deserialize([combine_from_streaming(chunks[i : i + count])])[0])
+        i += count
+    return results
+
+
+async def _with_retries(manager: SequenceManager, start: int, end: int, run) -> Any:
+    """Run `run(route)` on a route for [start, end), rerouting around failed servers."""
+    last_error: Exception | None = None
+    for _ in range(manager.config.max_retries + 1):
+        route = await manager.make_route(start, end, mode="throughput")
+        try:
+            return await run(route)
+        except MissingBlocksError:
+            raise
+        except _SpanFailed as e:
+            last_error = e.__cause__
+            logger.warning("Server %s failed (%s); retrying elsewhere", e.span.peer_id, last_error)
+            manager.ban(e.span.peer_id)
+    raise RuntimeError(f"remote call failed on every server tried; last error: {last_error}")
+
+
+class _SpanFailed(Exception):
+    def __init__(self, span: RouteSpan):
+        self.span = span
+
+
+async def remote_forward(
+    manager: SequenceManager, hidden: torch.Tensor, prompts: torch.Tensor | None, start: int, end: int
+) -> tuple[torch.Tensor, list[tuple[RouteSpan, torch.Tensor]]]:
+    """Hidden states after blocks [start, end), plus each span's input (kept for backward)."""
+
+    async def run(route: list[RouteSpan]):
+        x, trace = hidden, []
+        for span in route:
+            span_prompts = prompts[span.start : span.end] if prompts is not None else _NO_PROMPTS
+            try:
+                (out,) = (await _call(manager, span, "rpc_forward", [x, span_prompts]))[:1]
+            except Exception as e:
+                raise _SpanFailed(span) from e
+            trace.append((span, x))
+            x = out
+        return x, trace
+
+    return await _with_retries(manager, start, end, run)
+
+
+async def remote_backward(
+    manager: SequenceManager,
+    trace: list[tuple[RouteSpan, torch.Tensor]],
+    grad_output: torch.Tensor,
+    prompts: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    grad_prompts = torch.zeros_like(prompts) if prompts is not None else None
+    for span, span_input in reversed(trace):
+
+        async def run(route: list[RouteSpan], span_input=span_input, grad=grad_output, span=span):
+            # A replacement chain may split the span: recompute its inner inputs first.
+            inputs, x = [], span_input
+            for sub in route:
+                sub_prompts = prompts[sub.start : sub.end] if prompts is not None else _NO_PROMPTS
+                inputs.append((sub, x, sub_prompts))
+                if sub is not route[-1]:
+                    try:
+                        x = (await _call(manager, sub, "rpc_forward", [x, sub_prompts]))[0]
+                    except Exception as e:
+                        raise _SpanFailed(sub) from e
+            for sub, x, sub_prompts in reversed(inputs):
+                try:
+                    grads = await _call(manager, sub, "rpc_backward", [x, grad, sub_prompts])
+                except Exception as e:
+                    raise _SpanFailed(sub) from e
+                grad = grads[0]
+                if grad_prompts is not None and len(grads) > 1:
+                    grad_prompts[sub.start : sub.end] += grads[1].to(grad_prompts.dtype)
+            return grad
+
+        grad_output = await _with_retries(manager, span.start, span.end, run)
+    return grad_output, grad_prompts
+
+
+class _RemoteSequentialFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, prompts: torch.Tensor, manager: SequenceManager, timeout: float):
+        has_prompts = prompts.numel() > 0
+        output, trace = run_sync(
+            remote_forward(
+                manager, hidden.detach().cpu(), prompts.detach().cpu() if has_prompts else None, 0, manager.num_blocks
+            ),
+            timeout,
+        )
+        ctx.manager, ctx.trace, ctx.timeout = manager, trace, timeout
+        ctx.prompts = prompts.detach().cpu() if has_prompts else None
+        ctx.devices = (hidden.device, hidden.dtype)
+        return output.to(hidden.device, hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_prompts = run_sync(
+            remote_backward(ctx.manager, ctx.trace, grad_output.detach().cpu(), ctx.prompts), ctx.timeout
+        )
+        device, dtype = ctx.devices
+        grad_prompts = grad_prompts.to(device) if grad_prompts is not None else None
+        return grad_hidden.to(device, dtype), grad_prompts, None, None
+
+
+def remote_sequential(
+    manager: SequenceManager, hidden: torch.Tensor, prompts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Differentiable: hidden states after all of the model's remote blocks."""
+    timeout = manager.config.request_timeout * (manager.config.max_retries + 2) * 4 + 60
+    prompts = prompts if prompts is not None else torch.empty(0, device=hidden.device)
+    return _RemoteSequentialFunction.apply(hidden, prompts, manager, timeout)

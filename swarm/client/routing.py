@@ -1,0 +1,173 @@
+"""Which servers a client talks to: reads the swarm from the DHT and picks chains of spans.
+
+- Inference: the chain with the lowest expected latency per step, from measured round trips
+  (or the servers' announced pings) and each server's announced per-block speed.
+- Forward/backward: at each position a server is drawn with probability proportional to its
+  throughput, which spreads training load over the swarm.
+Failed servers are banned for a while and routes avoid them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from swarm.client.config import ClientConfig
+from swarm.data_structures import RemoteSpanInfo
+from swarm.dht import SwarmView, fetch_swarm
+from swarm.server.handler import TransformerConnectionHandler
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RTT = 0.05  # seconds assumed for a server we have not pinged yet
+HOP_PENALTY = 0.002  # prefer fewer hops when latencies tie
+
+
+class MissingBlocksError(RuntimeError):
+    """No online server holds some blocks of the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteSpan:
+    """Blocks [start, end) run on one server."""
+
+    peer_id: str
+    start: int
+    end: int
+
+
+def describe_blocks(blocks: list[int]) -> str:
+    """[4, 5, 6, 7, 9] -> '4–7, 9'."""
+    ranges, first = [], None
+    for i, block in enumerate(blocks):
+        if first is None:
+            first = block
+        if i + 1 == len(blocks) or blocks[i + 1] != block + 1:
+            ranges.append(f"{first}" if first == block else f"{first}–{block}")
+            first = None
+    return ", ".join(ranges)
+
+
+class SequenceManager:
+    """The client's view of one model's servers, refreshed from the DHT as needed."""
+
+    def __init__(self, dht: DHT, p2p: P2P, dht_prefix: str, num_blocks: int, config: ClientConfig, model_name: str):
+        self.dht, self.p2p = dht, p2p
+        self.dht_prefix, self.num_blocks = dht_prefix, num_blocks
+        self.config = config
+        self.model_name = model_name
+        self.view: SwarmView | None = None
+        self._updated_at = 0.0
+        self._banned_until: dict[str, float] = {}
+        self.rtts: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+
+    # ----- swarm state -----
+
+    async def refresh(self, force: bool = False) -> SwarmView:
+        async with self._lock:
+            if force or self.view is None or time.monotonic() - self._updated_at > self.config.routing_refresh:
+                self.view = await fetch_swarm(self.dht, self.dht_prefix, self.num_blocks, wait=False)
+                self._updated_at = time.monotonic()
+                await self._ping_new_servers()
+            return self.view
+
+    async def _ping_new_servers(self) -> None:
+        # New servers, and unreachable ones again: a server may have been busy starting up.
+        peers = [s.peer_id for s in self.view.online_spans() if self.rtts.get(s.peer_id, float("inf")) == float("inf")]
+        rtts = await asyncio.gather(*(self.ping(peer) for peer in peers))
+        self.rtts.update(zip(peers, rtts))
+
+    async def ping(self, peer_id: str, timeout: float = 3.0) -> float:
+        try:
+            stub = self.stub(peer_id)
+            began = time.perf_counter()
+            await stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout)
+            return time.perf_counter() - began
+        except Exception:
+            return float("inf")
+
+    def stub(self, peer_id: str):
+        return TransformerConnectionHandler.get_stub(self.p2p, PeerID.from_base58(peer_id))
+
+    def ban(self, peer_id: str) -> None:
+        logger.info("Avoiding server %s for %.0f s after a failure", peer_id, self.config.ban_seconds)
+        self._banned_until[peer_id] = time.monotonic() + self.config.ban_seconds
+        self._updated_at = 0.0  # re-read the swarm before the next route
+
+    def _usable_spans(self) -> list[RemoteSpanInfo]:
+        now = time.monotonic()
+        return [
+            span
+            for span in self.view.online_spans()
+            if self._banned_until.get(span.peer_id, 0.0) <= now and self.rtts.get(span.peer_id) != float("inf")
+        ]
+
+    # ----- routes -----
+
+    async def make_route(self, start: int, end: int, mode: str = "latency") -> list[RouteSpan]:
+        """A chain of spans covering blocks [start, end); waits a bounded time for missing blocks."""
+        deadline = time.monotonic() + self.config.missing_blocks_timeout
+        force = False
+        while True:
+            await self.refresh(force=force)
+            spans = self._usable_spans()
+            route = (
+                _min_latency_route(spans, start, end, self._step_cost)
+                if mode == "latency"
+                else (_throughput_route(spans, start, end))
+            )
+            if route is not None:
+                return route
+            if time.monotonic() >= deadline:
+                covered = {i for s in spans for i in range(s.start, s.end)}
+                missing = [i for i in range(start, end) if i not in covered]
+                raise MissingBlocksError(
+                    f"blocks {describe_blocks(missing)} of {self.model_name} are not served by any reachable "
+                    f"server right now (waited {self.config.missing_blocks_timeout:.0f} s)"
+                )
+            force = True
+            await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+
+    def _step_cost(self, span: RemoteSpanInfo, blocks: int) -> float:
+        rtt = self.rtts.get(span.peer_id, DEFAULT_RTT)
+        rps = span.server_info.inference_rps or span.server_info.throughput
+        compute = blocks / rps if rps and rps > 0 else blocks * 0.01
+        return rtt + compute + HOP_PENALTY
+
+
+def _min_latency_route(spans, start: int, end: int, cost) -> list[RouteSpan] | None:
+    """Dynamic programming over block positions: cheapest chain of spans from start to end."""
+    best: dict[int, tuple[float, list[RouteSpan]]] = {start: (0.0, [])}
+    for position in range(start, end):
+        if position not in best:
+            continue
+        total, route = best[position]
+        for span in spans:
+            if span.start <= position < span.end:
+                stop = min(span.end, end)
+                candidate = total + cost(span, stop - position)
+                if stop not in best or candidate < best[stop][0]:
+                    best[stop] = (candidate, [*route, RouteSpan(span.peer_id, position, stop)])
+    return best[end][1] if end in best else None
+
+
+def _throughput_route(spans, start: int, end: int) -> list[RouteSpan] | None:
+    route, position = [], start
+    while position < end:
+        candidates = [s for s in spans if s.start <= position < s.end]
+        if not candidates:
+            return None
+        weights = [max(s.server_info.throughput, 1e-6) for s in candidates]
+        span = random.choices(candidates, weights)[0]
+        stop = min(span.end, end)
+        route.append(RouteSpan(span.peer_id, position, stop))
+        position = stop
+    return route

@@ -1,0 +1,189 @@
+"""Reading and writing swarm state in the hivemind DHT (PROTOCOL.md, "Block announcements").
+
+The coroutines named `_..._in_dht` run inside the DHT process (`DHT.run_coroutine`), so that
+large raw answers are parsed where they arrive and only validated results cross the pipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+from hivemind import DHT
+from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+
+from swarm.data_structures import ModelInfo, RemoteSpanInfo, ServerInfo, ServerState
+from swarm.names import MODELS_INDEX_KEY, block_uid, is_private_prefix, is_valid_dht_prefix
+
+logger = logging.getLogger(__name__)
+
+# A stranger can announce any number of fake peers; beyond this many per model we stop reading.
+MAX_PEERS_PER_MODEL = 20_000
+MAX_INDEXED_MODELS = 1_000
+
+
+@dataclasses.dataclass
+class SwarmView:
+    """The servers of one model as read from the DHT."""
+
+    prefix: str
+    num_blocks: int
+    spans: dict[str, RemoteSpanInfo]  # by peer id (base58)
+    invalid_entries: int = 0
+    fetched_at: float = 0.0
+
+    def online_spans(self) -> list[RemoteSpanInfo]:
+        return [span for span in self.spans.values() if span.state == ServerState.ONLINE]
+
+    def coverage(self, state: ServerState = ServerState.ONLINE) -> list[int]:
+        """How many servers in `state` hold each block."""
+        counts = [0] * self.num_blocks
+        for span in self.spans.values():
+            if span.state == state:
+                for index in range(span.start, span.end):
+                    counts[index] += 1
+        return counts
+
+    def missing_blocks(self) -> list[int]:
+        return [index for index, count in enumerate(self.coverage()) if count == 0]
+
+
+def announce_blocks(
+    dht: DHT,
+    prefix: str,
+    block_indices: Sequence[int],
+    info: ServerInfo,
+    expiration_time: float,
+    wait: bool = True,
+) -> Any:
+    """Store `info` under every block of the span, subkey = this peer's id."""
+    uids = [block_uid(prefix, index) for index in block_indices]
+    return dht.run_coroutine(
+        partial(_store_announcements_in_dht, uids=uids, value=info.to_tuple(), expiration_time=expiration_time),
+        return_future=not wait,
+    )
+
+
+async def _store_announcements_in_dht(
+    dht: DHT, node: DHTNode, *, uids: list[str], value: tuple, expiration_time: float
+) -> dict:
+    peer_id = dht.peer_id.to_base58()
+    return await node.store_many(
+        keys=uids,
+        subkeys=[peer_id] * len(uids),
+        values=[value] * len(uids),
+        expiration_time=expiration_time,
+        num_workers=min(len(uids), 32),
+    )
+
+
+def announce_model(dht: DHT, prefix: str, info: ModelInfo, expiration_time: float, wait: bool = True) -> Any:
+    """Add the model to the `_petals.models` index (skipped for private prefixes)."""
+    if is_private_prefix(prefix):
+        return None
+    return dht.store(
+        MODELS_INDEX_KEY, subkey=prefix, value=info.to_dict(), expiration_time=expiration_time, return_future=not wait
+    )
+
+
+def fetch_swarm(
+    dht: DHT, prefix: str, num_blocks: int, *, start: int = 0, end: int | None = None, wait: bool = True
+) -> Any:
+    """Read the announcements for blocks [start, end) of a model and build per-server spans."""
+    end = num_blocks if end is None else end
+    return dht.run_coroutine(
+        partial(fetch_swarm_in_dht, prefix=prefix, num_blocks=num_blocks, start=start, end=end),
+        return_future=not wait,
+    )
+
+
+async def fetch_swarm_in_dht(
+    dht: DHT, node: DHTNode, *, prefix: str, num_blocks: int, start: int, end: int
+) -> SwarmView:
+    uids = [block_uid(prefix, index) for index in range(start, end)]
+    found = (
+        await node.get_many(uids, sufficient_expiration_time=math.inf, num_workers=min(len(uids), 32)) if uids else {}
+    )
+    entries = {uid: (found[uid].value if found.get(uid) is not None else None) for uid in uids}
+    view = spans_from_entries(prefix, num_blocks, start, entries)
+    view.fetched_at = get_dht_time()
+    return view
+
+
+def spans_from_entries(prefix: str, num_blocks: int, start: int, entries: dict[str, Any]) -> SwarmView:
+    """Turn raw per-block DHT entries (uid -> {peer id: ValueWithExpiration}) into one span per server.
+
+    A server's span is its announced [start_block, end_block) when both are given, else the run of
+    blocks it appears under. Malformed entries are counted and skipped.
+    """
+    spans: dict[str, RemoteSpanInfo] = {}
+    invalid = 0
+    for offset, entry in enumerate(entries.values()):
+        index = start + offset
+        if entry is None:
+            continue
+        if not isinstance(entry, dict):
+            invalid += 1
+            continue
+        for peer_id, record in entry.items():
+            if len(spans) >= MAX_PEERS_PER_MODEL and peer_id not in spans:
+                invalid += 1
+                continue
+            try:
+                if not isinstance(peer_id, str) or not 0 < len(peer_id) <= 128:
+                    raise ValueError("peer id must be a short string")
+                info = ServerInfo.from_tuple(getattr(record, "value", None))
+                if info.end_block is not None and info.end_block > num_blocks:
+                    raise ValueError("span ends past the model's last block")
+            except ValueError:
+                invalid += 1
+                continue
+            known = spans.get(peer_id)
+            if known is None or known.state < info.state:
+                if info.start_block is not None and info.end_block is not None:
+                    span_start, span_end = info.start_block, info.end_block
+                else:
+                    span_start, span_end = index, index + 1
+                spans[peer_id] = RemoteSpanInfo(peer_id, span_start, span_end, info)
+            elif known.state == info.state and (info.start_block is None or info.end_block is None):
+                spans[peer_id] = dataclasses.replace(known, end=max(known.end, index + 1))
+    if invalid:
+        logger.warning("Skipped %d malformed DHT entries for model %s", invalid, prefix)
+    return SwarmView(prefix=prefix, num_blocks=num_blocks, spans=spans, invalid_entries=invalid)
+
+
+def fetch_model_index(dht: DHT, wait: bool = True) -> Any:
+    """Read `_petals.models`: returns (models by dht_prefix, number of malformed entries)."""
+    return dht.run_coroutine(fetch_model_index_in_dht, return_future=not wait)
+
+
+async def fetch_model_index_in_dht(dht: DHT, node: DHTNode) -> tuple[dict[str, ModelInfo], int]:
+    found = await node.get(MODELS_INDEX_KEY, latest=True)
+    return parse_model_index(found.value if found is not None else None)
+
+
+def parse_model_index(entry: Any) -> tuple[dict[str, ModelInfo], int]:
+    models: dict[str, ModelInfo] = {}
+    invalid = 0
+    if entry is None:
+        return models, 0
+    if not isinstance(entry, dict):
+        return models, 1
+    for prefix, record in entry.items():
+        if len(models) >= MAX_INDEXED_MODELS:
+            invalid += 1
+            continue
+        try:
+            if not is_valid_dht_prefix(prefix) or is_private_prefix(prefix):
+                raise ValueError("bad prefix")
+            models[prefix] = ModelInfo.from_dict(getattr(record, "value", None))
+        except ValueError:
+            invalid += 1
+    if invalid:
+        logger.warning("Skipped %d malformed entries in %s", invalid, MODELS_INDEX_KEY)
+    return models, invalid

@@ -1,0 +1,431 @@
+"""The RPC servicer of a block server, under Petals' handle names (PROTOCOL.md, "RPC").
+
+Torch work runs on one compute thread so that the event loop keeps answering pings and
+streams while a step computes; every request is validated before it touches the blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+# hivemind recognises streaming handlers by typing.AsyncIterator hints (not collections.abc's)
+from typing import Any, AsyncIterator, TypeVar  # noqa: UP035
+
+import torch
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
+
+from swarm import __version__
+from swarm.names import block_uids, join_chain, parse_block_uid, split_chain
+from swarm.server.backend import SpanBackend
+from swarm.server.memory_cache import KVCachePool
+from swarm.wire import BadRequest, deserialize, dumps_metadata, loads_metadata, serialize, unpack_args
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STREAM_CHUNK_BYTES = 2 * 1024**2  # half the daemon's 4 MiB message limit
+MAX_BATCH_SIZE = 64
+MAX_SEEN_STEPS = 4096
+MAX_SESSION_ID_LENGTH = 128
+
+
+class TransformerConnectionHandler(ServicerBase):
+    """Serves one span of blocks. The class name is part of the wire protocol's handle names."""
+
+    def __init__(
+        self,
+        backend: SpanBackend,
+        dht_prefix: str,
+        cache_pool: KVCachePool,
+        *,
+        max_length: int,
+        max_alloc_timeout: float = 600.0,
+        step_timeout: float = 300.0,
+        max_tokens_per_request: int = 8192,
+        dht_client_mode: bool = False,
+    ):
+        self.backend = backend
+        self.dht_prefix = dht_prefix
+        self.cache_pool = cache_pool
+        self.max_length = max_length
+        self.max_alloc_timeout = max_alloc_timeout
+        self.step_timeout = step_timeout
+        self.max_tokens_per_request = max_tokens_per_request
+        self.dht_client_mode = dht_client_mode
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.accepting = True
+        self.active_requests = 0
+        self.p2p: P2P | None = None
+        self._session_queues: dict[str, asyncio.Queue] = {}
+        self.steps_served = 0
+        self.tokens_served = 0
+
+    async def start(self, p2p: P2P) -> None:
+        self.p2p = p2p
+        await self.add_p2p_handlers(p2p)
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work and wait (up to `timeout`) for requests in flight to finish."""
+        self.accepting = False
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.active_requests and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
+    @contextlib.asynccontextmanager
+    async def _request(self) -> AsyncIterator[None]:
+        if not self.accepting:
+            raise RuntimeError("this server is shutting down; choose another server")
+        self.active_requests += 1
+        try:
+            yield
+        finally:
+            self.active_requests -= 1
+
+    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ----- validation -----
+
+    def _parse_chain(self, uid_chain: str) -> tuple[int, int]:
+        """A chain of consecutive served blocks -> (first, last + 1)."""
+        if not isinstance(uid_chain, str) or len(uid_chain) > 100_000:
+            raise BadRequest("uid must be a string of block uids")
+        uids = split_chain(uid_chain)
+        if not uids:
+            raise BadRequest("the request names no blocks")
+        indices = []
+        for uid in uids:
+            try:
+                prefix, index = parse_block_uid(uid)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+            if prefix != self.dht_prefix or not self.backend.start <= index < self.backend.end:
+                raise BadRequest(
+                    f"block {uid[:100]!r} is not served here (this server holds "
+                    f"{self.dht_prefix}.{self.backend.start}..{self.backend.end - 1})"
+                )
+            indices.append(index)
+        if indices != list(range(indices[0], indices[0] + len(indices))):
+            raise BadRequest("blocks in one request must be consecutive and in order")
+        return indices[0], indices[-1] + 1
+
+    def _check_hidden(self, hidden: Any, what: str = "hidden_states") -> torch.Tensor:
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.shape[-1] != self.backend.hidden_size:
+            shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None
+            raise BadRequest(f"{what} must have shape (batch, tokens, {self.backend.hidden_size}), got {shape}")
+        if not hidden.is_floating_point():
+            raise BadRequest(f"{what} must be a floating-point tensor")
+        batch, tokens = hidden.shape[:2]
+        if not 1 <= batch <= MAX_BATCH_SIZE:
+            raise BadRequest(f"batch size must be between 1 and {MAX_BATCH_SIZE}")
+        if batch * tokens > self.max_tokens_per_request:
+            raise BadRequest(f"at most {self.max_tokens_per_request} tokens per request")
+        return hidden
+
+    def _check_prompts(self, prompts: Any, hidden: torch.Tensor, num_blocks: int) -> torch.Tensor | None:
+        if prompts is None or prompts.numel() == 0:
+            return None
+        expected = (num_blocks, hidden.shape[0], None, hidden.shape[2])
+        if prompts.ndim != 4 or any(e is not None and e != s for e, s in zip(expected, prompts.shape)):
+            raise BadRequest(f"prompts must have shape (blocks={num_blocks}, batch, prefix, hidden) or be empty")
+        if not prompts.is_floating_point() or prompts.shape[2] > hidden.shape[1]:
+            raise BadRequest("prompts must be floating-point and no longer than the sequence")
+        return prompts
+
+    @staticmethod
+    def _check_hypo_ids(hypo_ids: Any, batch: int) -> torch.Tensor | None:
+        if hypo_ids is None or hypo_ids.numel() == 0:
+            return None
+        if hypo_ids.dtype != torch.int64 or hypo_ids.shape != (batch,):
+            raise BadRequest(f"hypo_ids must be an int64 tensor of shape ({batch},)")
+        if hypo_ids.min() < 0 or hypo_ids.max() >= batch:
+            raise BadRequest("hypo_ids must index rows of the batch")
+        return hypo_ids
+
+    # ----- rpc_info -----
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        info: dict[str, Any] = {
+            "version": __version__,
+            "dht_client_mode": self.dht_client_mode,
+            "cache_tokens_available": self.cache_tokens_left(),
+        }
+        if request.uid:
+            first, last = self._parse_chain(request.uid)
+            if last - first != 1:
+                raise BadRequest("rpc_info describes one block at a time")
+            info.update(self._schemas())
+        return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(info))
+
+    def _schemas(self) -> dict[str, Any]:
+        hidden = BatchTensorDescriptor(1, self.backend.hidden_size, dtype=self.backend.dtype)
+        prompts = BatchTensorDescriptor.from_tensor(torch.empty(0, dtype=self.backend.dtype))
+        hypo_ids = BatchTensorDescriptor.from_tensor(torch.empty(0, dtype=torch.int64))
+        return {
+            "forward_schema": ((hidden,), {}),
+            "outputs_schema": (hidden,),
+            "keyword_names": (),
+            "inference_schema": ((hidden, prompts, hypo_ids), {}),
+        }
+
+    def cache_tokens_left(self) -> int:
+        per_token = self.backend.cache_bytes(self.backend.end - self.backend.start, 1, 1)
+        return max(self.cache_pool.bytes_left, 0) // max(per_token, 1)
+
+    # ----- forward / backward -----
+
+    def _forward_inputs(self, request: runtime_pb2.ExpertRequest, tensors: list[torch.Tensor]):
+        first, last = self._parse_chain(request.uid)
+        metadata = loads_metadata(request.metadata)
+        self._check_adapter(metadata)
+        args = unpack_args(tensors, metadata.get("args_structure"))
+        return first, last, args
+
+    async def _forward(self, request: runtime_pb2.ExpertRequest, tensors: list[torch.Tensor]) -> torch.Tensor:
+        first, last, args = self._forward_inputs(request, tensors)
+        if not args:
+            raise BadRequest("rpc_forward needs [hidden_states, prompts]")
+        hidden = self._check_hidden(args[0])
+        prompts = self._check_prompts(args[1] if len(args) > 1 else None, hidden, last - first)
+        return await self._compute(self.backend.forward, hidden, first, last, prompts)
+
+    async def _backward(self, request: runtime_pb2.ExpertRequest, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        first, last, args = self._forward_inputs(request, tensors)
+        if len(args) < 2:
+            raise BadRequest("rpc_backward needs [hidden_states, grad_outputs, prompts]")
+        hidden = self._check_hidden(args[0])
+        grad_outputs = self._check_hidden(args[1], "grad_outputs")
+        if grad_outputs.shape != hidden.shape:
+            raise BadRequest("grad_outputs must have the shape of hidden_states")
+        prompts = self._check_prompts(args[2] if len(args) > 2 else None, hidden, last - first)
+        grad_hidden, grad_prompts = await self._compute(
+            self.backend.backward, hidden, grad_outputs, first, last, prompts
+        )
+        return [grad_hidden] if grad_prompts is None else [grad_hidden, grad_prompts]
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        async with self._request():
+            output = await self._forward(request, deserialize(request.tensors))
+            return runtime_pb2.ExpertResponse(tensors=[serialize(output)])
+
+    async def rpc_forward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async with self._request():
+            request, tensors = await self._gather_stream(requests)
+            output = await self._forward(request, tensors)
+            for part in split_for_streaming(serialize(output), STREAM_CHUNK_BYTES):
+                yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        async with self._request():
+            grads = await self._backward(request, deserialize(request.tensors))
+            return runtime_pb2.ExpertResponse(tensors=[serialize(g) for g in grads])
+
+    async def rpc_backward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async with self._request():
+            request, tensors = await self._gather_stream(requests)
+            grads = await self._backward(request, tensors)
+            for grad in grads:
+                for part in split_for_streaming(serialize(grad), STREAM_CHUNK_BYTES):
+                    yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def _gather_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], max_parts: int = 100_000
+    ) -> tuple[runtime_pb2.ExpertRequest, list[torch.Tensor]]:
+        """Reassemble a streamed request: uid and metadata from the first part, tensors split in parts."""
+        first: runtime_pb2.ExpertRequest | None = None
+        parts: list[runtime_pb2.Tensor] = []
+        async for request in requests:
+            first = first or request
+            parts.extend(request.tensors)
+            if len(parts) > max_parts:
+                raise BadRequest("too many tensor parts in the stream")
+        if first is None:
+            raise BadRequest("empty request stream")
+        tensors = []
+        for i, proto in enumerate(_group_parts(parts)):
+            try:
+                tensors.append(deserialize([combine_from_streaming(proto)])[0])
+            except BadRequest:
+                raise
+            except Exception as e:
+                raise BadRequest(f"streamed tensor {i} cannot be reassembled ({type(e).__name__})") from None
+        return first, tensors
+
+    @staticmethod
+    def _check_adapter(metadata: dict[str, Any]) -> None:
+        if metadata.get("active_adapter"):
+            raise BadRequest("this server serves no adapters")
+
+    # ----- inference -----
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        metadata = loads_metadata(request.metadata)
+        queue = (
+            self._session_queues.get(metadata.get("session_id"))
+            if isinstance(metadata.get("session_id"), str)
+            else None
+        )
+        if queue is None:
+            raise BadRequest("no such inference session on this server")
+        if queue.qsize() >= 64:
+            raise BadRequest("too many pushed steps are waiting for this session")
+        queue.put_nowait(request)
+        return runtime_pb2.ExpertResponse()
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async with self._request():
+            try:
+                first_request = await asyncio.wait_for(anext(requests), self.step_timeout)
+            except StopAsyncIteration:
+                return
+            first, last = self._parse_chain(first_request.uid)
+            metadata = loads_metadata(first_request.metadata)
+            self._check_adapter(metadata)
+            max_length = metadata.get("max_length")
+            if isinstance(max_length, bool) or not isinstance(max_length, int):
+                raise BadRequest("the first inference request must set max_length (an integer)")
+            if not 0 < max_length <= self.max_length:
+                raise BadRequest(f"max_length must be between 1 and {self.max_length}, got {max_length}")
+            alloc_timeout = _bounded_float(metadata.get("alloc_timeout", 0.0), 0.0, self.max_alloc_timeout)
+            session_id = metadata.get("session_id")
+            if session_id is not None and (not isinstance(session_id, str) or len(session_id) > MAX_SESSION_ID_LENGTH):
+                raise BadRequest(f"session_id must be a string of at most {MAX_SESSION_ID_LENGTH} characters")
+            if not first_request.tensors:
+                return
+            first_hidden = self._check_hidden(deserialize(first_request.tensors)[0])
+            batch_size = first_hidden.shape[0]
+
+            nbytes = self.backend.cache_bytes(last - first, batch_size, max_length)
+            async with self.cache_pool.reserve(nbytes, alloc_timeout):
+                cache = await self._compute(self.backend.new_cache, first, last - first, batch_size, max_length)
+                queue: asyncio.Queue = asyncio.Queue()
+                queue.put_nowait(first_request)
+                if session_id is not None:
+                    self._session_queues[session_id] = queue
+                reader = asyncio.create_task(_pump(requests, queue))
+                try:
+                    async for response in self._inference_steps(queue, cache, first, last, max_length, batch_size):
+                        yield response
+                finally:
+                    reader.cancel()
+                    if session_id is not None and self._session_queues.get(session_id) is queue:
+                        del self._session_queues[session_id]
+                    del cache
+
+    async def _inference_steps(
+        self, queue: asyncio.Queue, cache: Any, first: int, last: int, max_length: int, batch_size: int
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        seen_steps: OrderedDict[Any, None] = OrderedDict()
+        while True:
+            try:
+                request = await asyncio.wait_for(queue.get(), self.step_timeout)
+            except TimeoutError:
+                raise BadRequest(f"no inference step for {self.step_timeout:.0f} s; session closed") from None
+            if request is None or not request.tensors:
+                return  # the client ended the session
+            if isinstance(request, BaseException):
+                raise request
+            metadata = loads_metadata(request.metadata)
+            step_id = metadata.get("step_id")
+            if step_id is not None:
+                if not isinstance(step_id, (str, int, bytes)):
+                    raise BadRequest("step_id must be a string or an integer")
+                if step_id in seen_steps:
+                    continue  # already computed (e.g. a push arrived first)
+                seen_steps[step_id] = None
+                if len(seen_steps) > MAX_SEEN_STEPS:
+                    seen_steps.popitem(last=False)
+            args = unpack_args(deserialize(request.tensors), metadata.get("args_structure"))
+            hidden = self._check_hidden(args[0])
+            if hidden.shape[0] != batch_size:
+                raise BadRequest(f"this session's batch size is {batch_size}, got {hidden.shape[0]}")
+            prompts = self._check_prompts(args[1] if len(args) > 1 else None, hidden, last - first)
+            hypo_ids = self._check_hypo_ids(args[2] if len(args) > 2 else None, batch_size)
+            start_from = metadata.get("start_from_position")
+            if start_from is not None:
+                if (
+                    isinstance(start_from, bool)
+                    or not isinstance(start_from, int)
+                    or not 0 <= start_from <= cache.position
+                ):
+                    raise BadRequest(f"start_from_position must be an integer between 0 and {cache.position}")
+                cache.position = start_from
+            if cache.position + hidden.shape[1] > max_length:
+                raise BadRequest(
+                    f"this step would reach {cache.position + hidden.shape[1]} tokens, "
+                    f"past the session's max_length={max_length}"
+                )
+            if hidden.shape[1] == 0:  # Petals clients may send an empty step to reserve the cache early
+                output = hidden
+            else:
+                output = await self._compute(self.backend.inference_step, hidden, cache, prompts, hypo_ids)
+            self.steps_served += 1
+            self.tokens_served += hidden.shape[0] * hidden.shape[1]
+            next_servers = metadata.get("next_servers")
+            if next_servers:
+                asyncio.create_task(self._push_outputs(output, metadata, next_servers))
+            yield runtime_pb2.ExpertResponse(tensors=[serialize(output)])
+
+    async def _push_outputs(self, output: torch.Tensor, metadata: dict[str, Any], next_servers: Any) -> None:
+        """Send this step's outputs straight to the next server of the chain (server-to-server)."""
+        try:
+            peer_id, session_id, start, end = next_servers[0]
+            request = runtime_pb2.ExpertRequest(
+                uid=join_chain(block_uids(self.dht_prefix, int(start), int(end))),
+                tensors=[serialize(output)],
+                metadata=dumps_metadata(
+                    {
+                        "session_id": session_id,
+                        "step_id": metadata.get("step_id"),
+                        "pushed": True,
+                        "next_servers": next_servers[1:],
+                    }
+                ),
+            )
+            stub = self.get_stub(self.p2p, PeerID.from_base58(peer_id))
+            await stub.rpc_push(request, timeout=self.step_timeout)
+        except Exception as e:  # the client still sends the step itself; a failed push only costs time
+            logger.debug("Push to the next server failed: %s", e)
+
+
+async def _pump(requests: AsyncIterator[runtime_pb2.ExpertRequest], queue: asyncio.Queue) -> None:
+    try:
+        async for request in requests:
+            queue.put_nowait(request)
+    except Exception as e:
+        queue.put_nowait(e)
+    finally:
+        queue.put_nowait(None)
+
+
+def _bounded_float(value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise BadRequest("expected a number")
+    return min(max(float(value), low), high)
+
+
+def _group_parts(parts: list[runtime_pb2.Tensor]) -> list[list[runtime_pb2.Tensor]]:
+    """Split a flat list of streamed chunks into one list per tensor (a tensor's first chunk counts them)."""
+    groups: list[list[runtime_pb2.Tensor]] = []
+    i = 0
+    while i < len(parts):
+        count = max(parts[i].chunks, 1)
+        groups.append(parts[i : i + count])
+        i += count
+    return groups

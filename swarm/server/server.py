@@ -1,0 +1,285 @@
+"""A block server: joins the swarm, loads its span of blocks, serves them and announces itself.
+
+Lifecycle (PROTOCOL.md, "Block announcements"): JOINING while loading, ONLINE when serving
+(re-announced every `update_period`), OFFLINE after a graceful shutdown on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import Sequence
+
+import torch
+from hivemind import DHT
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils import get_dht_time
+from transformers import AutoConfig
+
+from swarm import __version__
+from swarm.checkpoint import CheckpointFiles
+from swarm.data_structures import ModelInfo, ServerInfo, ServerState
+from swarm.dht import announce_blocks, announce_model, fetch_swarm
+from swarm.models.family import bytes_per_block, family_for, prepare_config
+from swarm.names import dht_prefix_for, is_valid_dht_prefix
+from swarm.server.backend import SessionKVCache, SpanBackend
+from swarm.server.block_selection import block_throughputs, blocks_that_fit, choose_best_start
+from swarm.server.handler import TransformerConnectionHandler
+from swarm.server.memory_cache import KVCachePool
+from swarm.server.throughput import DEFAULT_BANDWIDTH_MBPS, measure_throughput
+
+logger = logging.getLogger(__name__)
+
+MAX_NEXT_PINGS = 8
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    model: str
+    initial_peers: Sequence[str] = ()
+    new_swarm: bool = False
+    block_indices: tuple[int, int] | None = None
+    num_blocks: int | None = None
+    device: str = "auto"
+    torch_dtype: str = "auto"
+    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)
+    announce_maddrs: Sequence[str] = ()
+    identity_path: str | None = None
+    public_name: str | None = None
+    dht_prefix: str | None = None
+    throughput: str | float = "auto"
+    bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS
+    max_length: int = 8192
+    cache_tokens: int = 16384
+    update_period: float = 120.0
+    max_alloc_timeout: float = 600.0
+    step_timeout: float = 300.0
+    shutdown_timeout: float = 5.0
+    revision: str | None = None
+    token: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"torch dtype must be one of auto, {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+class BlockServer:
+    def __init__(self, config: ServerConfig):
+        if not config.new_swarm and not config.initial_peers:
+            raise ValueError("give --initial-peers to join a swarm, or --new-swarm to start one")
+        self.config = config
+        self.model_config = prepare_config(
+            AutoConfig.from_pretrained(config.model, revision=config.revision, token=config.token)
+        )
+        self.family = family_for(self.model_config)
+        self.total_blocks = self.family.num_blocks(self.model_config)
+        self.dht_prefix = config.dht_prefix or dht_prefix_for(config.model, self.model_config.model_type)
+        if not is_valid_dht_prefix(self.dht_prefix):
+            raise ValueError(f"invalid DHT prefix {self.dht_prefix!r}: it may contain neither '.' nor spaces")
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.torch_dtype, self.device)
+        self.repository = None if "/" not in config.model or config.model.startswith(("/", ".")) else config.model
+        self.dht: DHT | None = None
+        self.handler: TransformerConnectionHandler | None = None
+        self.start = self.end = 0
+        self.rates: dict[str, float] = {}
+        self.next_pings: dict[str, float] = {}
+        self._stopping: asyncio.Event | None = None
+
+    # ----- lifecycle -----
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM, then shut down gracefully."""
+        asyncio.run(self._serve())
+
+    def request_stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def _serve(self) -> None:
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        self.dht = DHT(
+            initial_peers=list(self.config.initial_peers),
+            start=True,
+            host_maddrs=list(self.config.host_maddrs),
+            announce_maddrs=list(self.config.announce_maddrs) or None,
+            identity_path=self.config.identity_path,
+            client_mode=False,
+        )
+        try:
+            for maddr in self.dht.get_visible_maddrs():
+                logger.info("Server peer: %s", maddr)
+            self.start, self.end = self._choose_blocks()
+            logger.info(
+                "Serving blocks %d:%d of %s (prefix %s) on %s in %s",
+                self.start,
+                self.end,
+                self.config.model,
+                self.dht_prefix,
+                self.device,
+                str(self.dtype).split(".")[-1],
+            )
+            await self._announce(ServerState.JOINING)
+            backend = await loop.run_in_executor(None, self._load_backend)
+            self.rates = await loop.run_in_executor(None, self._throughput, backend)
+            pool = KVCachePool(backend.cache_bytes(self.end - self.start, 1, self.config.cache_tokens))
+            self.handler = TransformerConnectionHandler(
+                backend,
+                self.dht_prefix,
+                pool,
+                max_length=self.config.max_length,
+                max_alloc_timeout=self.config.max_alloc_timeout,
+                step_timeout=self.config.step_timeout,
+            )
+            await self.handler.start(await self.dht.replicate_p2p())
+            await self._announce(ServerState.ONLINE)
+            logger.info("Server is ONLINE: blocks %d:%d, peer id %s", self.start, self.end, self.dht.peer_id)
+            await self._announce_until_stopped()
+        finally:
+            await self._shutdown()
+
+    async def _announce_until_stopped(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.config.update_period)
+            except TimeoutError:
+                await self._measure_next_pings()
+                await self._announce(ServerState.ONLINE)
+
+    async def _shutdown(self) -> None:
+        logger.info("Shutting down: finishing requests in flight, then announcing OFFLINE")
+        if self.handler is not None:
+            await self.handler.drain(self.config.shutdown_timeout)
+        if self.dht is not None:
+            try:
+                if self.end > self.start:
+                    await self._announce(ServerState.OFFLINE)
+            except Exception as e:
+                logger.warning("Could not announce OFFLINE: %s", e)
+            if self.handler is not None:
+                self.handler.executor.shutdown(wait=False, cancel_futures=True)
+            self.dht.shutdown()
+        logger.info("Server stopped")
+
+    # ----- blocks -----
+
+    def _choose_blocks(self) -> tuple[int, int]:
+        if self.config.block_indices is not None:
+            start, end = self.config.block_indices
+            if not 0 <= start < end <= self.total_blocks:
+                raise ValueError(f"--block-indices must lie within 0:{self.total_blocks}")
+            return start, end
+        count = self.config.num_blocks
+        if count is None:
+            cache = SessionKVCache.nbytes(self.total_blocks, 1, self.config.cache_tokens, self.model_config, self.dtype)
+            block = bytes_per_block(self.model_config, self.dtype)
+            count = blocks_that_fit(block, cache, self.device, self.total_blocks)
+        count = max(1, min(count, self.total_blocks))
+        view = fetch_swarm(self.dht, self.dht_prefix, self.total_blocks)
+        start = choose_best_start(block_throughputs(view), count)
+        return start, start + count
+
+    def _load_backend(self) -> SpanBackend:
+        began = time.perf_counter()
+        files = CheckpointFiles(self.config.model, revision=self.config.revision, token=self.config.token)
+        prefixes = tuple(self.family.block_tensor_prefix(i) for i in range(self.start, self.end))
+        state_dict = files.load(
+            lambda name: name.startswith(prefixes),
+            dtype=self.dtype,
+            progress=True,
+            description=f"Loading blocks {self.start}:{self.end}",
+        )
+        backend = SpanBackend(self.family, self.model_config, self.start, self.end, state_dict, self.dtype, self.device)
+        logger.info("Loaded %d blocks in %.1f s", self.end - self.start, time.perf_counter() - began)
+        return backend
+
+    def _throughput(self, backend: SpanBackend) -> dict[str, float]:
+        if self.config.throughput != "auto":
+            value = float(self.config.throughput)
+            return {"throughput": value, "inference_rps": value, "forward_rps": value}
+        key = f"{self.config.model}|{self.start}:{self.end}|{self.device}|{self.dtype}|torch {torch.__version__}"
+        return measure_throughput(backend, cache_key=key, bandwidth_mbps=self.config.bandwidth_mbps)
+
+    # ----- announcements -----
+
+    def server_info(self, state: ServerState) -> ServerInfo:
+        rates = self.rates
+        return ServerInfo(
+            state=state,
+            throughput=float(rates.get("throughput", 0.0)),
+            start_block=self.start,
+            end_block=self.end,
+            public_name=self.config.public_name,
+            version=__version__,
+            network_rps=rates.get("network_rps"),
+            forward_rps=rates.get("forward_rps"),
+            inference_rps=rates.get("inference_rps"),
+            torch_dtype=str(self.dtype).split(".")[-1],
+            quant_type="none",
+            using_relay=False,
+            cache_tokens_left=self.handler.cache_tokens_left() if self.handler is not None else None,
+            next_pings=dict(self.next_pings) if self.next_pings else None,
+        )
+
+    def _expiration(self) -> float:
+        return get_dht_time() + max(2 * self.config.update_period, 10.0)
+
+    async def _announce(self, state: ServerState) -> None:
+        info = self.server_info(state)
+        expiration = self._expiration()
+        await announce_blocks(self.dht, self.dht_prefix, range(self.start, self.end), info, expiration, wait=False)
+        if state != ServerState.OFFLINE:
+            await announce_model(
+                self.dht,
+                self.dht_prefix,
+                ModelInfo(num_blocks=self.total_blocks, repository=self._repository_url()),
+                expiration,
+                wait=False,
+            )
+
+    def _repository_url(self) -> str | None:
+        return f"https://huggingface.co/{self.repository}" if self.repository else None
+
+    async def _measure_next_pings(self) -> None:
+        """Round-trip times to servers that can take over after our last block (used for routing)."""
+        if self.end >= self.total_blocks or self.handler is None:
+            self.next_pings = {}
+            return
+        try:
+            view = await fetch_swarm(self.dht, self.dht_prefix, self.total_blocks, start=self.end, wait=False)
+        except Exception as e:
+            logger.debug("Could not read the swarm for pings: %s", e)
+            return
+        candidates = [s for s in view.online_spans() if s.start <= self.end < s.end][:MAX_NEXT_PINGS]
+        pings = await asyncio.gather(*(self._ping(span.peer_id) for span in candidates))
+        self.next_pings = {span.peer_id: rtt for span, rtt in zip(candidates, pings)}
+
+    async def _ping(self, peer_id: str, timeout: float = 5.0) -> float:
+        try:
+            stub = TransformerConnectionHandler.get_stub(self.handler.p2p, PeerID.from_base58(peer_id))
+            began = time.perf_counter()
+            await stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout)
+            return time.perf_counter() - began
+        except Exception:
+            return float("inf")

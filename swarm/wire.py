@@ -1,0 +1,92 @@
+"""Turning RPC messages into validated tensors and metadata, and back (PROTOCOL.md, "RPC").
+
+Everything here treats its input as hostile: bounded sizes, checked types, and a
+`BadRequest` with a readable message instead of an obscure exception.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+
+MAX_METADATA_BYTES = 64 * 1024
+MAX_STRUCTURE_ITEMS = 64
+TENSOR_MARK = b"__T"
+
+
+class BadRequest(ValueError):
+    """The request is malformed; the message says how."""
+
+
+def dumps_metadata(metadata: dict[str, Any]) -> bytes:
+    return MSGPackSerializer.dumps(metadata)
+
+
+def loads_metadata(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    if len(raw) > MAX_METADATA_BYTES:
+        raise BadRequest(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+    try:
+        metadata = MSGPackSerializer.loads(raw)
+    except Exception as e:
+        raise BadRequest(f"metadata is not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(metadata, dict):
+        raise BadRequest("metadata must be a msgpack dict")
+    return metadata
+
+
+def serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    return serialize_torch_tensor(tensor.detach().cpu())
+
+
+def deserialize(tensors: list[runtime_pb2.Tensor] | Any, max_tensors: int = 8) -> list[torch.Tensor]:
+    if len(tensors) > max_tensors:
+        raise BadRequest(f"expected at most {max_tensors} tensors, got {len(tensors)}")
+    result = []
+    for i, proto in enumerate(tensors):
+        try:
+            result.append(deserialize_torch_tensor(proto))
+        except Exception as e:
+            raise BadRequest(f"tensor {i} cannot be deserialized ({type(e).__name__})") from None
+    return result
+
+
+def pack_args(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+    """Petals' args_structure for positional tensor arguments: ([b"__T0", b"__T1", ...], {})."""
+    return tensors, [[TENSOR_MARK + str(i).encode() for i in range(len(tensors))], {}]
+
+
+def unpack_args(tensors: list[torch.Tensor], args_structure: Any) -> list[torch.Tensor | None]:
+    """Positional arguments of a request: the flat tensor list, or as its args_structure orders them."""
+    if args_structure is None:
+        return list(tensors)
+    if (
+        not isinstance(args_structure, (list, tuple))
+        or len(args_structure) != 2
+        or not isinstance(args_structure[0], (list, tuple))
+        or len(args_structure[0]) > MAX_STRUCTURE_ITEMS
+    ):
+        raise BadRequest("args_structure must be [positional args, kwargs]")
+    args: list[torch.Tensor | None] = []
+    for item in args_structure[0]:
+        if isinstance(item, bytes) and item.startswith(TENSOR_MARK):
+            index_text = item[len(TENSOR_MARK) :]
+            if not index_text.isdigit() or int(index_text) >= len(tensors):
+                raise BadRequest(f"args_structure refers to a missing tensor {item[:20]!r}")
+            args.append(tensors[int(index_text)])
+        elif item is None:
+            args.append(None)
+        else:
+            raise BadRequest("args_structure may only hold tensor references and None")
+    return args
+
+
+def expert_request(uid: str, tensors: list[torch.Tensor], metadata: dict[str, Any]) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(
+        uid=uid, tensors=[serialize(t) for t in tensors], metadata=dumps_metadata(metadata)
+    )
