@@ -1,4 +1,4 @@
-"""ASGI entry point: Django for HTTP, Channels for websockets."""
+"""ASGI entry point: Django for HTTP, Channels for websockets (status updates, chat)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-websocket_urlpatterns: list = []
+from monitor.routing import websocket_urlpatterns as monitor_websockets  # noqa: E402
+from playground.routing import websocket_urlpatterns as playground_websockets  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+        "websocket": AllowedHostsOriginValidator(URLRouter([*monitor_websockets, *playground_websockets])),
     }
 )

@@ -1,0 +1,52 @@
+"""Shared fixtures: real swarms of processes on 127.0.0.1, always stopped by their fixture."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+from swarm.demo import DEMO_MODEL_PATH  # noqa: E402
+from swarm.local_swarm import LocalSwarm  # noqa: E402
+
+DEMO_MODEL = str(DEMO_MODEL_PATH)
+
+
+@pytest.fixture(scope="session")
+def swarm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for child processes: development settings, a throughput cache shared by the run."""
+    cache = tmp_path_factory.mktemp("swarm-cache")
+    return {"DEBUG": "1", "SWARM_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def make_swarm(swarm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], LocalSwarm]]:
+    """Factory of local swarms; every swarm made is closed at the end of the session at the latest."""
+    swarms: list[LocalSwarm] = []
+
+    def factory() -> LocalSwarm:
+        logs = tmp_path_factory.mktemp("swarm-logs")
+        swarm = LocalSwarm([sys.executable, str(ROOT / "manage.py")], env=swarm_env, log_dir=logs)
+        swarms.append(swarm)
+        return swarm
+
+    yield factory
+    for swarm in swarms:
+        swarm.close()
+
+
+def start_swarm(make_swarm, *spans: str, extra: tuple[str, ...] = ()) -> LocalSwarm:
+    swarm = make_swarm()
+    try:
+        swarm.start_dht()
+        for span in spans:
+            swarm.start_server(DEMO_MODEL, "--block-indices", span, *extra)
+    except BaseException:
+        swarm.close()
+        raise
+    return swarm

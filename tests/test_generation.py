@@ -1,0 +1,125 @@
+"""Distributed generation equals local transformers generation on the demo model, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from swarm import AutoDistributedModelForCausalLM
+from tests.conftest import DEMO_MODEL, start_swarm
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "The function returns the value of"
+
+
+@pytest.fixture(scope="module")
+def local_model():
+    return AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(DEMO_MODEL)
+
+
+@pytest.fixture(scope="module", params=[("0:8",), ("0:4", "4:8")], ids=["one-server", "two-servers"])
+def swarm(request, make_swarm):
+    swarm = start_swarm(make_swarm, *request.param)
+    yield swarm
+    swarm.close()
+
+
+@pytest.fixture(scope="module")
+def model(swarm):
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL, initial_peers=swarm.initial_peers)
+    yield model
+    model.dht.shutdown()
+
+
+def test_greedy_generation_matches_local(model, local_model, tokenizer):
+    inputs = tokenizer(PROMPT, return_tensors="pt").input_ids
+    expected = local_model.generate(inputs, max_new_tokens=32, do_sample=False)
+    actual = model.generate(inputs, max_new_tokens=32, do_sample=False)
+    assert actual.tolist() == expected.tolist()
+
+
+def test_forward_logits_and_hidden_states_match_local(model, local_model, tokenizer):
+    inputs = tokenizer("Numbers are created by numeric literals", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = local_model(inputs, output_hidden_states=True)
+        actual = model(inputs, output_hidden_states=True)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-4, rtol=0)
+    # Our last hidden state is after the final norm, like transformers' last entry.
+    torch.testing.assert_close(actual.hidden_states[-1], expected.hidden_states[-1], atol=1e-4, rtol=0)
+
+
+def test_sampling_with_seed_matches_local(model, local_model, tokenizer):
+    inputs = tokenizer(PROMPT, return_tensors="pt").input_ids
+    options = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.2)
+    torch.manual_seed(7)
+    expected = local_model.generate(inputs, **options)
+    torch.manual_seed(7)
+    actual = model.generate(inputs, **options)
+    assert actual.tolist() == expected.tolist()
+
+
+def test_session_reuse_sends_only_new_tokens(model, local_model, tokenizer):
+    first = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with model.inference_session(max_length=128) as session:
+        reply = model.generate(first, max_new_tokens=8, do_sample=False, session=session)
+        sent_after_first = session.tokens_sent
+        assert sent_after_first == reply.shape[1] - 1  # the last token was sampled, not yet sent
+        follow_up = tokenizer(" and the list", return_tensors="pt", add_special_tokens=False).input_ids
+        conversation = torch.cat([reply, follow_up], dim=1)
+        second = model.generate(conversation, max_new_tokens=8, do_sample=False, session=session)
+        # Only the last generated token, the follow-up and the new tokens cross the network.
+        new_tokens = second.shape[1] - conversation.shape[1]
+        assert session.tokens_sent - sent_after_first == 1 + follow_up.shape[1] + new_tokens - 1
+    expected = local_model.generate(conversation, max_new_tokens=8, do_sample=False)
+    assert second.tolist() == expected.tolist()
+
+
+def test_stop_strings_and_streamer(model, tokenizer, local_model):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    inputs = tokenizer(PROMPT, return_tensors="pt").input_ids
+    streamer = Collect()
+    output = model.generate(inputs, max_new_tokens=12, do_sample=False, streamer=streamer)
+    assert streamer.chunks[-1] == "end"
+    assert sum(len(c) for c in streamer.chunks[:-1]) == output.shape[1]  # prompt first, then each token
+
+    text = tokenizer.decode(output[0, inputs.shape[1] :])
+    stop = text.split()[1] if len(text.split()) > 1 else text[:3]
+    stopped = model.generate(
+        inputs, max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tokenizer
+    )
+    assert stopped.shape[1] <= output.shape[1]
+    assert stop in tokenizer.decode(stopped[0, inputs.shape[1] :])
+
+
+def test_gradients_flow_through_remote_blocks(model, local_model, tokenizer):
+    inputs = tokenizer("Assignment statements", return_tensors="pt").input_ids
+    embeddings = local_model.model.embed_tokens(inputs).detach()
+
+    remote_input = embeddings.clone().requires_grad_(True)
+    with torch.enable_grad():
+        remote_logits = model(inputs_embeds=remote_input).logits
+        remote_logits.square().mean().backward()
+
+    local_input = embeddings.clone().requires_grad_(True)
+    with torch.enable_grad():
+        local_logits = local_model(inputs_embeds=local_input).logits
+        local_logits.square().mean().backward()
+    torch.testing.assert_close(remote_input.grad, local_input.grad, atol=1e-5, rtol=1e-3)
