@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -45,7 +46,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.manager = manager
         self.dht = dht
-        self._active_session: InferenceSession | None = None
+        # Per thread: one shared model may generate for several conversations at once.
+        self._thread_state = threading.local()
         self.requires_grad_(False)
 
     def load_local_weights(self, files: CheckpointFiles, dtype: torch.dtype) -> None:
@@ -69,11 +71,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     @contextlib.contextmanager
     def _using(self, session: InferenceSession) -> Iterator[None]:
-        previous, self._active_session = self._active_session, session
+        previous, self._thread_state.session = self._active_session, session
         try:
             yield
         finally:
-            self._active_session = previous
+            self._thread_state.session = previous
+
+    @property
+    def _active_session(self) -> InferenceSession | None:
+        return getattr(self._thread_state, "session", None)
 
     # ----- forward -----
 
