@@ -25,6 +25,7 @@ class SwarmProcess:
         self.name = name
         self.argv = list(argv)
         self.lines: list[str] = []
+        self.peer_id: str | None = None  # block servers: known once ONLINE
         self._log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 (closed in kill())
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
@@ -72,6 +73,12 @@ class SwarmProcess:
                 if remaining <= 0:
                     raise TimeoutError(f"{self.name} did not get ready in {timeout:.0f} s:\n{self.output()[-3000:]}")
                 self._changed.wait(min(remaining, 0.5))
+
+    def wait_until_online(self, timeout: float = 180) -> str:
+        """Wait for a block server's ONLINE log line; returns (and remembers) its peer id."""
+        line = self.wait_for_line(lambda text: ONLINE_MARK in text, timeout=timeout)
+        self.peer_id = line.rsplit("peer id", 1)[-1].strip()
+        return self.peer_id
 
     def signal(self, sig: int) -> None:
         try:
@@ -142,7 +149,7 @@ class LocalSwarm:
         ]
         process = self._spawn(name, args)
         if wait:
-            process.wait_for_line(lambda line: ONLINE_MARK in line, timeout=timeout)
+            process.wait_until_online(timeout)
         return process
 
     def close(self) -> None:

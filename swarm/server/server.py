@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from hivemind import DHT
@@ -96,7 +97,7 @@ class BlockServer:
             raise ValueError(f"invalid DHT prefix {self.dht_prefix!r}: it may contain neither '.' nor spaces")
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.torch_dtype, self.device)
-        self.repository = None if "/" not in config.model or config.model.startswith(("/", ".")) else config.model
+        self.repository = None if Path(config.model).is_dir() else config.model  # a Hub repository name
         self.dht: DHT | None = None
         self.handler: TransformerConnectionHandler | None = None
         self.start = self.end = 0

@@ -1,0 +1,105 @@
+"""Tokens/s of greedy generation: local transformers vs the swarm with 1 and 2 servers, in one run.
+
+    python bench/bench_generate.py [--tokens 64] [--repeats 3]
+
+Prints tokens/s for each setup, `ratio_1server=<x>` and `ratio_2servers=<x>` (swarm / local), and
+each server's peak RSS next to the weight size of its blocks. Every figure comes from this one
+run, so the ratios hold on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from swarm.demo import DEMO_MODEL_PATH  # noqa: E402
+from swarm.local_swarm import LocalSwarm  # noqa: E402
+from swarm.models.family import bytes_per_block  # noqa: E402
+
+PROMPT = "The function returns the value of"
+
+
+def tokens_per_second(generate, inputs: torch.Tensor, tokens: int, repeats: int) -> float:
+    generate(inputs, max_new_tokens=4, min_new_tokens=4)  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        began = time.perf_counter()
+        output = generate(inputs, max_new_tokens=tokens, min_new_tokens=tokens)
+        elapsed = time.perf_counter() - began
+        best = max(best, (output.shape[1] - inputs.shape[1]) / elapsed)
+    return best
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of a server process and its children (DHT, p2pd are separate)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEMO_MODEL_PATH))
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    inputs = tokenizer(PROMPT, return_tensors="pt").input_ids
+    options = dict(do_sample=False)
+
+    local = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    local_tps = tokens_per_second(lambda x, **kw: local.generate(x, **options, **kw), inputs, args.tokens, args.repeats)
+    print(f"local_tokens_per_s={local_tps:.1f}")
+
+    config = AutoConfig.from_pretrained(args.model)
+    block_mb = bytes_per_block(config, torch.float32) / 2**20
+    results = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {"DEBUG": "1", "SWARM_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
+        for name, spans in (("1server", ["0:8"]), ("2servers", ["0:4", "4:8"])):
+            with LocalSwarm([sys.executable, str(ROOT / "manage.py")], env=env) as swarm:
+                swarm.start_dht()
+                servers = [swarm.start_server(args.model, "--block-indices", span) for span in spans]
+                model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
+                try:
+                    tps = tokens_per_second(
+                        lambda x, model=model, **kw: model.generate(x, **options, **kw),
+                        inputs,
+                        args.tokens,
+                        args.repeats,
+                    )
+                finally:
+                    model.dht.shutdown()
+                results[name] = tps
+                print(f"swarm_{name}_tokens_per_s={tps:.1f}")
+                for span, server in zip(spans, servers):
+                    start, end = map(int, span.split(":"))
+                    print(
+                        f"  server {span}: peak_rss_mb={peak_rss_mb(server.pid):.0f} "
+                        f"blocks_weights_mb={(end - start) * block_mb:.1f}"
+                    )
+    print(f"ratio_1server={results['1server'] / local_tps:.3f}")
+    print(f"ratio_2servers={results['2servers'] / local_tps:.3f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

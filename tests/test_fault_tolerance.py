@@ -1,0 +1,59 @@
+"""A server dies mid-generation: the client replays the session elsewhere and the tokens do not change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
+
+from swarm import AutoDistributedModelForCausalLM
+from tests.conftest import DEMO_MODEL, start_swarm
+
+pytestmark = pytest.mark.integration
+
+
+class KillAfter(BaseStreamer):
+    """Kills the server that holds the session's first span once `count` tokens have streamed."""
+
+    def __init__(self, count: int, session, processes_by_peer):
+        self.count, self.session, self.processes_by_peer = count, session, processes_by_peer
+        self.seen = 0
+        self.killed: str | None = None
+
+    def put(self, value):
+        self.seen += 1
+        if self.seen == self.count and self.killed is None:
+            self.killed = self.session.route[0].peer_id
+            self.processes_by_peer[self.killed].kill()
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("spans", [("0:8", "0:8"), ("0:5", "3:8", "0:8")], ids=["twins", "overlapping"])
+def test_generation_survives_a_killed_server(make_swarm, spans):
+    swarm = start_swarm(make_swarm, *spans)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+        local = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+        inputs = tokenizer("Assignment statements are used to", return_tensors="pt").input_ids
+        expected = local.generate(inputs, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            DEMO_MODEL, initial_peers=swarm.initial_peers, request_timeout=10.0
+        )
+        try:
+            by_peer = {p.peer_id: p for p in swarm.processes if p.peer_id}
+            with model.inference_session(max_length=inputs.shape[1] + 32) as session:
+                killer = KillAfter(12, session, by_peer)
+                actual = model.generate(
+                    inputs, max_new_tokens=32, do_sample=False, min_new_tokens=32, session=session, streamer=killer
+                )
+                assert killer.killed is not None
+                assert killer.killed not in {span.peer_id for span in session.route}
+            assert actual.tolist() == expected.tolist()
+        finally:
+            model.dht.shutdown()
+    finally:
+        swarm.close()

@@ -1,0 +1,153 @@
+"""Bad input to every RPC gets a clear error, and the server goes on serving the next client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from hivemind import DHT
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+
+from swarm import AutoDistributedModelForCausalLM
+from swarm.client.event_loop import run_sync
+from swarm.names import block_uids, join_chain
+from swarm.server.handler import TransformerConnectionHandler
+from swarm.wire import pack_args, serialize
+from tests.conftest import DEMO_MODEL, start_swarm
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "demo_model-hf"
+HIDDEN = 256
+MAX_LENGTH = 64
+
+
+@pytest.fixture(scope="module")
+def swarm(make_swarm):
+    swarm = start_swarm(make_swarm, "0:8", extra=("--max-length", str(MAX_LENGTH)))
+    yield swarm
+    swarm.close()
+
+
+@pytest.fixture(scope="module")
+def stub(swarm):
+    dht = DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    p2p = run_sync(dht.replicate_p2p(), timeout=30)
+    yield TransformerConnectionHandler.get_stub(p2p, PeerID.from_base58(swarm.processes[-1].peer_id))
+    dht.shutdown()
+
+
+def call(coro):
+    return run_sync(coro, timeout=60)
+
+
+def request(uid: str, tensors: list[torch.Tensor], metadata: dict | bytes) -> runtime_pb2.ExpertRequest:
+    raw = metadata if isinstance(metadata, bytes) else MSGPackSerializer.dumps(metadata)
+    return runtime_pb2.ExpertRequest(uid=uid, tensors=[serialize(t) for t in tensors], metadata=raw)
+
+
+async def inference(stub, requests: list[runtime_pb2.ExpertRequest]) -> list[runtime_pb2.ExpertResponse]:
+    async def stream():
+        for item in requests:
+            yield item
+            await asyncio.sleep(0)
+
+    responses = await stub.rpc_inference(stream())
+    return [response async for response in responses]
+
+
+ALL = join_chain(block_uids(PREFIX, 0, 8))
+
+
+def hidden(tokens: int = 3) -> torch.Tensor:
+    return torch.randn(1, tokens, HIDDEN)
+
+
+def step(tensor: torch.Tensor, **metadata) -> runtime_pb2.ExpertRequest:
+    tensors, structure = pack_args([tensor, torch.empty(0), torch.empty(0, dtype=torch.int64)])
+    return request(ALL, tensors, {"args_structure": structure, **metadata})
+
+
+@pytest.mark.parametrize(
+    ("make_request", "message"),
+    [
+        (lambda: request("other_model.0", [hidden()], {}), "not served here"),
+        (lambda: request(f"{PREFIX}.99", [hidden()], {}), "not served here"),
+        (lambda: request("no-dot-here", [hidden()], {}), "malformed block uid"),
+        (lambda: request(f"{PREFIX}.0 {PREFIX}.2", [hidden()], {}), "consecutive"),
+        (lambda: request(ALL, [torch.randn(1, 3, 7)], {}), "shape"),
+        (lambda: request(ALL, [torch.ones(1, 3, HIDDEN, dtype=torch.int64)], {}), "floating-point"),
+        (lambda: request(ALL, [hidden()], b"\xc1\xff not msgpack"), "msgpack"),
+        (lambda: request(ALL, [hidden()], MSGPackSerializer.dumps([1, 2])), "dict"),
+        (lambda: request(ALL, [hidden()], {"args_structure": [[b"__T5"], {}]}), "missing tensor"),
+        (lambda: request(ALL, [], {}), "needs"),
+    ],
+)
+def test_bad_forward_requests_get_clear_errors(stub, make_request, message):
+    with pytest.raises(Exception, match=message):
+        call(stub.rpc_forward(make_request(), timeout=20))
+
+
+def test_garbage_tensor_bytes(stub):
+    garbage = runtime_pb2.Tensor(buffer=b"\x00\x01\x02", size=[1, 3, HIDDEN], dtype="float32")
+    bad = runtime_pb2.ExpertRequest(uid=ALL, tensors=[garbage], metadata=b"")
+    with pytest.raises(Exception, match="cannot be deserialized"):
+        call(stub.rpc_forward(bad, timeout=20))
+
+
+def test_inference_requires_sane_max_length(stub):
+    with pytest.raises(Exception, match="max_length"):
+        call(inference(stub, [step(hidden())]))  # no max_length at all
+    with pytest.raises(Exception, match=f"between 1 and {MAX_LENGTH}"):
+        call(inference(stub, [step(hidden(), max_length=MAX_LENGTH + 1)]))
+    with pytest.raises(Exception, match="max_length"):
+        call(inference(stub, [step(hidden(), max_length="ten")]))
+
+
+def test_inference_refuses_a_step_past_max_length(stub):
+    requests = [step(hidden(6), max_length=8, step_id="a"), step(hidden(3), step_id="b")]
+    with pytest.raises(Exception, match="past the session's max_length=8"):
+        call(inference(stub, requests))
+
+
+def test_inference_rejects_bad_rewind_and_hypo_ids(stub):
+    with pytest.raises(Exception, match="start_from_position"):
+        call(inference(stub, [step(hidden(2), max_length=8, step_id="a"), step(hidden(1), start_from_position=5)]))
+    tensors, structure = pack_args([hidden(1), torch.empty(0), torch.tensor([3])])
+    bad_hypo = request(ALL, tensors, {"args_structure": structure, "max_length": 8})
+    with pytest.raises(Exception, match="hypo_ids"):
+        call(inference(stub, [bad_hypo]))
+
+
+def test_repeated_step_ids_are_computed_once(stub):
+    first = step(hidden(2), max_length=8, step_id="one")
+    again = step(hidden(1), step_id="one")
+    second = step(hidden(1), step_id="two")
+    responses = call(inference(stub, [first, again, second]))
+    assert len(responses) == 2
+
+
+def test_rpc_info_describes_the_server_and_a_block(stub):
+    info = MSGPackSerializer.loads(call(stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=20)).serialized_info)
+    assert set(info) >= {"version", "dht_client_mode", "cache_tokens_available"}
+    block = MSGPackSerializer.loads(
+        call(stub.rpc_info(runtime_pb2.ExpertUID(uid=f"{PREFIX}.3"), timeout=20)).serialized_info
+    )
+    assert set(block) >= {"forward_schema", "outputs_schema", "keyword_names", "inference_schema"}
+    with pytest.raises(Exception, match="not served"):
+        call(stub.rpc_info(runtime_pb2.ExpertUID(uid="nope.1"), timeout=20))
+
+
+def test_server_still_serves_after_bad_requests(swarm, stub):
+    for _ in range(3):
+        with pytest.raises(Exception, match="shape"):
+            call(stub.rpc_forward(request(ALL, [torch.randn(2, 2)], {}), timeout=20))
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL, initial_peers=swarm.initial_peers)
+    try:
+        output = model.generate(torch.tensor([[1, 50, 60]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert output.shape == (1, 7)
+    finally:
+        model.dht.shutdown()
