@@ -6,9 +6,11 @@ large raw answers are parsed where they arrive and only validated results cross 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -51,6 +53,41 @@ class SwarmView:
 
     def missing_blocks(self) -> list[int]:
         return [index for index, count in enumerate(self.coverage()) if count == 0]
+
+
+def create_dht(
+    initial_peers: Sequence[str],
+    *,
+    client_mode: bool,
+    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
+    announce_maddrs: Sequence[str] | None = None,
+    identity_path: str | None = None,
+) -> DHT:
+    """Start a hivemind DHT peer (a child process with its own p2pd) that exits with its parent.
+
+    hivemind's DHT process would outlive a parent killed with SIGKILL; a watcher inside it
+    notices the orphaning and shuts it down, so no stale peer lingers on the machine.
+    """
+    dht = DHT(
+        initial_peers=list(initial_peers),
+        start=True,
+        client_mode=client_mode,
+        host_maddrs=list(host_maddrs),
+        announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+        identity_path=identity_path,
+    )
+    dht.run_coroutine(partial(_exit_when_orphaned, parent_pid=os.getpid()), return_future=True)
+    return dht
+
+
+async def _exit_when_orphaned(dht: DHT, node: DHTNode, *, parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(1.0)
+    logger.warning("The process that started this DHT peer is gone; shutting the peer down")
+    try:
+        await asyncio.wait_for(node.shutdown(), timeout=5)
+    finally:
+        os._exit(0)
 
 
 def announce_blocks(

@@ -87,9 +87,9 @@ class SwarmProcess:
             pass
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGINT (graceful), then SIGKILL for the whole group if it lingers."""
+        """SIGINT to the main process (it shuts its children down gracefully), then SIGKILL the group."""
         if self.process.poll() is None:
-            self.signal(signal.SIGINT)
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -118,10 +118,14 @@ class LocalSwarm:
         self.initial_peers: list[str] = []
 
     def _spawn(self, name: str, args: Sequence[str]) -> SwarmProcess:
+        return self.spawn_command(name, [*self.command, *args])
+
+    def spawn_command(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> SwarmProcess:
+        """Start any other process (a web server, a worker) managed along with the swarm."""
         log = self.log_dir / f"{name}.log" if self.log_dir else None
         if log:
             log.parent.mkdir(parents=True, exist_ok=True)
-        process = SwarmProcess(name, [*self.command, *args], self.env, log)
+        process = SwarmProcess(name, argv, {**self.env, **(env or {})}, log)
         self.processes.append(process)
         return process
 

@@ -17,4 +17,5 @@ class ClientConfig:
     routing_refresh: float = 30.0  # seconds between DHT reads of the swarm
     missing_blocks_timeout: float = 30.0  # how long to wait for uncovered blocks to appear
     alloc_timeout: float = 30.0  # how long a server may wait to fit our attention cache
+    use_server_to_server: bool = True  # servers push each step's outputs to the next server directly
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)

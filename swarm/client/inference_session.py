@@ -44,7 +44,7 @@ class ServerSession:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._responses: Any = None
         self._opening: asyncio.Future | None = None
-        self._started = False
+        self.started = False
         self.closed = False
 
     async def _requests(self):
@@ -60,12 +60,16 @@ class ServerSession:
         stub = self.manager.stub(self.span.peer_id)
         self._opening = asyncio.ensure_future(stub.rpc_inference(self._requests()))
 
-    async def step(self, hidden: torch.Tensor, step_id: str, start_from: int | None) -> torch.Tensor:
+    async def step(
+        self, hidden: torch.Tensor, step_id: str, start_from: int | None, next_servers: list | None = None
+    ) -> torch.Tensor:
         tensors, structure = pack_args([hidden, _NO_PROMPTS, _NO_HYPO_IDS])
         metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id, "args_structure": structure}
-        if not self._started:
+        if next_servers and self.started and start_from is None:
+            metadata["next_servers"] = next_servers
+        if not self.started:
             metadata.update(max_length=self.max_length, alloc_timeout=self.manager.config.alloc_timeout)
-            self._started = True
+            self.started = True
         if start_from is not None and start_from != self.position:
             metadata["start_from_position"] = start_from
         self._queue.put_nowait(
@@ -183,7 +187,7 @@ class InferenceSession:
         while index < len(self.sessions):
             session = self.sessions[index]
             try:
-                hidden = await session.step(hidden, step_id, start_from)
+                hidden = await session.step(hidden, step_id, start_from, self._next_servers(index))
                 index += 1
             except MissingBlocksError:
                 raise
@@ -197,6 +201,13 @@ class InferenceSession:
                     ) from e
                 await self._replace(index, start_from)
         return hidden
+
+    def _next_servers(self, index: int) -> list[list]:
+        """Petals' next_servers: the later servers of the chain, so each can push its outputs onward."""
+        later = self.sessions[index + 1 :]
+        if not self.manager.config.use_server_to_server or not later or not all(s.started for s in later):
+            return []
+        return [[s.span.peer_id, s.session_id, s.span.start, s.span.end] for s in later]
 
     async def _open_chain(self, start: int, end: int) -> list[ServerSession]:
         route = await self.manager.make_route(start, end, mode="latency")

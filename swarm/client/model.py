@@ -27,6 +27,7 @@ from swarm.client.event_loop import run_sync
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import remote_sequential
 from swarm.client.routing import SequenceManager
+from swarm.dht import create_dht
 from swarm.models.family import ModelFamily, family_for, prepare_config
 from swarm.names import dht_prefix_for
 
@@ -183,12 +184,7 @@ class AutoDistributedModelForCausalLM:
         family = family_for(config)
         prefix = dht_prefix or client_config.dht_prefix or dht_prefix_for(name_or_path, config.model_type)
         if dht is None:
-            dht = DHT(
-                initial_peers=list(client_config.initial_peers),
-                client_mode=True,
-                start=True,
-                host_maddrs=list(client_config.host_maddrs),
-            )
+            dht = create_dht(client_config.initial_peers, client_mode=True, host_maddrs=client_config.host_maddrs)
         p2p = run_sync(dht.replicate_p2p(), timeout=60)
         manager = SequenceManager(dht, p2p, prefix, family.num_blocks(config), client_config, name_or_path)
         model = DistributedModelForCausalLM(config, family, manager, dht)

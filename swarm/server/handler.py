@@ -67,6 +67,7 @@ class TransformerConnectionHandler(ServicerBase):
         self.active_requests = 0
         self.p2p: P2P | None = None
         self._session_queues: dict[str, asyncio.Queue] = {}
+        self._pushes: set[asyncio.Task] = set()
         self.steps_served = 0
         self.tokens_served = 0
 
@@ -377,29 +378,32 @@ class TransformerConnectionHandler(ServicerBase):
                 output = await self._compute(self.backend.inference_step, hidden, cache, prompts, hypo_ids)
             self.steps_served += 1
             self.tokens_served += hidden.shape[0] * hidden.shape[1]
-            next_servers = metadata.get("next_servers")
-            if next_servers:
-                asyncio.create_task(self._push_outputs(output, metadata, next_servers))
+            if metadata.get("next_servers") and prompts is None:
+                push = asyncio.create_task(self._push_outputs(output, request, metadata))
+                self._pushes.add(push)
+                push.add_done_callback(self._pushes.discard)
             yield runtime_pb2.ExpertResponse(tensors=[serialize(output)])
 
-    async def _push_outputs(self, output: torch.Tensor, metadata: dict[str, Any], next_servers: Any) -> None:
-        """Send this step's outputs straight to the next server of the chain (server-to-server)."""
+    async def _push_outputs(
+        self, output: torch.Tensor, request: runtime_pb2.ExpertRequest, metadata: dict[str, Any]
+    ) -> None:
+        """Send this step's outputs straight to the next server of the chain (server-to-server).
+
+        The pushed request is the step as the client would send it to that server (same step_id,
+        so whichever copy arrives second is dropped there).
+        """
         try:
+            next_servers = metadata["next_servers"]
             peer_id, session_id, start, end = next_servers[0]
-            request = runtime_pb2.ExpertRequest(
+            pushed = runtime_pb2.ExpertRequest(
                 uid=join_chain(block_uids(self.dht_prefix, int(start), int(end))),
-                tensors=[serialize(output)],
+                tensors=[serialize(output), *request.tensors[1:]],
                 metadata=dumps_metadata(
-                    {
-                        "session_id": session_id,
-                        "step_id": metadata.get("step_id"),
-                        "pushed": True,
-                        "next_servers": next_servers[1:],
-                    }
+                    {**metadata, "session_id": session_id, "next_servers": next_servers[1:], "pushed": True}
                 ),
             )
             stub = self.get_stub(self.p2p, PeerID.from_base58(peer_id))
-            await stub.rpc_push(request, timeout=self.step_timeout)
+            await stub.rpc_push(pushed, timeout=self.step_timeout)
         except Exception as e:  # the client still sends the step itself; a failed push only costs time
             logger.debug("Push to the next server failed: %s", e)
 

@@ -24,7 +24,7 @@ from transformers import AutoConfig
 from swarm import __version__
 from swarm.checkpoint import CheckpointFiles
 from swarm.data_structures import ModelInfo, ServerInfo, ServerState
-from swarm.dht import announce_blocks, announce_model, fetch_swarm
+from swarm.dht import announce_blocks, announce_model, create_dht, fetch_swarm
 from swarm.models.family import bytes_per_block, family_for, prepare_config
 from swarm.names import dht_prefix_for, is_valid_dht_prefix
 from swarm.server.backend import SessionKVCache, SpanBackend
@@ -120,13 +120,12 @@ class BlockServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
-        self.dht = DHT(
-            initial_peers=list(self.config.initial_peers),
-            start=True,
-            host_maddrs=list(self.config.host_maddrs),
-            announce_maddrs=list(self.config.announce_maddrs) or None,
-            identity_path=self.config.identity_path,
+        self.dht = create_dht(
+            self.config.initial_peers,
             client_mode=False,
+            host_maddrs=self.config.host_maddrs,
+            announce_maddrs=self.config.announce_maddrs,
+            identity_path=self.config.identity_path,
         )
         try:
             for maddr in self.dht.get_visible_maddrs():

@@ -7,7 +7,8 @@ import threading
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
-from hivemind import DHT
+
+from swarm.dht import create_dht
 
 
 class Command(BaseCommand):
@@ -23,11 +24,11 @@ class Command(BaseCommand):
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        dht = DHT(
-            initial_peers=options["initial_peers"],
-            start=True,
+        dht = create_dht(
+            options["initial_peers"],
+            client_mode=False,
             host_maddrs=options["host_maddrs"],
-            announce_maddrs=options["announce_maddrs"] or None,
+            announce_maddrs=options["announce_maddrs"],
             identity_path=options["identity_path"],
         )
         try:

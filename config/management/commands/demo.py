@@ -1,0 +1,69 @@
+"""`manage.py demo`: the whole local swarm and the site, as real processes, in one command."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+from swarm.local_swarm import LocalSwarm
+
+
+class Command(BaseCommand):
+    help = "Run a bootstrap DHT peer, two block servers on the demo model, Celery worker and beat, and the site."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--host", default="127.0.0.1", help="address of the site and the swarm")
+        parser.add_argument("--port", type=int, default=8000, help="port of the site")
+        parser.add_argument("--dht-port", type=int, default=31337, help="port of the bootstrap DHT peer")
+        parser.add_argument("--model", default=settings.SWARM_DEMO_MODEL, help="checkpoint served by the swarm")
+
+    def handle(self, *args, **options) -> None:
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+        var = Path(settings.VAR_DIR)
+        manage = str(Path(settings.BASE_DIR) / "manage.py")
+        swarm = LocalSwarm([sys.executable, manage], env={"DEBUG": "1"}, log_dir=var / "logs")
+        try:
+            self._log("Starting the bootstrap DHT peer")
+            peers = swarm.start_dht(options["host"], options["dht_port"], identity_path=str(var / "bootstrap.id"))
+            site_env = {"SWARM_INITIAL_PEERS": " ".join(peers)}
+            for index, span in enumerate(("0:4", "4:8")):
+                self._log(f"Starting block server {index + 1} on blocks {span}")
+                swarm.start_server(options["model"], "--block-indices", span, "--public-name", f"demo-{index + 1}")
+            celery = [sys.executable, "-m", "celery", "-A", "config"]
+            swarm.spawn_command("worker", [*celery, "worker", "--loglevel", "INFO", "--concurrency", "2"], site_env)
+            beat_schedule = str(var / "celerybeat-schedule")
+            swarm.spawn_command("beat", [*celery, "beat", "--loglevel", "INFO", "-s", beat_schedule], site_env)
+            daphne = shutil.which("daphne", path=str(Path(sys.executable).parent)) or "daphne"
+            web = swarm.spawn_command(
+                "web", [daphne, "-b", options["host"], "-p", str(options["port"]), "config.asgi:application"], site_env
+            )
+            web.wait_for_line(lambda line: "Listening on" in line or "Starting server" in line, timeout=60)
+            base = f"http://{options['host']}:{options['port']}"
+            self.stdout.write(self.style.SUCCESS("\nThe swarm and the site are running:"))
+            self.stdout.write(f"  status page   {base}/")
+            self.stdout.write(f"  chat          {base}/chat/")
+            self.stdout.write(f"  initial peers {' '.join(peers)}")
+            self.stdout.write(f"  logs          {var / 'logs'}")
+            self.stdout.write("Press Ctrl-C to stop everything.\n")
+            while not stop.wait(1.0):
+                for process in swarm.processes:
+                    if process.process.poll() is not None:
+                        self.stderr.write(f"{process.name} exited with {process.process.returncode}; stopping")
+                        stop.set()
+        finally:
+            self._log("Stopping: block servers announce OFFLINE, then everything exits")
+            swarm.close()
+            self._log("Stopped")
+
+    def _log(self, message: str) -> None:
+        self.stdout.write(message)
+        self.stdout.flush()

@@ -1,0 +1,240 @@
+"""Turning raw DHT entries into per-server spans and the model index (pure parsing, no DHT)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hivemind.utils import ValueWithExpiration
+
+import swarm.dht
+from swarm.data_structures import ModelInfo, ServerInfo, ServerState
+from swarm.dht import SwarmView, parse_model_index, spans_from_entries
+from swarm.names import block_uid
+
+PREFIX = "Tiny-Llama-hf"
+ONLINE, JOINING, OFFLINE = ServerState.ONLINE, ServerState.JOINING, ServerState.OFFLINE
+
+
+def rec(value: Any, expiration: float = 1e12) -> ValueWithExpiration:
+    return ValueWithExpiration(value, expiration)
+
+
+def ann(state: ServerState = ONLINE, throughput: float = 10.0, **extra: Any) -> ValueWithExpiration:
+    """A record as a server would store it: ServerInfo.to_tuple() inside a ValueWithExpiration."""
+    return rec(ServerInfo(state, throughput, **extra).to_tuple())
+
+
+def entries_for(per_block: list[Any], start: int = 0) -> dict[str, Any]:
+    """uid -> entry, in block order (as fetch_swarm_in_dht builds it)."""
+    return {block_uid(PREFIX, start + i): entry for i, entry in enumerate(per_block)}
+
+
+def span_tuple(view: SwarmView, peer: str) -> tuple[int, int, ServerState]:
+    span = view.spans[peer]
+    return span.start, span.end, span.state
+
+
+def test_spans_from_announced_start_and_end() -> None:
+    a = ann(ONLINE, 5.0, start_block=0, end_block=3)
+    b = ann(JOINING, 7.0, start_block=2, end_block=6)
+    entries = entries_for([{"QmA": a}, {"QmA": a}, {"QmA": a, "QmB": b}, {"QmB": b}, {"QmB": b}, {"QmB": b}])
+    view = spans_from_entries(PREFIX, 6, 0, entries)
+    assert view.invalid_entries == 0
+    assert set(view.spans) == {"QmA", "QmB"}
+    assert span_tuple(view, "QmA") == (0, 3, ONLINE)
+    assert span_tuple(view, "QmB") == (2, 6, JOINING)
+    assert view.spans["QmB"].server_info.throughput == 7.0
+    assert view.prefix == PREFIX and view.num_blocks == 6
+
+
+def test_announced_span_is_trusted_even_if_seen_under_one_block() -> None:
+    """The whole [start_block, end_block) is used; the reader need not see every block's entry."""
+    view = spans_from_entries(PREFIX, 8, 0, entries_for([None, None, {"QmA": ann(start_block=0, end_block=8)}]))
+    assert span_tuple(view, "QmA") == (0, 8, ONLINE)
+
+
+def test_spans_from_runs_of_blocks_when_range_absent() -> None:
+    """Without start_block/end_block a server's span is the run of blocks it appears under."""
+    a, b = ann(ONLINE), ann(ONLINE, 3.0)
+    entries = entries_for([{"QmA": a}, {"QmA": a, "QmB": b}, {"QmA": a, "QmB": b}, {"QmB": b}, None])
+    view = spans_from_entries(PREFIX, 5, 0, entries)
+    assert view.invalid_entries == 0
+    assert span_tuple(view, "QmA") == (0, 3, ONLINE)
+    assert span_tuple(view, "QmB") == (1, 4, ONLINE)
+
+
+def test_run_indices_are_offset_by_start() -> None:
+    """Fetching blocks [start, end) numbers the entries from `start`."""
+    a = ann(ONLINE)
+    view = spans_from_entries(PREFIX, 10, 6, entries_for([None, {"QmA": a}, {"QmA": a}], start=6))
+    assert span_tuple(view, "QmA") == (7, 9, ONLINE)
+
+
+def test_higher_state_wins_for_the_same_peer() -> None:
+    """A peer seen OFFLINE under some blocks and ONLINE under others is taken as ONLINE there."""
+    entries = entries_for([{"QmA": ann(OFFLINE)}, {"QmA": ann(ONLINE)}, {"QmA": ann(ONLINE)}, {"QmA": ann(JOINING)}])
+    view = spans_from_entries(PREFIX, 4, 0, entries)
+    assert span_tuple(view, "QmA") == (1, 3, ONLINE)
+
+
+def test_malformed_records_are_counted_and_skipped() -> None:
+    good = ann(ONLINE, start_block=0, end_block=2)
+    entries = entries_for(
+        [
+            {
+                "QmGood": good,
+                "QmNaN": rec((2, float("nan"), {})),
+                "QmBadState": rec((7, 1.0, {})),
+                "QmNoValue": ("not", "a", "record"),
+                "QmNotTuple": rec("ONLINE"),
+                "QmExtraList": rec((2, 1.0, [])),
+                "QmBackwards": rec((2, 1.0, {"start_block": 2, "end_block": 1})),
+            },
+            {"QmGood": good},
+        ]
+    )
+    view = spans_from_entries(PREFIX, 2, 0, entries)
+    assert list(view.spans) == ["QmGood"]
+    assert span_tuple(view, "QmGood") == (0, 2, ONLINE)
+    assert view.invalid_entries == 6
+
+
+def test_end_block_past_num_blocks_is_rejected() -> None:
+    entries = entries_for([{"QmA": ann(start_block=0, end_block=5), "QmB": ann(start_block=0, end_block=4)}])
+    view = spans_from_entries(PREFIX, 4, 0, entries)
+    assert set(view.spans) == {"QmB"}
+    assert view.invalid_entries == 1
+
+
+@pytest.mark.parametrize("entry", [["QmA", 1], "garbage", 42, (2, 1.0, {})])
+def test_entry_that_is_not_a_dict(entry: Any) -> None:
+    view = spans_from_entries(PREFIX, 2, 0, entries_for([entry, {"QmA": ann()}]))
+    assert view.invalid_entries == 1
+    assert span_tuple(view, "QmA") == (1, 2, ONLINE)
+
+
+def test_missing_entries_are_not_errors() -> None:
+    view = spans_from_entries(PREFIX, 3, 0, entries_for([None, None, None]))
+    assert view.spans == {} and view.invalid_entries == 0
+    assert view.missing_blocks() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("peer_id", [b"QmBytes", 12345, ("Qm", "x"), "", "Q" * 129])
+def test_hostile_peer_ids_are_rejected(peer_id: Any) -> None:
+    view = spans_from_entries(PREFIX, 1, 0, entries_for([{peer_id: ann(), "QmOk": ann()}]))
+    assert list(view.spans) == ["QmOk"]
+    assert view.invalid_entries == 1
+
+
+def test_peer_id_of_128_characters_is_accepted() -> None:
+    peer = "Q" * 128
+    view = spans_from_entries(PREFIX, 1, 0, entries_for([{peer: ann()}]))
+    assert list(view.spans) == [peer]
+
+
+def test_peer_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond MAX_PEERS_PER_MODEL new peers are dropped (and counted); known peers still extend their runs."""
+    monkeypatch.setattr(swarm.dht, "MAX_PEERS_PER_MODEL", 3)
+    first = {f"QmPeer{i}": ann() for i in range(5)}
+    second = {"QmPeer0": ann(), "QmNew": ann()}
+    view = spans_from_entries(PREFIX, 2, 0, entries_for([first, second]))
+    assert len(view.spans) == 3
+    assert set(view.spans) == {"QmPeer0", "QmPeer1", "QmPeer2"}
+    assert view.invalid_entries == 3  # QmPeer3, QmPeer4, QmNew
+    assert span_tuple(view, "QmPeer0") == (0, 2, ONLINE)
+    assert span_tuple(view, "QmPeer1") == (0, 1, ONLINE)
+
+
+def test_unknown_extra_keys_are_ignored() -> None:
+    value = (2, 4.0, {"start_block": 0, "end_block": 2, "brand_new_field": {"nested": [1, 2]}})
+    view = spans_from_entries(PREFIX, 2, 0, entries_for([{"QmA": rec(value)}]))
+    assert view.invalid_entries == 0
+    assert span_tuple(view, "QmA") == (0, 2, ONLINE)
+
+
+def _view() -> SwarmView:
+    entries = entries_for(
+        [
+            {"QmA": ann(ONLINE, start_block=0, end_block=3), "QmJ": ann(JOINING, start_block=0, end_block=6)},
+            None,
+            None,
+            {"QmB": ann(ONLINE, start_block=3, end_block=4), "QmOff": ann(OFFLINE, start_block=3, end_block=6)},
+            None,
+            None,
+        ]
+    )
+    return spans_from_entries(PREFIX, 6, 0, entries)
+
+
+def test_coverage_and_missing_blocks() -> None:
+    view = _view()
+    assert view.coverage() == [1, 1, 1, 1, 0, 0]
+    assert view.coverage(ONLINE) == [1, 1, 1, 1, 0, 0]
+    assert view.coverage(JOINING) == [1, 1, 1, 1, 1, 1]
+    assert view.coverage(OFFLINE) == [0, 0, 0, 1, 1, 1]
+    assert view.missing_blocks() == [4, 5]  # JOINING and OFFLINE servers do not count
+
+
+def test_online_spans() -> None:
+    spans = _view().online_spans()
+    assert sorted((s.peer_id, s.start, s.end) for s in spans) == [("QmA", 0, 3), ("QmB", 3, 4)]
+
+
+# ----- the `_petals.models` index -----
+
+
+def test_parse_model_index_valid() -> None:
+    entry = {
+        "Meta-Llama-3-1-70B-hf": rec({"num_blocks": 80, "repository": "https://huggingface.co/meta-llama/x"}),
+        "bigscience/bloom-petals": rec({"num_blocks": 70, "repository": None}),
+    }
+    models, invalid = parse_model_index(entry)
+    assert invalid == 0
+    assert models == {
+        "Meta-Llama-3-1-70B-hf": ModelInfo(80, "https://huggingface.co/meta-llama/x"),
+        "bigscience/bloom-petals": ModelInfo(70, None),
+    }
+
+
+def test_parse_model_index_empty_and_non_dict() -> None:
+    assert parse_model_index(None) == ({}, 0)
+    assert parse_model_index({}) == ({}, 0)
+    assert parse_model_index(["Model-hf", 3]) == ({}, 1)
+    assert parse_model_index(b"junk") == ({}, 1)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "value"),
+    [
+        ("Model.1", {"num_blocks": 4}),  # the UID delimiter
+        ("_private", {"num_blocks": 4}),  # private prefixes are never indexed
+        ("has space", {"num_blocks": 4}),
+        ("", {"num_blocks": 4}),
+        ("x" * 129, {"num_blocks": 4}),
+        (7, {"num_blocks": 4}),
+        ("Model-hf", {"num_blocks": 0}),
+        ("Model-hf", {"num_blocks": -1}),
+        ("Model-hf", {"num_blocks": "80"}),
+        ("Model-hf", {"num_blocks": True}),
+        ("Model-hf", {"num_blocks": 10**9}),
+        ("Model-hf", {"repository": "x"}),
+        ("Model-hf", "not a dict"),
+        ("Model-hf", {"num_blocks": 4, "repository": 3}),
+    ],
+)
+def test_parse_model_index_skips_bad_entries(prefix: Any, value: Any) -> None:
+    models, invalid = parse_model_index({prefix: rec(value), "Good-hf": rec({"num_blocks": 2})})
+    assert models == {"Good-hf": ModelInfo(2)}
+    assert invalid == 1
+
+
+def test_parse_model_index_record_without_value() -> None:
+    models, invalid = parse_model_index({"Model-hf": {"num_blocks": 4}})
+    assert models == {} and invalid == 1
+
+
+def test_parse_model_index_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(swarm.dht, "MAX_INDEXED_MODELS", 2)
+    models, invalid = parse_model_index({f"M{i}-hf": rec({"num_blocks": 1}) for i in range(5)})
+    assert len(models) == 2 and invalid == 3

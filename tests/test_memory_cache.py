@@ -1,0 +1,227 @@
+"""KVCachePool: bounded attention-cache reservations that wait up to a timeout, then fail clearly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from swarm.server.memory_cache import CacheAllocationError, KVCachePool
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=10))
+
+
+def test_reserve_within_capacity() -> None:
+    async def main() -> None:
+        pool = KVCachePool(1000)
+        assert pool.bytes_left == 1000
+        async with pool.reserve(600, timeout=0):
+            assert pool.bytes_used == 600 and pool.bytes_left == 400
+            async with pool.reserve(400, timeout=0):
+                assert pool.bytes_left == 0
+            assert pool.bytes_left == 400
+        assert pool.bytes_used == 0 and pool.bytes_left == 1000
+
+    run(main())
+
+
+def test_over_capacity_fails_immediately_naming_sizes() -> None:
+    async def main() -> None:
+        pool = KVCachePool(1000)
+        began = time.monotonic()
+        with pytest.raises(CacheAllocationError) as info:
+            async with pool.reserve(1001, timeout=5.0):
+                pytest.fail("should not be reached")
+        assert time.monotonic() - began < 0.5  # no waiting: it can never fit
+        assert "1001" in str(info.value) and "1000" in str(info.value)
+        assert pool.bytes_used == 0
+
+    run(main())
+
+
+def test_timeout_zero_fails_immediately_when_full() -> None:
+    async def main() -> None:
+        pool = KVCachePool(1000)
+        async with pool.reserve(700, timeout=0):
+            began = time.monotonic()
+            with pytest.raises(CacheAllocationError) as info:
+                async with pool.reserve(400, timeout=0):
+                    pytest.fail("should not be reached")
+            assert time.monotonic() - began < 0.1
+            assert "300" in str(info.value) and "400" in str(info.value)  # free and needed bytes
+            assert pool.bytes_used == 700
+        assert pool.bytes_used == 0
+
+    run(main())
+
+
+def test_waiting_reservation_succeeds_when_another_is_released() -> None:
+    async def main() -> None:
+        pool = KVCachePool(1000)
+        holder_in, release = asyncio.Event(), asyncio.Event()
+        got_it = asyncio.Event()
+
+        async def holder() -> None:
+            async with pool.reserve(800, timeout=0):
+                holder_in.set()
+                await release.wait()
+
+        async def waiter() -> float:
+            began = time.monotonic()
+            async with pool.reserve(500, timeout=2.0):
+                got_it.set()
+                assert pool.bytes_used == 500
+                return time.monotonic() - began
+
+        holder_task = asyncio.create_task(holder())
+        await holder_in.wait()
+        waiter_task = asyncio.create_task(waiter())
+        await asyncio.sleep(0.1)
+        assert not got_it.is_set()  # still waiting for room
+        release.set()
+        waited = await waiter_task
+        await holder_task
+        assert 0.08 <= waited < 1.5
+        assert pool.bytes_used == 0
+
+    run(main())
+
+
+def test_waiting_reservation_fails_after_timeout() -> None:
+    async def main() -> None:
+        pool = KVCachePool(1000)
+        async with pool.reserve(800, timeout=0):
+            began = time.monotonic()
+            with pytest.raises(CacheAllocationError, match="full"):
+                async with pool.reserve(500, timeout=0.2):
+                    pytest.fail("should not be reached")
+            waited = time.monotonic() - began
+            assert 0.18 <= waited < 1.0
+            assert pool.bytes_used == 800
+            # the pool still works after a timed-out waiter
+            async with pool.reserve(200, timeout=0):
+                assert pool.bytes_left == 0
+        assert pool.bytes_used == 0
+
+    run(main())
+
+
+def test_several_waiters_are_served_as_room_frees() -> None:
+    async def main() -> None:
+        pool = KVCachePool(100)
+        served: list[int] = []
+
+        async def session(i: int, hold: float) -> None:
+            async with pool.reserve(60, timeout=3.0):
+                assert pool.bytes_used <= pool.capacity_bytes
+                served.append(i)
+                await asyncio.sleep(hold)
+
+        await asyncio.gather(*(session(i, 0.05) for i in range(4)))
+        assert sorted(served) == [0, 1, 2, 3]
+        assert pool.bytes_used == 0
+
+    run(main())
+
+
+def test_bytes_are_returned_after_an_exception_inside() -> None:
+    async def main() -> None:
+        pool = KVCachePool(1000)
+        with pytest.raises(ZeroDivisionError):
+            async with pool.reserve(900, timeout=0):
+                1 / 0  # noqa: B018
+        assert pool.bytes_used == 0
+        async with pool.reserve(1000, timeout=0):
+            assert pool.bytes_left == 0
+
+    run(main())
+
+
+def test_bytes_are_returned_when_the_session_is_cancelled() -> None:
+    async def main() -> None:
+        pool = KVCachePool(1000)
+        inside = asyncio.Event()
+
+        async def session() -> None:
+            async with pool.reserve(900, timeout=0):
+                inside.set()
+                await asyncio.sleep(60)
+
+        task = asyncio.create_task(session())
+        await inside.wait()
+        assert pool.bytes_used == 900
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool.bytes_used == 0
+
+    run(main())
+
+
+def test_cancelled_waiter_reserves_nothing() -> None:
+    async def main() -> None:
+        pool = KVCachePool(1000)
+        async with pool.reserve(800, timeout=0):
+            waiter = asyncio.create_task(_reserve_and_hold(pool, 500))
+            await asyncio.sleep(0.05)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert pool.bytes_used == 800
+        assert pool.bytes_used == 0
+
+    run(main())
+
+
+async def _reserve_and_hold(pool: KVCachePool, nbytes: int) -> None:
+    async with pool.reserve(nbytes, timeout=5.0):
+        await asyncio.sleep(60)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="swarm/server/memory_cache.py reserve(): the release in `finally` first awaits `async with self._freed` "
+    "(the Condition's lock); a waiter that has just been woken holds that lock across a suspension, and if the "
+    "releasing session is cancelled again while blocked there, `bytes_used -= nbytes` never runs: the bytes leak",
+)
+def test_release_survives_a_second_cancellation() -> None:
+    async def main() -> None:
+        pool = KVCachePool(100)
+        a_in, a_release, c_in = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def session_a() -> None:
+            async with pool.reserve(60, timeout=0):
+                a_in.set()
+                await a_release.wait()
+
+        async def session_b() -> None:  # waits for A's bytes
+            async with pool.reserve(60, timeout=5.0):
+                await asyncio.sleep(0.01)
+
+        async def session_c() -> None:
+            async with pool.reserve(30, timeout=0):
+                c_in.set()
+                await asyncio.sleep(60)
+
+        task_a = asyncio.create_task(session_a())
+        await a_in.wait()
+        task_c = asyncio.create_task(session_c())
+        await c_in.wait()
+        task_b = asyncio.create_task(session_b())
+        await asyncio.sleep(0.02)
+        a_release.set()
+        # wait until B, just woken, holds the pool's lock, then cancel C twice (e.g. client gone, then shutdown)
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if pool._freed.locked():
+                break
+        task_c.cancel()
+        await asyncio.sleep(0)
+        task_c.cancel()
+        await asyncio.gather(task_a, task_b, task_c, return_exceptions=True)
+        assert pool.bytes_used == 0
+
+    run(main())
