@@ -31,6 +31,8 @@ class CheckpointFiles:
         self.revision = revision
         self.token = token
         self.is_local = Path(name_or_path).is_dir()
+        if not self.is_local and _looks_like_a_path(name_or_path):
+            raise FileNotFoundError(f"no checkpoint folder at {name_or_path}")
         index_path = self._find(INDEX_FILE, required=False)
         if index_path is not None:
             weight_map = json.loads(Path(index_path).read_text())["weight_map"]
@@ -44,9 +46,11 @@ class CheckpointFiles:
             path = Path(self.name_or_path) / filename
             if path.exists():
                 return str(path)
-            if required:
+            if not required:
+                return None
+            if filename == SINGLE_FILE:
                 raise FileNotFoundError(f"{self.name_or_path} has neither {INDEX_FILE} nor {SINGLE_FILE}")
-            return None
+            raise FileNotFoundError(f"{self.name_or_path} lacks {filename}, which its {INDEX_FILE} names")
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
@@ -93,3 +97,8 @@ class CheckpointFiles:
                         tensors[name] = tensor.to(device)
                         bar.update(1)
         return tensors
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """Hub names are `owner/name`; anything absolute, relative or with more parts is a local path."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).exists()

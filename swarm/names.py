@@ -49,7 +49,7 @@ def block_uids(prefix: str, start: int, end: int) -> list[str]:
 def parse_block_uid(uid: str) -> tuple[str, int]:
     """Split `prefix.index`; raises ValueError for anything else."""
     prefix, sep, index = uid.rpartition(UID_DELIMITER)
-    if not sep or not prefix or not index.isdigit() or len(index) > 9:
+    if not sep or not prefix or not (index.isascii() and index.isdigit()) or len(index) > 9:
         raise ValueError(f"malformed block uid {uid[:100]!r}")
     return prefix, int(index)
 

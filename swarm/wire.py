@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
@@ -32,12 +33,21 @@ def loads_metadata(raw: bytes) -> dict[str, Any]:
     if len(raw) > MAX_METADATA_BYTES:
         raise BadRequest(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
     try:
-        metadata = MSGPackSerializer.loads(raw)
+        metadata = msgpack.loads(raw, ext_hook=_known_ext_types_only, raw=False)
+    except BadRequest:
+        raise
     except Exception as e:
         raise BadRequest(f"metadata is not valid msgpack ({type(e).__name__})") from None
     if not isinstance(metadata, dict):
         raise BadRequest("metadata must be a msgpack dict")
     return metadata
+
+
+def _known_ext_types_only(code: int, data: bytes) -> Any:
+    # hivemind's own hook logs a warning per unknown type, which a hostile peer could use to flood logs.
+    if code not in MSGPackSerializer._ext_type_codes and code != MSGPackSerializer._TUPLE_EXT_TYPE_CODE:
+        raise BadRequest(f"metadata uses an unknown msgpack extension type {code}")
+    return MSGPackSerializer._decode_ext_types(code, data)
 
 
 def serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:

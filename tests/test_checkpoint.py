@@ -141,12 +141,6 @@ def test_missing_shard_raises_file_not_found(checkpoints, tmp_path: Path) -> Non
         files.load(lambda name: name.startswith(LAYER), dtype=torch.float32)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="swarm/checkpoint.py _find(): for a local folder every missing file raises "
-    "'<folder> has neither model.safetensors.index.json nor model.safetensors', even when the index exists "
-    "and it is a shard named in it that is missing; the message should name the missing file",
-)
 def test_missing_shard_error_names_the_shard(checkpoints, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -157,12 +151,6 @@ def test_missing_shard_error_names_the_shard(checkpoints, tmp_path: Path) -> Non
         CheckpointFiles(str(broken)).load(lambda name: name == "model.embed_tokens.weight", dtype=torch.float32)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="swarm/checkpoint.py CheckpointFiles.__init__: a local path that does not exist (is_dir() False) is "
-    "taken for a Hub repo id, so an absolute path raises huggingface_hub HFValidationError "
-    "('Repo id must be in the form ...') instead of FileNotFoundError",
-)
 def test_nonexistent_absolute_path_raises_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         CheckpointFiles(str(tmp_path / "no-such-model"))

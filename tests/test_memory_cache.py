@@ -181,12 +181,6 @@ async def _reserve_and_hold(pool: KVCachePool, nbytes: int) -> None:
         await asyncio.sleep(60)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="swarm/server/memory_cache.py reserve(): the release in `finally` first awaits `async with self._freed` "
-    "(the Condition's lock); a waiter that has just been woken holds that lock across a suspension, and if the "
-    "releasing session is cancelled again while blocked there, `bytes_used -= nbytes` never runs: the bytes leak",
-)
 def test_release_survives_a_second_cancellation() -> None:
     async def main() -> None:
         pool = KVCachePool(100)

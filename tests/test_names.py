@@ -98,11 +98,6 @@ def test_parse_block_uid_rejects_malformed(uid: str) -> None:
         parse_block_uid(uid)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="swarm/names.py parse_block_uid uses str.isdigit(), which accepts non-ASCII decimal digits: "
-    "'model.\\u0663' parses as ('model', 3) although block_uid('model', 3) == 'model.3'",
-)
 def test_parse_block_uid_rejects_non_ascii_digits() -> None:
     with pytest.raises(ValueError):
         parse_block_uid("model.\u0663")  # ARABIC-INDIC DIGIT THREE

@@ -253,3 +253,10 @@ def test_expert_request_round_trip() -> None:
     assert metadata["max_length"] == 16
     args = unpack_args(deserialize(parsed.tensors), metadata["args_structure"])
     assert all(torch.equal(a, t) and a.dtype == t.dtype for a, t in zip(args, tensors))
+
+
+def test_metadata_with_unknown_extension_types_is_refused_without_logging(caplog) -> None:
+    raw = msgpack.dumps({"step_id": msgpack.ExtType(99, b"x" * 10)})
+    with pytest.raises(BadRequest, match="extension type 99"):
+        loads_metadata(raw)
+    assert not [r for r in caplog.records if "ExtType" in r.getMessage()]

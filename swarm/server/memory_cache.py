@@ -21,6 +21,7 @@ class KVCachePool:
         self.capacity_bytes = capacity_bytes
         self.bytes_used = 0
         self._freed: asyncio.Condition | None = None
+        self._wakers: set[asyncio.Task] = set()
 
     @property
     def bytes_left(self) -> int:
@@ -50,6 +51,15 @@ class KVCachePool:
         try:
             yield
         finally:
+            # Give the bytes back before any await: a cancellation here must not leak them.
+            self.bytes_used -= nbytes
+            self._wake_waiters_soon()
+
+    def _wake_waiters_soon(self) -> None:
+        async def wake() -> None:
             async with self._freed:
-                self.bytes_used -= nbytes
                 self._freed.notify_all()
+
+        task = asyncio.get_running_loop().create_task(wake())
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
