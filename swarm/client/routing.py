@@ -17,11 +17,11 @@ import time
 
 from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
-from hivemind.proto import runtime_pb2
 
 from swarm.client.config import ClientConfig
 from swarm.data_structures import RemoteSpanInfo
 from swarm.dht import SwarmView, fetch_swarm
+from swarm.ping import ping_server
 from swarm.server.handler import TransformerConnectionHandler
 
 logger = logging.getLogger(__name__)
@@ -86,13 +86,8 @@ class SequenceManager:
         self.rtts.update(zip(peers, rtts))
 
     async def ping(self, peer_id: str, timeout: float = 3.0) -> float:
-        try:
-            stub = self.stub(peer_id)
-            began = time.perf_counter()
-            await stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout)
-            return time.perf_counter() - began
-        except Exception:
-            return float("inf")
+        result = await ping_server(self.p2p, peer_id, timeout)
+        return result.rtt if result.rtt is not None else float("inf")
 
     def stub(self, peer_id: str):
         return TransformerConnectionHandler.get_stub(self.p2p, PeerID.from_base58(peer_id))
@@ -144,15 +139,22 @@ class SequenceManager:
 
 
 def _min_latency_route(spans, start: int, end: int, cost) -> list[RouteSpan] | None:
-    """Dynamic programming over block positions: cheapest chain of spans from start to end."""
+    """Dynamic programming over block positions: the cheapest chain of spans from start to end.
+
+    A chain may leave a span early where another span begins, to switch to a faster server.
+    """
+    switch_points = sorted({s.start for s in spans if start < s.start < end} | {end})
     best: dict[int, tuple[float, list[RouteSpan]]] = {start: (0.0, [])}
     for position in range(start, end):
         if position not in best:
             continue
         total, route = best[position]
         for span in spans:
-            if span.start <= position < span.end:
-                stop = min(span.end, end)
+            if not span.start <= position < span.end:
+                continue
+            last = min(span.end, end)
+            stops = [p for p in switch_points if position < p < last] + [last]
+            for stop in stops:
                 candidate = total + cost(span, stop - position)
                 if stop not in best or candidate < best[stop][0]:
                     best[stop] = (candidate, [*route, RouteSpan(span.peer_id, position, stop)])
