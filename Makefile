@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` runs a whole local swarm plus the site,
 # `make test` runs the linter and the test suite. Both install what they need into .venv.
 
-PYTHON ?= python3.11
+PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

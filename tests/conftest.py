@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,9 @@ def swarm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def make_swarm(swarm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], LocalSwarm]]:
+def make_swarm(
+    swarm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[], LocalSwarm]]:
     """Factory of local swarms; every swarm made is closed at the end of the session at the latest."""
     swarms: list[LocalSwarm] = []
 

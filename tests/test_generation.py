@@ -102,9 +102,7 @@ def test_stop_strings_and_streamer(model, tokenizer, local_model):
 
     text = tokenizer.decode(output[0, inputs.shape[1] :])
     stop = text.split()[1] if len(text.split()) > 1 else text[:3]
-    stopped = model.generate(
-        inputs, max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tokenizer
-    )
+    stopped = model.generate(inputs, max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
     assert stopped.shape[1] <= output.shape[1]
     assert stop in tokenizer.decode(stopped[0, inputs.shape[1] :])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
@@ -18,12 +19,15 @@ class Command(BaseCommand):
         parser.add_argument("--host-maddrs", nargs="+", default=settings.SWARM_HOST_MADDRS)
         parser.add_argument("--announce-maddrs", nargs="+", default=settings.SWARM_ANNOUNCE_MADDRS)
         parser.add_argument("--identity-path", help="private key file; makes the peer id stable across restarts")
-        parser.add_argument("--initial-peers", nargs="*", default=settings.SWARM_INITIAL_PEERS)
+        parser.add_argument("--initial-peers", nargs="*", default=[])
+        parser.add_argument("--maddrs-file", help="also write the multiaddrs to this file (for other services)")
 
     def handle(self, *args, **options) -> None:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+        if options["maddrs_file"]:
+            Path(options["maddrs_file"]).unlink(missing_ok=True)  # never leave a stale address for others
         dht = create_dht(
             options["initial_peers"],
             client_mode=False,
@@ -32,9 +36,11 @@ class Command(BaseCommand):
             identity_path=options["identity_path"],
         )
         try:
-            for maddr in dht.get_visible_maddrs():
-                self.stdout.write(str(maddr))
+            maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
+            self.stdout.write("\n".join(maddrs))
             self.stdout.flush()
+            if options["maddrs_file"]:
+                Path(options["maddrs_file"]).write_text("\n".join(maddrs) + "\n")
             self.stderr.write(f"DHT peer {dht.peer_id} is running; press Ctrl-C to stop")
             stop.wait()
         finally:
