@@ -31,6 +31,7 @@ from swarm.server.backend import SessionKVCache, SpanBackend
 from swarm.server.block_selection import block_throughputs, blocks_that_fit, choose_best_start
 from swarm.server.handler import TransformerConnectionHandler
 from swarm.server.memory_cache import KVCachePool
+from swarm.server.reachability import check_reachability
 from swarm.server.throughput import DEFAULT_BANDWIDTH_MBPS, measure_throughput
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class ServerConfig:
     shutdown_timeout: float = 5.0
     revision: str | None = None
     token: str | None = None
+    health_url: str | None = None  # a swarm monitor that checks we are reachable from outside
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,6 +82,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"torch dtype must be one of auto, {', '.join(dtypes)}")
     return dtypes[name]
+
+
+class SwarmUnreachableError(RuntimeError):
+    """None of the initial peers answered."""
 
 
 class BlockServer:
@@ -120,13 +126,19 @@ class BlockServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
-        self.dht = create_dht(
-            self.config.initial_peers,
-            client_mode=False,
-            host_maddrs=self.config.host_maddrs,
-            announce_maddrs=self.config.announce_maddrs,
-            identity_path=self.config.identity_path,
-        )
+        try:
+            self.dht = create_dht(
+                self.config.initial_peers,
+                client_mode=False,
+                host_maddrs=self.config.host_maddrs,
+                announce_maddrs=self.config.announce_maddrs,
+                identity_path=self.config.identity_path,
+            )
+        except Exception as e:
+            raise SwarmUnreachableError(
+                f"could not join the swarm through {', '.join(self.config.initial_peers) or 'no initial peers'}: "
+                f"{e}. Check the addresses (the /p2p/ part too) and that this machine can reach them."
+            ) from e
         try:
             for maddr in self.dht.get_visible_maddrs():
                 logger.info("Server peer: %s", maddr)
@@ -155,6 +167,8 @@ class BlockServer:
             await self.handler.start(await self.dht.replicate_p2p())
             await self._announce(ServerState.ONLINE)
             logger.info("Server is ONLINE: blocks %d:%d, peer id %s", self.start, self.end, self.dht.peer_id)
+            if self.config.health_url:
+                loop.run_in_executor(None, check_reachability, self.config.health_url, self.dht.peer_id.to_base58())
             await self._announce_until_stopped()
         finally:
             await self._shutdown()

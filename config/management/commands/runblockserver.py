@@ -7,7 +7,7 @@ import logging
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from swarm.server.server import BlockServer, ServerConfig
+from swarm.server.server import BlockServer, ServerConfig, SwarmUnreachableError
 
 
 def block_range(text: str) -> tuple[int, int]:
@@ -70,9 +70,13 @@ class Command(BaseCommand):
             update_period=options["update_period"],
             revision=options["revision"],
             token=options["token"],
+            health_url=settings.SWARM_HEALTH_URL or None,
         )
         try:
             server = BlockServer(config)
         except (ValueError, OSError) as e:
             raise CommandError(str(e)) from e
-        server.run()
+        try:
+            server.run()
+        except (SwarmUnreachableError, ValueError) as e:
+            raise CommandError(str(e)) from None
