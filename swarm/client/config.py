@@ -17,5 +17,7 @@ class ClientConfig:
     routing_refresh: float = 30.0  # seconds between DHT reads of the swarm
     missing_blocks_timeout: float = 30.0  # how long to wait for uncovered blocks to appear
     alloc_timeout: float = 30.0  # how long a server may wait to fit our attention cache
-    use_server_to_server: bool = True  # servers push each step's outputs to the next server directly
+    # Servers push each step's outputs to the next server directly. It saves a client round trip per
+    # extra server on real networks, but costs CPU: on one machine (loopback) it measured slower.
+    use_server_to_server: bool = False
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)

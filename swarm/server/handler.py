@@ -37,6 +37,7 @@ STREAM_CHUNK_BYTES = 2 * 1024**2  # half the daemon's 4 MiB message limit
 MAX_BATCH_SIZE = 64
 MAX_SEEN_STEPS = 4096
 MAX_SESSION_ID_LENGTH = 128
+INLINE_TOKENS = 8  # inference steps this small compute on the event loop itself
 
 
 class TransformerConnectionHandler(ServicerBase):
@@ -92,7 +93,10 @@ class TransformerConnectionHandler(ServicerBase):
         finally:
             self.active_requests -= 1
 
-    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _compute(self, fn: Callable[..., T], *args: Any, tokens: int | None = None) -> T:
+        """Run torch work. Decode-sized steps run inline: a thread hand-off costs more than they do."""
+        if tokens is not None and tokens <= INLINE_TOKENS:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # ----- validation -----
@@ -375,7 +379,14 @@ class TransformerConnectionHandler(ServicerBase):
             if hidden.shape[1] == 0:  # Petals clients may send an empty step to reserve the cache early
                 output = hidden
             else:
-                output = await self._compute(self.backend.inference_step, hidden, cache, prompts, hypo_ids)
+                output = await self._compute(
+                    self.backend.inference_step,
+                    hidden,
+                    cache,
+                    prompts,
+                    hypo_ids,
+                    tokens=hidden.shape[0] * hidden.shape[1],
+                )
             self.steps_served += 1
             self.tokens_served += hidden.shape[0] * hidden.shape[1]
             if metadata.get("next_servers") and prompts is None:
