@@ -121,3 +121,14 @@ def test_gradients_flow_through_remote_blocks(model, local_model, tokenizer):
         local_logits = local_model(inputs_embeds=local_input).logits
         local_logits.square().mean().backward()
     torch.testing.assert_close(remote_input.grad, local_input.grad, atol=1e-5, rtol=1e-3)
+
+
+def test_server_to_server_push_gives_the_same_tokens(model, local_model, tokenizer):
+    inputs = tokenizer(PROMPT, return_tensors="pt").input_ids
+    expected = local_model.generate(inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    model.manager.config.use_server_to_server = True
+    try:
+        actual = model.generate(inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    finally:
+        model.manager.config.use_server_to_server = False
+    assert actual.tolist() == expected.tolist()
