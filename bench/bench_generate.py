@@ -87,7 +87,7 @@ def main() -> None:
                         args.repeats,
                     )
                 finally:
-                    model.dht.shutdown()
+                    model.close()
                 results[name] = tps
                 print(f"swarm_{name}_tokens_per_s={tps:.1f}")
                 for span, server in zip(spans, servers):

@@ -83,6 +83,7 @@ else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir),
         "data_folder_out": str(_broker_dir),
+        "control_folder": str(_broker_dir / "control"),  # kombu's default is ./control, in the working dir
     }
     CELERY_RESULT_BACKEND = f"file://{VAR_DIR / 'celery-results'}"
 CELERY_TASK_SERIALIZER = "json"
@@ -92,6 +93,27 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "staticfiles"
+# Whitenoise serves static files from the ASGI app: from the source folders in development, from
+# `collectstatic`'s hashed, compressed copies in production.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if DEBUG or not (STATIC_ROOT / "staticfiles.json").exists()
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+WHITENOISE_USE_FINDERS = envbool("WHITENOISE_USE_FINDERS", DEBUG or not (STATIC_ROOT / "staticfiles.json").exists())
+
+# Behind a TLS-terminating proxy (SECURE_PROXY=1): trust its scheme header, secure cookies, HSTS.
+if envbool("SECURE_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 30 * 24 * 3600)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -108,10 +130,54 @@ LOGGING = {
 }
 
 # The swarm this site and its commands join.
-SWARM_INITIAL_PEERS = envlist("SWARM_INITIAL_PEERS")
+SWARM_INITIAL_PEERS_FILE = envstr("SWARM_INITIAL_PEERS_FILE")  # written by `rundht --maddrs-file`
+SWARM_INITIAL_PEERS = envlist("SWARM_INITIAL_PEERS") or (
+    Path(SWARM_INITIAL_PEERS_FILE).read_text().split()
+    if SWARM_INITIAL_PEERS_FILE and Path(SWARM_INITIAL_PEERS_FILE).exists()
+    else []
+)
 SWARM_DEMO_MODEL = envstr("SWARM_DEMO_MODEL", str(BASE_DIR / "swarm" / "demo_model"))
 SWARM_HEALTH_URL = envstr("SWARM_HEALTH_URL")
 SWARM_REQUEST_TIMEOUT = envfloat("SWARM_REQUEST_TIMEOUT", 30.0)
 SWARM_MAX_LENGTH = envint("SWARM_MAX_LENGTH", 4096)
 SWARM_HOST_MADDRS = envlist("SWARM_HOST_MADDRS", ["/ip4/0.0.0.0/tcp/0"])
 SWARM_ANNOUNCE_MADDRS = envlist("SWARM_ANNOUNCE_MADDRS")
+
+# Playground: the chat models this site embeds a swarm client for, and the limits of its APIs.
+# PLAYGROUND_MODELS is JSON, {"name": {"path": ..., "display_name": ..., ...}} (see playground/catalog.py).
+import json  # noqa: E402
+
+PLAYGROUND_MODELS = json.loads(envstr("PLAYGROUND_MODELS") or "null") or {
+    "demo": {"path": SWARM_DEMO_MODEL, "display_name": "Demo (tiny Llama, 8 blocks)"}
+}
+PLAYGROUND_MAX_LENGTH = envint("PLAYGROUND_MAX_LENGTH", 2048)  # tokens in one session (all turns)
+PLAYGROUND_MAX_NEW_TOKENS = envint("PLAYGROUND_MAX_NEW_TOKENS", 1024)  # tokens in one reply
+PLAYGROUND_MAX_INPUT_CHARS = envint("PLAYGROUND_MAX_INPUT_CHARS", 16000)  # characters in one request's text
+PLAYGROUND_MAX_STOP_SEQUENCES = envint("PLAYGROUND_MAX_STOP_SEQUENCES", 8)
+PLAYGROUND_MAX_STOP_SEQUENCE_CHARS = envint("PLAYGROUND_MAX_STOP_SEQUENCE_CHARS", 100)
+PLAYGROUND_SESSIONS_PER_CLIENT = envint("PLAYGROUND_SESSIONS_PER_CLIENT", 4)  # per client IP address
+PLAYGROUND_MAX_SESSIONS = envint("PLAYGROUND_MAX_SESSIONS", 64)  # per ASGI process
+PLAYGROUND_STEP_TIMEOUT = envfloat("PLAYGROUND_STEP_TIMEOUT", 60.0)  # seconds to wait for the next token
+PLAYGROUND_IDLE_TIMEOUT = envfloat("PLAYGROUND_IDLE_TIMEOUT", 600.0)  # seconds a socket may sit idle
+PLAYGROUND_MISSING_BLOCKS_TIMEOUT = envfloat("PLAYGROUND_MISSING_BLOCKS_TIMEOUT", 10.0)
+PLAYGROUND_AVAILABILITY_TTL = envfloat("PLAYGROUND_AVAILABILITY_TTL", 15.0)  # cache of live availability
+
+# Monitor: the swarm health monitor (monitor/conf.py lists every MONITOR_* setting and its default).
+# MONITOR_MODELS: models always listed, besides those found in the DHT's model index. JSON, a list of
+# {"dht_prefix", "num_blocks", "repository", "name"}, or compact "prefix:num_blocks[:repository[:name]]"
+# entries separated by ";", e.g. "Meta-Llama-3-1-405B-Instruct-hf:126:meta-llama/Meta-Llama-3.1-405B-Instruct".
+MONITOR_MODELS = envstr("MONITOR_MODELS", "demo_model-hf:8::Demo model")
+MONITOR_UPDATE_PERIOD = envint("MONITOR_UPDATE_PERIOD", 60)  # seconds between crawls
+MONITOR_RETENTION = envint("MONITOR_RETENTION", 7 * 24 * 3600)  # seconds of history kept
+MONITOR_PING_TIMEOUT = envfloat("MONITOR_PING_TIMEOUT", 5.0)  # seconds per rpc_info ping
+MONITOR_PING_CACHE_SECONDS = envfloat("MONITOR_PING_CACHE_SECONDS", 300.0)  # how long a ping result is reused
+MONITOR_BLOCKS_PER_TASK = envint("MONITOR_BLOCKS_PER_TASK", 32)  # larger models are crawled in block ranges
+CELERY_BEAT_SCHEDULE = {
+    **globals().get("CELERY_BEAT_SCHEDULE", {}),
+    "monitor-crawl": {
+        "task": "monitor.tasks.crawl_swarm",
+        "schedule": float(MONITOR_UPDATE_PERIOD),
+        "options": {"expires": float(MONITOR_UPDATE_PERIOD)},  # a crawl queued behind a slow one is dropped
+    },
+    "monitor-prune": {"task": "monitor.tasks.prune_history", "schedule": 3600.0},
+}

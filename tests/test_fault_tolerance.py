@@ -54,6 +54,6 @@ def test_generation_survives_a_killed_server(make_swarm, spans):
                 assert killer.killed not in {span.peer_id for span in session.route}
             assert actual.tolist() == expected.tolist()
         finally:
-            model.dht.shutdown()
+            model.close()
     finally:
         swarm.close()

@@ -35,7 +35,7 @@ def swarm(request, make_swarm):
 def model(swarm):
     model = AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL, initial_peers=swarm.initial_peers)
     yield model
-    model.dht.shutdown()
+    model.close()
 
 
 def test_greedy_generation_matches_local(model, local_model, tokenizer):

@@ -28,6 +28,6 @@ def test_uncovered_blocks_are_named(make_swarm):
             with pytest.raises(MissingBlocksError, match="blocks 4–5"):
                 model(torch.tensor([[1, 40, 50]]))
         finally:
-            model.dht.shutdown()
+            model.close()
     finally:
         swarm.close()

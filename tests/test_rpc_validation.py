@@ -150,4 +150,4 @@ def test_server_still_serves_after_bad_requests(swarm, stub):
         output = model.generate(torch.tensor([[1, 50, 60]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
         assert output.shape == (1, 7)
     finally:
-        model.dht.shutdown()
+        model.close()

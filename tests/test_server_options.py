@@ -37,6 +37,6 @@ def test_servers_fill_the_gaps_and_bfloat16_works(make_swarm):
             assert output.shape == (1, 12)  # through the float32 server and the bfloat16 one
             assert {span.peer_id for span in model.manager.view.online_spans()} >= {gap_filler.peer_id}
         finally:
-            model.dht.shutdown()
+            model.close()
     finally:
         swarm.close()

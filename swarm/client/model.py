@@ -47,6 +47,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.manager = manager
         self.dht = dht
+        self.owns_dht = False  # from_pretrained sets it when it started the DHT peer itself
         # Per thread: one shared model may generate for several conversations at once.
         self._thread_state = threading.local()
         self.requires_grad_(False)
@@ -63,6 +64,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             self.lm_head.weight.data = tensors[family.lm_head_key]
         else:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def close(self) -> None:
+        """Leave the swarm: stop this client's P2P connection, and its DHT peer unless it was given one."""
+        try:
+            run_sync(self.manager.p2p.shutdown(), timeout=10)
+        except Exception as e:  # already gone
+            logger.debug("P2P shutdown: %s", e)
+        if self.owns_dht:
+            self.dht.shutdown()
 
     # ----- sessions -----
 
@@ -183,11 +193,13 @@ class AutoDistributedModelForCausalLM:
         config = prepare_config(AutoConfig.from_pretrained(name_or_path, revision=revision, token=token))
         family = family_for(config)
         prefix = dht_prefix or client_config.dht_prefix or dht_prefix_for(name_or_path, config.model_type)
+        owns_dht = dht is None
         if dht is None:
             dht = create_dht(client_config.initial_peers, client_mode=True, host_maddrs=client_config.host_maddrs)
         p2p = run_sync(dht.replicate_p2p(), timeout=60)
         manager = SequenceManager(dht, p2p, prefix, family.num_blocks(config), client_config, name_or_path)
         model = DistributedModelForCausalLM(config, family, manager, dht)
+        model.owns_dht = owns_dht
         model.load_local_weights(CheckpointFiles(name_or_path, revision=revision, token=token), torch_dtype)
         try:
             model.generation_config = GenerationConfig.from_pretrained(name_or_path, revision=revision, token=token)

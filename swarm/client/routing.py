@@ -33,6 +33,11 @@ HOP_PENALTY = 0.002  # prefer fewer hops when latencies tie
 class MissingBlocksError(RuntimeError):
     """No online server holds some blocks of the model."""
 
+    def __init__(self, message: str, *, model_name: str, blocks: list[int]):
+        super().__init__(message)
+        self.model_name = model_name
+        self.blocks = blocks  # the uncovered block indices
+
 
 @dataclasses.dataclass(frozen=True)
 class RouteSpan:
@@ -126,7 +131,9 @@ class SequenceManager:
                 missing = [i for i in range(start, end) if i not in covered]
                 raise MissingBlocksError(
                     f"blocks {describe_blocks(missing)} of {self.model_name} are not served by any reachable "
-                    f"server right now (waited {self.config.missing_blocks_timeout:.0f} s)"
+                    f"server right now (waited {self.config.missing_blocks_timeout:.0f} s)",
+                    model_name=self.model_name,
+                    blocks=missing,
                 )
             force = True
             await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))

@@ -1,0 +1,62 @@
+"""Bounds on concurrent inference sessions: per client address and per process.
+
+Each open session reserves attention caches on every server of its route, so the number a
+single visitor (or everyone together) may hold open is capped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+from django.conf import settings
+
+from playground.errors import LimitExceeded
+
+
+class SessionSlot:
+    """One held session; `release()` is idempotent."""
+
+    def __init__(self, admission: Admission, address: str):
+        self._admission, self.address = admission, address
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._admission._release(self.address)
+
+
+class Admission:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._per_address: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self._per_address.values())
+
+    def acquire(self, address: str) -> SessionSlot:
+        per_client, overall = settings.PLAYGROUND_SESSIONS_PER_CLIENT, settings.PLAYGROUND_MAX_SESSIONS
+        with self._lock:
+            if self._per_address[address] >= per_client:
+                raise LimitExceeded(
+                    f"too many open sessions from your address (limit {per_client}); close another chat first"
+                )
+            if self.total >= overall:
+                raise LimitExceeded(f"the server is busy ({overall} sessions open); try again in a minute")
+            self._per_address[address] += 1
+        return SessionSlot(self, address)
+
+    def _release(self, address: str) -> None:
+        with self._lock:
+            self._per_address[address] -= 1
+            if self._per_address[address] <= 0:
+                del self._per_address[address]
+
+    def count(self, address: str) -> int:
+        with self._lock:
+            return self._per_address[address]
+
+
+admission = Admission()

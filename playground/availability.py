@@ -1,0 +1,144 @@
+"""Is a chat model usable right now? From the monitor's latest snapshot, else from the swarm itself.
+
+The monitor app is optional: when it is installed and its latest snapshot (recent enough) has
+the model, that answers; otherwise the swarm's DHT is read directly, and the answer is cached
+for PLAYGROUND_AVAILABILITY_TTL seconds so that page views do not flood the DHT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.apps import apps
+from django.conf import settings
+from django.db import DatabaseError
+
+from playground.catalog import ChatModelSpec, configured_models
+from playground.registry import SwarmIdentity, registry
+
+logger = logging.getLogger(__name__)
+
+MONITOR_MAX_AGE = 15 * 60  # seconds; an older snapshot says little about now
+DHT_READ_TIMEOUT = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Availability:
+    state: str  # available, partial, unavailable, unknown
+    message: str
+    missing_blocks: tuple[int, ...] = ()
+    servers: int = 0
+    source: str | None = None  # monitor or swarm
+    checked_at: float | None = None  # unix time
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "missing_blocks": list(self.missing_blocks)}
+
+
+def describe(num_blocks: int, missing: list[int], servers: int, source: str, checked_at: float) -> Availability:
+    from swarm.client.routing import describe_blocks
+
+    if not missing:
+        return Availability(
+            "available", f"all {num_blocks} blocks served by {servers} server(s)", (), servers, source, checked_at
+        )
+    if len(missing) == num_blocks:
+        return Availability(
+            "unavailable", "no server holds this model right now", tuple(missing), 0, source, checked_at
+        )
+    return Availability(
+        "partial",
+        f"blocks {describe_blocks(missing)} are not served right now",
+        tuple(missing),
+        servers,
+        source,
+        checked_at,
+    )
+
+
+# ----- the monitor's latest snapshot (optional app; a narrow read of its models) -----
+
+
+def from_monitor(prefixes: list[str]) -> dict[str, Availability]:
+    if not apps.is_installed("monitor"):
+        return {}
+    try:
+        from monitor.models import BlockCoverage, ModelStatus, Snapshot
+
+        snapshot = Snapshot.objects.order_by("-created_at").first()
+        if snapshot is None or time.time() - snapshot.created_at.timestamp() > MONITOR_MAX_AGE:
+            return {}
+        found = {}
+        for status in ModelStatus.objects.filter(snapshot=snapshot, dht_prefix__in=prefixes):
+            covered = set(
+                BlockCoverage.objects.filter(model=status, online_servers__gt=0).values_list("block", flat=True)
+            )
+            missing = [block for block in range(status.num_blocks) if block not in covered]
+            found[status.dht_prefix] = describe(
+                status.num_blocks, missing, status.num_servers, "monitor", snapshot.created_at.timestamp()
+            )
+        return found
+    except (ImportError, LookupError, AttributeError, DatabaseError) as e:
+        # Not migrated yet, or a monitor of another shape: the swarm will answer instead.
+        logger.info("No availability from the monitor: %s", e)
+        return {}
+
+
+# ----- the swarm itself -----
+
+_cache: dict[str, Availability] = {}
+_cache_lock = threading.Lock()
+
+
+def from_swarm(spec: ChatModelSpec, identity: SwarmIdentity) -> Availability:
+    """Read the model's block announcements from the DHT (blocking; cached for a while)."""
+    from swarm.dht import fetch_swarm
+
+    with _cache_lock:
+        cached = _cache.get(spec.name)
+    if cached and cached.checked_at and time.time() - cached.checked_at < settings.PLAYGROUND_AVAILABILITY_TTL:
+        return cached
+    try:
+        dht = registry.dht(spec.peers)
+        view = fetch_swarm(dht, identity.dht_prefix, identity.num_blocks, wait=False).result(DHT_READ_TIMEOUT)
+        answer = describe(identity.num_blocks, view.missing_blocks(), len(view.online_spans()), "swarm", time.time())
+    except Exception as e:
+        logger.warning("Could not read the swarm of %s: %s", spec.name, e)
+        answer = Availability("unknown", "the swarm could not be reached", checked_at=time.time(), source="swarm")
+    with _cache_lock:
+        _cache[spec.name] = answer
+    return answer
+
+
+async def all_models() -> list[dict[str, Any]]:
+    """Every configured model with its availability, for the chat page's model picker."""
+    from playground.generation import executor
+
+    loop = asyncio.get_running_loop()
+    specs = list(configured_models().values())
+    identities: dict[str, SwarmIdentity | None] = {}
+    for spec in specs:
+        try:
+            identities[spec.name] = await loop.run_in_executor(executor(), registry.identity, spec.name)
+        except Exception as e:
+            logger.warning("Could not read the config of %s: %s", spec.name, e)
+            identities[spec.name] = None
+    prefixes = [identity.dht_prefix for identity in identities.values() if identity]
+    monitored = await sync_to_async(from_monitor)(prefixes)
+    rows = []
+    for spec in specs:
+        identity = identities[spec.name]
+        if identity is None:
+            availability = Availability("unknown", "this model's configuration could not be read")
+        elif identity.dht_prefix in monitored:
+            availability = monitored[identity.dht_prefix]
+        else:
+            availability = await loop.run_in_executor(executor(), from_swarm, spec, identity)
+        rows.append({"name": spec.name, "display_name": spec.display_name, **availability.as_dict()})
+    return rows

@@ -1,0 +1,377 @@
+"""Playground parts that need no swarm: text streaming, chat formats, validation, limits, CSRF,
+and the websocket's answers to bad input through the real ASGI application."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.core.exceptions import ImproperlyConfigured
+from django.test import Client, override_settings
+from transformers import AutoTokenizer
+
+from playground.admission import Admission
+from playground.catalog import parse_models
+from playground.detokenize import IncrementalDecoder, StopMatcher
+from playground.errors import BadRequest, LimitExceeded, PlaygroundError, UnknownModel, public_message
+from playground.prompting import format_from_separators, format_from_template
+from playground.schemas import coerce_form, parse_chat_completion, parse_generate, parse_open
+from tests.conftest import DEMO_MODEL
+
+HOST = "127.0.0.1"
+ORIGIN = (b"origin", b"http://127.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(DEMO_MODEL)
+
+
+# ----- streaming text -----
+
+
+def test_incremental_decoder_holds_back_partial_utf8(tokenizer):
+    text = "Naïve café: 日本語 🙂 done."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push(token) for token in ids]
+    pieces.append(decoder.flush())
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "" in pieces[:-1], "the byte-level tokenizer splits these characters, so some tokens must be held"
+
+
+def test_incremental_decoder_matches_whole_decode_with_context(tokenizer):
+    prompt = tokenizer("The list of values", return_tensors=None).input_ids
+    reply = tokenizer(" is returned by the function, and 'ß' too.", add_special_tokens=False).input_ids
+    decoder = IncrementalDecoder(tokenizer, context=prompt)
+    streamed = "".join(decoder.push(token) for token in reply) + decoder.flush()
+    assert streamed == tokenizer.decode(reply)
+
+
+def test_stop_matcher_keeps_stop_text_in_petals_mode():
+    matcher = StopMatcher(["###"], include=True)
+    assert matcher.push("Hello ") == "Hello "
+    assert matcher.push("#") == "#"
+    assert matcher.matched is None
+    assert matcher.push("##\n") == "##\n"
+    assert matcher.matched == "###"
+
+
+def test_stop_matcher_cuts_stop_and_holds_back_possible_beginnings():
+    matcher = StopMatcher(["\nUser:", "<|eot_id|>"], include=False)
+    assert matcher.push("Hello") == "Hello"
+    assert matcher.push("\n") == ""  # could be the start of "\nUser:"
+    assert matcher.push("Us") == ""
+    assert matcher.push("a") == "\nUsa"  # it was not
+    assert matcher.push(" fine<|eot") == " fine"
+    assert matcher.push("_id|>tail") == ""
+    assert matcher.matched == "<|eot_id|>"
+
+
+def test_stop_matcher_flushes_held_text_at_the_end():
+    matcher = StopMatcher(["STOP"], include=False)
+    assert matcher.push("all ST") == "all "
+    assert matcher.flush() == "ST"
+
+
+# ----- chat formats -----
+
+
+def test_chat_format_from_template_adds_up_to_the_template(tokenizer):
+    chat = format_from_template(tokenizer)
+    assert chat is not None and chat.stop_sequence == "<|eot_id|>"
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+        {"role": "user", "content": "Tell me about lists."},
+    ]
+    whole = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    turns = (
+        chat.user_turn("Hi", first=True, reply_ended=False)
+        + "Hello there<|eot_id|>"  # the model generated the end of its turn
+        + chat.user_turn("Tell me about lists.", first=False, reply_ended=True)
+    )
+    assert turns == whole == chat.render(messages)
+    # A reply cut short (stopped) gets its end of turn added before the next user message.
+    cut = chat.user_turn("Hi", first=True, reply_ended=False) + "Hello there"
+    assert cut + chat.user_turn("Tell me about lists.", first=False, reply_ended=False) == whole
+
+
+def test_chat_format_from_separators():
+    chat = format_from_separators(
+        {
+            "prefix": "",
+            "user_start": "###Human: ",
+            "user_end": "\n",
+            "assistant_start": "###Assistant:",
+            "assistant_end": "\n",
+        }
+    )
+    assert chat.stop_sequence == "\n"
+    rendered = chat.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert rendered == "###Human: Be brief.\n\nHi\n###Assistant:"
+
+
+# ----- configuration and validation -----
+
+
+def test_models_setting_is_validated():
+    specs = parse_models({"tiny": "/models/tiny", "big": {"path": "org/Big-1.5", "defaults": {"temperature": 0.5}}})
+    assert specs["tiny"].path == "/models/tiny" and specs["tiny"].display_name == "tiny"
+    assert specs["big"].defaults.temperature == 0.5
+    for bad in ({}, {"x": {}}, {"x": {"path": "p", "colour": 1}}, {"x": {"path": "p", "client": {"nope": 1}}}):
+        with pytest.raises(ImproperlyConfigured):
+            parse_models(bad)
+
+
+@override_settings(PLAYGROUND_MAX_LENGTH=256, PLAYGROUND_MAX_NEW_TOKENS=64, PLAYGROUND_MAX_STOP_SEQUENCE_CHARS=20)
+def test_websocket_requests_are_validated_against_the_limits():
+    assert parse_open({"model": "demo", "max_length": 256}).max_length == 256
+    with pytest.raises(LimitExceeded, match="limit of 256"):
+        parse_open({"model": "demo", "max_length": 257})
+    with pytest.raises(UnknownModel, match="this site serves: demo"):
+        parse_open({"model": "gpt-5", "max_length": 10})
+    with pytest.raises(BadRequest, match="integer"):
+        parse_open({"model": "demo", "max_length": "100"})
+    request = parse_generate({"inputs": "x", "do_sample": 1, "temperature": 0.5, "stop_sequence": "</s>"})
+    assert request.streaming and request.sampling.do_sample and request.sampling.temperature == 0.5
+    for message, problem in [
+        ({"inputs": 5}, "`inputs` must be a string"),
+        ({"max_new_tokens": 65}, "limit of 64"),
+        ({"max_new_tokens": True}, "integer"),
+        ({"temperature": 0}, "`temperature` must be above 0"),
+        ({"top_p": 1.5}, "`top_p`"),
+        ({"do_sample": "yes"}, "`do_sample`"),
+        ({"stop_sequence": "x" * 10_000}, "10000 characters; the limit is 20"),
+        ({"stop_sequence": "a", "extra_stop_sequences": "b" * 21}, "limit is 20"),
+        ({"extra_stop_sequences": ["x"]}, "need a `stop_sequence`"),
+        ({"inputs": "a", "user_message": "b"}, "not both"),
+    ]:
+        with pytest.raises(PlaygroundError, match=problem):
+            parse_generate(message)
+
+
+def test_form_parameters_are_coerced():
+    assert coerce_form({"max_new_tokens": "5", "temperature": "0.5", "do_sample": "true", "inputs": "7"}) == {
+        "max_new_tokens": 5,
+        "temperature": 0.5,
+        "do_sample": True,
+        "inputs": "7",
+    }
+    with pytest.raises(BadRequest, match="`top_k` must be an integer"):
+        coerce_form({"top_k": "many"})
+
+
+def test_openai_requests_are_validated():
+    ok = parse_chat_completion(
+        {
+            "model": "demo",
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+            ],
+            "stop": "\n",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    assert ok.messages[0]["role"] == "system" and ok.messages[1]["content"] == "Hi"
+    assert ok.stop == ("\n",) and ok.stream and ok.include_usage
+    for body, problem in [
+        ([], "JSON object"),
+        ({"model": "demo", "messages": []}, "non-empty"),
+        ({"model": "demo", "messages": [{"role": "robot", "content": "x"}]}, "role"),
+        ({"model": "demo", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n: 1"),
+        ({"model": "demo", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
+        ({"model": "demo", "messages": [{"role": "assistant", "content": "x"}]}, "last message"),
+    ]:
+        with pytest.raises(PlaygroundError, match=problem):
+            parse_chat_completion(body)
+
+
+def test_unexpected_errors_become_a_reference_not_a_traceback(caplog):
+    error = public_message(ZeroDivisionError("secret detail"), "test")
+    assert error.status == 500 and "reference" in str(error) and "secret" not in str(error)
+    assert "secret detail" in caplog.text
+
+
+def test_missing_blocks_message_names_blocks_not_paths():
+    from swarm.client.routing import MissingBlocksError
+
+    error = public_message(
+        MissingBlocksError(
+            "blocks 4–7 of /srv/models/x are not served by any reachable server right now (waited 3 s)",
+            model_name="/srv/models/x",
+            blocks=[4, 5, 6, 7],
+        )
+    )
+    assert str(error).startswith("blocks 4–7 are not served right now") and "/srv" not in str(error)
+
+
+# ----- limits -----
+
+
+@override_settings(PLAYGROUND_SESSIONS_PER_CLIENT=2, PLAYGROUND_MAX_SESSIONS=3)
+def test_session_limits_per_address_and_in_total():
+    admission = Admission()
+    first, second = admission.acquire("10.0.0.1"), admission.acquire("10.0.0.1")
+    with pytest.raises(LimitExceeded, match="your address"):
+        admission.acquire("10.0.0.1")
+    third = admission.acquire("10.0.0.2")
+    with pytest.raises(LimitExceeded, match="busy"):
+        admission.acquire("10.0.0.3")
+    first.release()
+    first.release()  # idempotent
+    admission.acquire("10.0.0.3")
+    assert admission.total == 3 and admission.count("10.0.0.1") == 1
+    second.release(), third.release()
+
+
+# ----- HTTP: CSRF for browsers, JSON errors for API clients -----
+
+
+def test_cross_site_browser_posts_are_refused_but_api_clients_pass():
+    browser = Client(enforce_csrf_checks=True, HTTP_HOST=HOST)
+    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x"}], "n": 3})
+    forged = browser.post(
+        "/v1/chat/completions", body, content_type="application/json", HTTP_ORIGIN="http://evil.example"
+    )
+    assert forged.status_code == 403
+    forged = browser.post("/api/v1/generate", {"model": "demo", "inputs": "x"}, HTTP_ORIGIN="http://evil.example")
+    assert forged.status_code == 403
+    browser.cookies["sessionid"] = "x"  # a cookie but no token: refused, even without an Origin header
+    assert browser.post("/api/v1/generate", {"model": "demo", "inputs": "x"}).status_code == 403
+
+    api_client = Client(enforce_csrf_checks=True, HTTP_HOST=HOST)
+    answer = api_client.post("/v1/chat/completions", body, content_type="application/json")
+    assert answer.status_code == 400 and answer.json()["error"]["message"] == "only `n: 1` is supported"
+    answer = api_client.post("/api/v1/generate", {"model": "nope", "inputs": "x", "max_new_tokens": "3"})
+    assert answer.status_code == 404 and answer.json() == {
+        "ok": False,
+        "traceback": "unknown model 'nope'; this site serves: demo",
+    }
+    assert api_client.get("/v1/models").json()["data"][0]["id"] == "demo"
+
+
+def test_chat_page_lists_the_configured_models():
+    page = Client(HTTP_HOST=HOST).get("/chat/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert '<option value="demo">Demo (tiny Llama, 8 blocks)</option>' in html
+    assert 'id="playground-config"' in html and "playground/chat.js" in html
+
+
+# ----- the websocket, through the real ASGI application (origin check included) -----
+
+
+def _run(coro, timeout: float = 30.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def _connect(headers=(ORIGIN,)) -> tuple[WebsocketCommunicator, bool]:
+    from config.asgi import application
+
+    communicator = WebsocketCommunicator(application, "/api/v2/generate", headers=[(b"host", b"127.0.0.1"), *headers])
+    connected, _ = await communicator.connect()
+    return communicator, connected
+
+
+def test_websocket_refuses_foreign_or_missing_origins():
+    async def scenario():
+        for headers in [(), ((b"origin", b"http://evil.example"),)]:
+            communicator, connected = await _connect(headers)
+            assert not connected
+            await communicator.disconnect()
+
+    _run(scenario())
+
+
+def test_websocket_answers_bad_input_and_stays_usable():
+    async def scenario():
+        communicator, connected = await _connect()
+        assert connected
+
+        def opening(**fields):
+            return {
+                "text_data": json.dumps({"type": "open_inference_session", "model": "demo", "max_length": 9, **fields})
+            }
+
+        cases = [
+            ({"text_data": "not json"}, "must be JSON"),
+            ({"bytes_data": b"\x00\xff"}, "binary frames are not supported"),
+            ({"text_data": "[1, 2]"}, "JSON object with a `type`"),
+            ({"text_data": json.dumps({"type": 5})}, "`type` must be a string"),
+            ({"text_data": json.dumps({"type": "dance"})}, "unknown message type 'dance'"),
+            ({"text_data": json.dumps({"type": "generate", "inputs": "hi"})}, "open a session first"),
+            (opening(model="nope"), "unknown model 'nope'"),
+            (opening(max_length=10**9), "above this server's limit"),
+            (opening(model=["demo"]), "`model` must be a string"),
+            ({"text_data": "[" * 50_000}, "must be JSON"),  # too deep for the parser
+            ({"text_data": " " * 200_000}, "far above the input limit"),
+        ]
+        for frame, problem in cases:
+            await communicator.send_to(**frame)
+            answer = json.loads(await communicator.receive_from(timeout=5))
+            assert answer["ok"] is False and problem in answer["traceback"], (frame, answer)
+        await communicator.send_to(text_data=json.dumps({"type": "stop"}))  # nothing to stop: no answer
+        assert await communicator.receive_nothing(timeout=0.3)
+        await communicator.disconnect()
+
+    _run(scenario())
+
+
+@override_settings(PLAYGROUND_IDLE_TIMEOUT=0.4)
+def test_idle_sockets_are_closed():
+    async def scenario():
+        communicator, connected = await _connect()
+        assert connected
+        began = time.monotonic()
+        answer = json.loads(await communicator.receive_from(timeout=5))
+        assert answer == {"ok": False, "traceback": "closing this connection after 0.4 s without messages"}
+        assert (await communicator.receive_output(timeout=5))["type"] == "websocket.close"
+        assert time.monotonic() - began >= 0.4
+        await communicator.disconnect()
+
+    _run(scenario())
+
+
+# ----- availability from the monitor's latest snapshot -----
+
+
+@pytest.mark.django_db
+def test_availability_comes_from_the_monitor_snapshot_when_there_is_one():
+    from django.utils import timezone
+
+    from monitor.models import BlockCoverage, ModelStatus, Snapshot
+    from playground.availability import from_monitor
+
+    assert from_monitor(["demo_model-hf"]) == {}
+    now = timezone.now()
+    snapshot = Snapshot.objects.create(created_at=now, duration=1.0, num_servers=1)
+    status = ModelStatus.objects.create(
+        snapshot=snapshot,
+        created_at=now,
+        position=0,
+        dht_prefix="demo_model-hf",
+        name="demo",
+        num_blocks=8,
+        healthy=False,
+        num_servers=1,
+    )
+    for block in range(8):
+        BlockCoverage.objects.create(
+            snapshot=snapshot,
+            model=status,
+            created_at=now,
+            dht_prefix="demo_model-hf",
+            block=block,
+            online_servers=0 if block >= 4 else 1,
+            throughput=1.0,
+        )
+    found = from_monitor(["demo_model-hf"])["demo_model-hf"]
+    assert found.state == "partial" and found.source == "monitor"
+    assert found.missing_blocks == (4, 5, 6, 7) and found.message == "blocks 4–7 are not served right now"
