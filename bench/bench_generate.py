@@ -10,7 +10,9 @@ run, so the ratios hold on a noisy machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,15 +33,21 @@ from swarm.models.family import bytes_per_block  # noqa: E402
 PROMPT = "The function returns the value of"
 
 
-def tokens_per_second(generate, inputs: torch.Tensor, tokens: int, repeats: int) -> float:
-    generate(inputs, max_new_tokens=4, min_new_tokens=4)  # warm-up
-    best = 0.0
+def tokens_per_second(generate, inputs: torch.Tensor, tokens: int) -> float:
+    began = time.perf_counter()
+    output = generate(inputs, max_new_tokens=tokens, min_new_tokens=tokens)
+    return (output.shape[1] - inputs.shape[1]) / (time.perf_counter() - began)
+
+
+def compare(local_generate, swarm_generate, inputs: torch.Tensor, tokens: int, repeats: int) -> tuple[float, float]:
+    """Best tokens/s of each, measured in alternating rounds so that both see the same machine load."""
+    for generate in (local_generate, swarm_generate):
+        generate(inputs, max_new_tokens=4, min_new_tokens=4)  # warm-up
+    local = swarm = 0.0
     for _ in range(repeats):
-        began = time.perf_counter()
-        output = generate(inputs, max_new_tokens=tokens, min_new_tokens=tokens)
-        elapsed = time.perf_counter() - began
-        best = max(best, (output.shape[1] - inputs.shape[1]) / elapsed)
-    return best
+        local = max(local, tokens_per_second(local_generate, inputs, tokens))
+        swarm = max(swarm, tokens_per_second(swarm_generate, inputs, tokens))
+    return local, swarm
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -53,25 +61,33 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def baseline_rss_mb() -> float:
+    """Peak RSS of a process that only imports what a server imports: the floor under every server."""
+    code = (
+        "import torch, transformers, hivemind, django; from swarm.server import server; import swarm.models.llama; "
+        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1]) / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL_PATH))
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     inputs = tokenizer(PROMPT, return_tensors="pt").input_ids
-    options = dict(do_sample=False)
 
     local = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    local_tps = tokens_per_second(lambda x, **kw: local.generate(x, **options, **kw), inputs, args.tokens, args.repeats)
-    print(f"local_tokens_per_s={local_tps:.1f}")
+    local_generate = functools.partial(local.generate, do_sample=False)
 
     config = AutoConfig.from_pretrained(args.model)
     block_mb = bytes_per_block(config, torch.float32) / 2**20
-    results = {}
+    ratios = {}
     with tempfile.TemporaryDirectory() as cache:
         env = {"DEBUG": "1", "SWARM_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
         for name, spans in (("1server", ["0:8"]), ("2servers", ["0:4", "4:8"])):
@@ -80,24 +96,21 @@ def main() -> None:
                 servers = [swarm.start_server(args.model, "--block-indices", span) for span in spans]
                 model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
                 try:
-                    tps = tokens_per_second(
-                        lambda x, model=model, **kw: model.generate(x, **options, **kw),
-                        inputs,
-                        args.tokens,
-                        args.repeats,
-                    )
+                    swarm_generate = functools.partial(model.generate, do_sample=False)
+                    local_tps, swarm_tps = compare(local_generate, swarm_generate, inputs, args.tokens, args.repeats)
                 finally:
                     model.close()
-                results[name] = tps
-                print(f"swarm_{name}_tokens_per_s={tps:.1f}")
+                ratios[name] = swarm_tps / local_tps
+                print(f"{name}: local_tokens_per_s={local_tps:.1f} swarm_tokens_per_s={swarm_tps:.1f}")
                 for span, server in zip(spans, servers):
                     start, end = map(int, span.split(":"))
                     print(
                         f"  server {span}: peak_rss_mb={peak_rss_mb(server.pid):.0f} "
                         f"blocks_weights_mb={(end - start) * block_mb:.1f}"
                     )
-    print(f"ratio_1server={results['1server'] / local_tps:.3f}")
-    print(f"ratio_2servers={results['2servers'] / local_tps:.3f}")
+    print(f"baseline_process_rss_mb={baseline_rss_mb():.0f}  (python + torch + transformers + hivemind, no model)")
+    print(f"ratio_1server={ratios['1server']:.3f}")
+    print(f"ratio_2servers={ratios['2servers']:.3f}")
 
 
 if __name__ == "__main__":

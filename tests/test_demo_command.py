@@ -1,0 +1,190 @@
+"""The README's first command, run as a new user would: everything starts, works, and stops cleanly.
+
+Runs `make demo` in the background (embedded mode, then the full mode on this machine's Redis
+and PostgreSQL), waits for the site, finds the demo model healthy after the first crawl, chats
+one greedy reply over the websocket, sends SIGINT, and checks that every process it started is
+gone and that the block servers announced OFFLINE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hivemind import DHT
+
+from playground.client import PlaygroundClient
+from swarm.names import block_uid
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "demo_model-hf"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    psycopg = pytest.importorskip("psycopg")
+    name = f"swarm_e2e_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"PostgreSQL is not reachable: {e}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgres://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def redis_url() -> str:
+    redis = pytest.importorskip("redis")
+    url = "redis://127.0.0.1:6379/11"
+    try:
+        redis.Redis.from_url(url).flushdb()
+    except redis.ConnectionError as e:
+        pytest.skip(f"Redis is not reachable: {e}")
+    return url
+
+
+@pytest.mark.parametrize("mode", ["embedded", "full"])
+def test_make_demo(mode, tmp_path, request):
+    port, dht_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "VAR_DIR": str(tmp_path / "var"),
+        "DEMO_ARGS": f"--port {port} --dht-port {dht_port}",
+        "MONITOR_UPDATE_PERIOD": "5",
+        "SWARM_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    for name in ("DEBUG", "SECRET_KEY", "REDIS_URL", "DATABASE_URL", "DJANGO_SETTINGS_MODULE"):
+        env.pop(name, None)
+    if mode == "full":
+        env["REDIS_URL"] = redis_url()
+        env["DATABASE_URL"] = request.getfixturevalue("postgres_database")
+
+    demo = subprocess.Popen(
+        ["make", "demo"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    started: set[int] = set()
+    dht = None
+    try:
+        deadline = time.monotonic() + 600  # the first run may install the environment
+        peers = None
+        for line in demo.stdout:
+            lines.append(line)
+            if "initial peers" in line:
+                peers = line.split("initial peers", 1)[1].split()
+            if "Press Ctrl-C" in line or time.monotonic() > deadline:
+                break
+        assert peers, "".join(lines)[-3000:]
+        base = f"http://127.0.0.1:{port}"
+
+        state = {}
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            state = get_json(f"{base}/api/v1/state")
+            reports = {report["dht_prefix"]: report for report in state.get("model_reports", [])}
+            if reports.get(PREFIX, {}).get("state") == "healthy":
+                break
+            time.sleep(2)
+        else:
+            pytest.fail(f"the demo model never showed up healthy: {state}")
+
+        reply = asyncio.run(chat_once(f"ws://127.0.0.1:{port}/api/v2/generate"))
+        assert reply["ok"] and reply["stop"] and reply["outputs"].strip()
+
+        # A DHT peer of our own keeps copies of the announcements after the swarm is gone.
+        dht = DHT(initial_peers=peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        time.sleep(1)
+        started = descendants(demo.pid)
+        assert len(started) >= 6, started  # make, demo, DHT, 2 servers, worker, beat, web (+ their children)
+    finally:
+        os.killpg(demo.pid, signal.SIGINT)
+        try:
+            rest, _ = demo.communicate(timeout=120)
+            lines.append(rest)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)
+            for pid in descendants(demo.pid):
+                os.kill(pid, signal.SIGKILL)
+            raise
+        finally:
+            survivors = {pid for pid in started if alive(pid)}
+            for pid in survivors:
+                os.kill(pid, signal.SIGKILL)
+        try:
+            assert not survivors, f"processes left running: {survivors}"
+            assert "Stopped" in "".join(lines)
+            if dht is not None:
+                for index in (0, 7):
+                    found = dht.get(block_uid(PREFIX, index), latest=True)
+                    states = {record.value[0] for record in found.value.values()} if found else set()
+                    assert states == {0}, f"block {index}: {states}"  # every server said OFFLINE
+        finally:
+            if dht is not None:
+                dht.shutdown()
+
+
+async def chat_once(url: str) -> dict:
+    client = await PlaygroundClient.connect(url)
+    try:
+        opened = await client.open_session("demo", max_length=256)
+        assert opened["ok"], opened
+        last = {}
+        async for message in client.generate(
+            inputs="The function", max_new_tokens=8, do_sample=0, stop_sequence="<|eot_id|>", timeout=120
+        ):
+            last = message
+        return last
+    finally:
+        await client.close()
