@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -63,9 +64,22 @@ def alive(pid: int) -> bool:
         return False
 
 
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return "?"
+
+
 def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
+    """The JSON answer; {} while the site answers 503 (no crawl has finished yet)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 503:
+            return {}
+        raise
 
 
 @pytest.fixture
@@ -159,11 +173,15 @@ def test_make_demo(mode, tmp_path, request):
                 os.kill(pid, signal.SIGKILL)
             raise
         finally:
+            deadline = time.monotonic() + 15  # helpers like torch_shm_manager notice their clients left
+            while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+                time.sleep(0.5)
             survivors = {pid for pid in started if alive(pid)}
+            names = {pid: command_line(pid) for pid in survivors}
             for pid in survivors:
                 os.kill(pid, signal.SIGKILL)
         try:
-            assert not survivors, f"processes left running: {survivors}"
+            assert not survivors, f"processes left running: {names}"
             assert "Stopped" in "".join(lines)
             if dht is not None:
                 for index in (0, 7):

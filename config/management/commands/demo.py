@@ -9,8 +9,10 @@ import threading
 from pathlib import Path
 
 from django.conf import settings
+from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
+from config.celery import app as celery_app
 from swarm.local_swarm import LocalSwarm
 
 
@@ -24,6 +26,7 @@ class Command(BaseCommand):
         parser.add_argument("--model", default=settings.SWARM_DEMO_MODEL, help="checkpoint served by the swarm")
 
     def handle(self, *args, **options) -> None:
+        call_command("migrate", interactive=False, verbosity=0)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -47,6 +50,7 @@ class Command(BaseCommand):
                 "web", [daphne, "-b", options["host"], "-p", str(options["port"]), "config.asgi:application"], site_env
             )
             web.wait_for_line(lambda line: "Listening on" in line or "Starting server" in line, timeout=60)
+            celery_app.send_task("monitor.tasks.crawl_swarm")  # a first crawl now, not one update period later
             base = f"http://{options['host']}:{options['port']}"
             self.stdout.write(self.style.SUCCESS("\nThe swarm and the site are running:"))
             self.stdout.write(f"  status page   {base}/")
