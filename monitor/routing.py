@@ -2,4 +2,8 @@
 
 from __future__ import annotations
 
-websocket_urlpatterns: list = []
+from django.urls import path
+
+from monitor.consumers import StatusConsumer
+
+websocket_urlpatterns = [path("ws/monitor/", StatusConsumer.as_asgi())]

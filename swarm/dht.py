@@ -159,6 +159,7 @@ def spans_from_entries(prefix: str, num_blocks: int, start: int, entries: dict[s
     blocks it appears under. Malformed entries are counted and skipped.
     """
     spans: dict[str, RemoteSpanInfo] = {}
+    last_values: dict[str, Any] = {}  # the raw value each server's span was parsed from
     invalid = 0
     for offset, entry in enumerate(entries.values()):
         index = start + offset
@@ -171,22 +172,29 @@ def spans_from_entries(prefix: str, num_blocks: int, start: int, entries: dict[s
             if len(spans) >= MAX_PEERS_PER_MODEL and peer_id not in spans:
                 invalid += 1
                 continue
+            known = spans.get(peer_id)
+            raw = getattr(record, "value", None)
+            explicit = known is not None and None not in (known.server_info.start_block, known.server_info.end_block)
+            if explicit and raw == last_values.get(peer_id):
+                # A server announces one value for its whole span; parsing the same value again at each of
+                # its blocks would change nothing once its explicit span is known.
+                continue
             try:
                 if not isinstance(peer_id, str) or not 0 < len(peer_id) <= 128:
                     raise ValueError("peer id must be a short string")
-                info = ServerInfo.from_tuple(getattr(record, "value", None))
+                info = ServerInfo.from_tuple(raw)
                 if info.end_block is not None and info.end_block > num_blocks:
                     raise ValueError("span ends past the model's last block")
             except ValueError:
                 invalid += 1
                 continue
-            known = spans.get(peer_id)
             if known is None or known.state < info.state:
                 if info.start_block is not None and info.end_block is not None:
                     span_start, span_end = info.start_block, info.end_block
                 else:
                     span_start, span_end = index, index + 1
                 spans[peer_id] = RemoteSpanInfo(peer_id, span_start, span_end, info)
+                last_values[peer_id] = raw
             elif known.state == info.state and (info.start_block is None or info.end_block is None):
                 spans[peer_id] = dataclasses.replace(known, end=max(known.end, index + 1))
     if invalid:

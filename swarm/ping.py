@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Iterable
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
@@ -50,19 +49,6 @@ async def ping_server(p2p: P2P, peer_id: str, timeout: float) -> PingResult:
         if _is_protocol_not_supported(e):
             return PingResult(reachable=True)
         return PingResult(reachable=False, error=_describe(e))
-
-
-async def ping_servers(p2p: P2P, peer_ids: Iterable[str], timeout: float, parallel: int = 64) -> dict[str, PingResult]:
-    """Ping many servers at once, at most `parallel` in flight."""
-    limit = asyncio.Semaphore(max(parallel, 1))
-
-    async def ping_one(peer_id: str) -> PingResult:
-        async with limit:
-            return await ping_server(p2p, peer_id, timeout)
-
-    peers = list(dict.fromkeys(peer_ids))
-    results = await asyncio.gather(*(ping_one(peer) for peer in peers))
-    return dict(zip(peers, results))
 
 
 async def ping_dht_peer(node: DHTNode, peer_id: str, timeout: float) -> PingResult:

@@ -184,8 +184,12 @@ class TransformerConnectionHandler(ServicerBase):
         }
 
     def cache_tokens_left(self) -> int:
-        per_token = self.backend.cache_bytes(self.backend.end - self.backend.start, 1, 1)
-        return max(self.cache_pool.bytes_left, 0) // max(per_token, 1)
+        """rpc_info's `cache_tokens_available`, in Petals' unit: tokens of keys and values for one block."""
+        return max(self.cache_pool.bytes_left, 0) // max(self.backend.cache_bytes(1, 1, 1), 1)
+
+    def announced_cache_tokens(self) -> int:
+        """The announcement's `cache_tokens_left`, in Petals' unit: tokens of one block's keys (or values)."""
+        return max(self.cache_pool.bytes_left, 0) // max(self.backend.cache_bytes(1, 1, 1) // 2, 1)
 
     # ----- forward / backward -----
 

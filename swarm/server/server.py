@@ -26,7 +26,7 @@ from swarm.checkpoint import CheckpointFiles
 from swarm.data_structures import ModelInfo, ServerInfo, ServerState
 from swarm.dht import announce_blocks, announce_model, create_dht, fetch_swarm
 from swarm.models.family import bytes_per_block, family_for, prepare_config
-from swarm.names import dht_prefix_for, is_valid_dht_prefix
+from swarm.names import dht_prefix_for, is_private_prefix, is_valid_dht_prefix
 from swarm.server.backend import SessionKVCache, SpanBackend
 from swarm.server.block_selection import block_throughputs, blocks_that_fit, choose_best_start
 from swarm.server.handler import TransformerConnectionHandler
@@ -252,7 +252,7 @@ class BlockServer:
             torch_dtype=str(self.dtype).split(".")[-1],
             quant_type="none",
             using_relay=False,
-            cache_tokens_left=self.handler.cache_tokens_left() if self.handler is not None else None,
+            cache_tokens_left=self.handler.announced_cache_tokens() if self.handler is not None else None,
             next_pings=dict(self.next_pings) if self.next_pings else None,
         )
 
@@ -263,14 +263,9 @@ class BlockServer:
         info = self.server_info(state)
         expiration = self._expiration()
         await announce_blocks(self.dht, self.dht_prefix, range(self.start, self.end), info, expiration, wait=False)
-        if state != ServerState.OFFLINE:
-            await announce_model(
-                self.dht,
-                self.dht_prefix,
-                ModelInfo(num_blocks=self.total_blocks, repository=self._repository_url()),
-                expiration,
-                wait=False,
-            )
+        if state != ServerState.OFFLINE and not is_private_prefix(self.dht_prefix):
+            model = ModelInfo(num_blocks=self.total_blocks, repository=self._repository_url())
+            await announce_model(self.dht, self.dht_prefix, model, expiration, wait=False)
 
     def _repository_url(self) -> str | None:
         return f"https://huggingface.co/{self.repository}" if self.repository else None

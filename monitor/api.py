@@ -1,0 +1,79 @@
+"""JSON and text APIs: health.petals.dev's `/api/v1/state`, `/api/v1/is_reachable/<peer>`, `/metrics`,
+and the chart data behind the model page."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
+from django.views.decorators.http import require_GET
+from hivemind import DHT
+from hivemind.dht.node import DHTNode
+
+from monitor import charts, conf, swarm_client
+from monitor.crawl import PEER_ID
+from monitor.history import model_history, parse_since
+from monitor.metrics import prometheus_metrics
+from monitor.reports import latest_snapshot, state_json, status_report
+from swarm.ping import PingResult, ping_server
+
+NO_SNAPSHOT = {"error": "no crawl has finished yet"}
+
+
+def _report():
+    snapshot = latest_snapshot()
+    if snapshot is None:
+        return None
+    return status_report(
+        snapshot, update_period=conf.update_period(), public_name_min_blocks=conf.public_name_min_blocks()
+    )
+
+
+@require_GET
+def state(request: HttpRequest) -> JsonResponse:
+    report = _report()
+    if report is None:
+        return JsonResponse(NO_SNAPSHOT, status=503)
+    return JsonResponse(state_json(report))
+
+
+@require_GET
+def metrics(request: HttpRequest) -> HttpResponse:
+    report = _report()
+    if report is None:
+        return HttpResponse("# no crawl has finished yet\n", content_type="text/plain; version=0.0.4", status=503)
+    return HttpResponse(prometheus_metrics(report), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _ping_in_dht(dht: DHT, node: DHTNode, *, peer_id: str, timeout: float) -> PingResult:
+    return await ping_server(node.p2p, peer_id, timeout)
+
+
+async def is_reachable(request: HttpRequest, peer_id: str) -> JsonResponse:
+    """Ping the peer now (no cache): servers call this to learn whether the world can reach them."""
+    your_ip = request.META.get("REMOTE_ADDR")
+    if request.method != "GET":
+        return JsonResponse({"success": False, "message": "use GET", "your_ip": your_ip}, status=405)
+    if not PEER_ID.fullmatch(peer_id):
+        return JsonResponse({"success": False, "message": "not a peer id", "your_ip": your_ip}, status=400)
+    try:
+        # Starting the DHT client blocks for seconds the first time: keep it off the event loop.
+        dht = await sync_to_async(swarm_client.get_dht, thread_sensitive=False)(conf.initial_peers())
+    except RuntimeError as e:
+        return JsonResponse({"success": False, "message": str(e), "your_ip": your_ip}, status=503)
+    timeout = float(conf.crawl_options().ping_timeout)
+    result = await dht.run_coroutine(partial(_ping_in_dht, peer_id=peer_id, timeout=timeout), return_future=True)
+    return JsonResponse({"success": result.reachable, "message": result.error, "your_ip": your_ip})
+
+
+@require_GET
+def model_history_api(request: HttpRequest, dht_prefix: str) -> JsonResponse:
+    now = timezone.now()
+    try:
+        since = parse_since(request.GET.get("since"), now)
+    except (ValueError, OverflowError, OSError) as e:
+        return JsonResponse({"error": str(e)}, status=400)
+    history = model_history(dht_prefix, since, now)
+    return JsonResponse({**history, "figures": charts.model_figures(history)})

@@ -1,0 +1,247 @@
+"""Storing crawls: one snapshot per crawl, written in one transaction, and pruning old history.
+
+Every value comes from a stranger and was validated by `swarm` (types, finite non-negative numbers,
+bounded strings); here it is also made storable everywhere: NUL characters (PostgreSQL text refuses
+them) are dropped, integers and rates are clamped, `inf` round trips become null.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from functools import partial
+from typing import Any
+
+from django.db import connection, models, transaction
+from django.utils import timezone
+
+from monitor.crawl import CrawlResult
+from monitor.gcpause import paused_gc
+from monitor.models import BlockCoverage, BootstrapObservation, ModelStatus, ServerObservation, ServerState, Snapshot
+from monitor.push import announce_snapshot
+from swarm.data_structures import RemoteSpanInfo
+from swarm.ping import PingResult
+
+MAX_RATE = 1e9  # requests/s; a larger claim is a lie, and sums of lies must stay finite
+MAX_BIGINT = 2**63 - 1
+
+
+def _text(value: str | None, limit: int) -> str:
+    return (value or "").replace("\x00", "")[:limit]
+
+
+def _rate(value: float | None) -> float | None:
+    return None if value is None else min(float(value), MAX_RATE)
+
+
+def _pings(pings: dict[str, float] | None) -> dict[str, float | None] | None:
+    if pings is None:
+        return None
+    return {_text(peer, 128): (None if math.isinf(rtt) else min(rtt, MAX_RATE)) for peer, rtt in pings.items()}
+
+
+def server_counts_as_online(state: int, reachable: bool | None) -> bool:
+    """Whether a server covers its blocks: announced ONLINE and not found unreachable."""
+    return state == ServerState.ONLINE and reachable is not False
+
+
+def block_coverage(num_blocks: int, spans: list[tuple[int, int, float]]) -> tuple[list[int], list[float]]:
+    """Per block: how many of the (start, end, throughput) spans hold it, and their summed throughput.
+    Difference arrays keep this linear in servers plus blocks."""
+    count_steps = [0] * (num_blocks + 1)
+    rate_steps = [0.0] * (num_blocks + 1)
+    for start, end, throughput in spans:
+        start, end = max(start, 0), min(end, num_blocks)
+        if start < end:
+            count_steps[start] += 1
+            count_steps[end] -= 1
+            rate_steps[start] += throughput
+            rate_steps[end] -= throughput
+    counts, rates, count, rate = [], [], 0, 0.0
+    for index in range(num_blocks):
+        count += count_steps[index]
+        rate += rate_steps[index]
+        counts.append(count)
+        rates.append(max(rate, 0.0) if count else 0.0)  # no float residue on uncovered blocks
+    return counts, rates
+
+
+def write_snapshot(result: CrawlResult) -> Snapshot:
+    """Store a crawl atomically; the status pages hear about it once it is committed."""
+    created_at = dt.datetime.fromtimestamp(result.started_at, tz=dt.UTC)
+    with paused_gc(), transaction.atomic():
+        snapshot = Snapshot.objects.create(
+            created_at=created_at,
+            duration=result.duration,
+            num_servers=sum(len(model.spans) for model in result.models),
+            invalid_entries=result.invalid_entries,
+            invalid_index_entries=result.invalid_index_entries,
+            skipped_models=result.skipped_models,
+            capped_servers=sum(model.capped_servers for model in result.models),
+            unchecked_servers=result.unchecked_servers,
+        )
+        servers: list[dict[str, Any]] = []
+        coverage: list[dict[str, Any]] = []
+        for position, crawl in enumerate(result.models):
+            target = crawl.target
+            rows = [_server_values(span, result.pings.get(span.peer_id)) for span in crawl.spans.values()]
+            counts, rates = block_coverage(
+                target.num_blocks,
+                [
+                    (r["start"], r["end"], r["throughput"])
+                    for r in rows
+                    if server_counts_as_online(r["state"], r["reachable"])
+                ],
+            )
+            status = ModelStatus.objects.create(
+                snapshot=snapshot,
+                created_at=created_at,
+                position=position,
+                dht_prefix=target.dht_prefix,
+                name=_text(target.name, 300),
+                repository=_text(target.repository, 300),
+                num_blocks=target.num_blocks,
+                official=target.official,
+                healthy=all(counts),
+                num_servers=len(rows),
+                invalid_entries=crawl.invalid_entries,
+            )
+            common = {
+                "snapshot": snapshot.pk,
+                "model": status.pk,
+                "created_at": created_at,
+                "dht_prefix": status.dht_prefix,
+            }
+            servers += [{**common, **row} for row in rows]
+            coverage += [
+                {**common, "block": block, "online_servers": count, "throughput": rate}
+                for block, (count, rate) in enumerate(zip(counts, rates))
+            ]
+        insert_rows(ServerObservation, servers)
+        insert_rows(BlockCoverage, coverage)
+        insert_rows(
+            BootstrapObservation,
+            [
+                {
+                    "snapshot": snapshot.pk,
+                    "position": position,
+                    "peer_id": _text(peer_id, 128),
+                    "reachable": ping.reachable,
+                    "error": _text(ping.error, 300),
+                    "rtt": ping.rtt,
+                }
+                for position, (peer_id, ping) in enumerate(result.bootstrap.items())
+            ],
+        )
+        transaction.on_commit(partial(announce_snapshot, snapshot.pk))
+    return snapshot
+
+
+def insert_rows(model: type[models.Model], rows: list[dict[str, Any]]) -> None:
+    """INSERT rows given as {field name: value} (every row the same fields; foreign keys as ids).
+
+    `bulk_create` builds a model instance per row and prepares every value through its field: half
+    the time of writing a 2000-server snapshot. Here only values that need it (JSON, datetimes) go
+    through their field's `get_db_prep_save`; the rest are plain numbers, strings and booleans."""
+    if not rows:
+        return
+    fields = [model._meta.get_field(name) for name in rows[0]]
+    prepared = [i for i, field in enumerate(fields) if field.get_internal_type() in ("JSONField", "DateTimeField")]
+    quote = connection.ops.quote_name
+    sql = "INSERT INTO {} ({}) VALUES ({})".format(
+        quote(model._meta.db_table), ", ".join(quote(field.column) for field in fields), ", ".join(["%s"] * len(fields))
+    )
+    params = []
+    for row in rows:
+        values = list(row.values())
+        for i in prepared:
+            values[i] = fields[i].get_db_prep_save(values[i], connection)
+        params.append(values)
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, params)
+
+
+def _server_values(span: RemoteSpanInfo, ping: PingResult | None) -> dict[str, Any]:
+    info = span.server_info
+    return {
+        "peer_id": span.peer_id,
+        "start": span.start,
+        "end": span.end,
+        "state": int(info.state),
+        "reachable": ping.reachable if ping else None,
+        "error": _text(ping.error if ping else None, 300),
+        "rpc_latency": ping.rtt if ping else None,
+        "throughput": _rate(info.throughput),
+        "inference_rps": _rate(info.inference_rps),
+        "forward_rps": _rate(info.forward_rps),
+        "network_rps": _rate(info.network_rps),
+        "cache_tokens_left": None if info.cache_tokens_left is None else min(info.cache_tokens_left, MAX_BIGINT),
+        "version": _text(info.version, 256),
+        "public_name": _text(info.public_name, 256),
+        "torch_dtype": _text(info.torch_dtype, 256),
+        "quant_type": _text(info.quant_type, 16),
+        "using_relay": info.using_relay,
+        "adapters": [_text(name, 256) for name in info.adapters],
+        "next_pings": _pings(info.next_pings),
+    }
+
+
+def prune_history(retention_seconds: float, now: dt.datetime | None = None) -> int:
+    """Delete snapshots older than the retention period; returns how many. Rows go first, table by table,
+    so each is one plain DELETE rather than Django collecting a cascade in memory."""
+    cutoff = (now or timezone.now()) - dt.timedelta(seconds=retention_seconds)
+    with transaction.atomic():
+        BlockCoverage.objects.filter(created_at__lt=cutoff).delete()
+        ServerObservation.objects.filter(created_at__lt=cutoff).delete()
+        BootstrapObservation.objects.filter(snapshot__created_at__lt=cutoff).delete()
+        ModelStatus.objects.filter(created_at__lt=cutoff).delete()
+        deleted, _ = Snapshot.objects.filter(created_at__lt=cutoff).delete()
+    return deleted
+
+
+def summarize(snapshot: Snapshot) -> dict[str, Any]:
+    """What a snapshot says, read back from the database (the crawl command prints it, tasks return it)."""
+    models = []
+    for status in snapshot.models.order_by("position"):
+        servers = [
+            {
+                "peer_id": row.peer_id,
+                "start": row.start,
+                "end": row.end,
+                "state": ServerState(row.state).label,
+                "display_state": row.display_state,
+                "reachable": row.reachable,
+                "error": row.error,
+                "public_name": row.public_name,
+                "throughput": row.throughput,
+            }
+            for row in status.servers.order_by("start", "peer_id")
+        ]
+        coverage = list(status.coverage.order_by("block").values_list("online_servers", flat=True))
+        models.append(
+            {
+                "dht_prefix": status.dht_prefix,
+                "name": status.name,
+                "num_blocks": status.num_blocks,
+                "healthy": status.healthy,
+                "invalid_entries": status.invalid_entries,
+                "servers": servers,
+                "coverage": coverage,
+            }
+        )
+    return {
+        "id": snapshot.pk,
+        "created_at": snapshot.created_at.isoformat(),
+        "duration": snapshot.duration,
+        "num_servers": snapshot.num_servers,
+        "invalid_entries": snapshot.invalid_entries,
+        "invalid_index_entries": snapshot.invalid_index_entries,
+        "skipped_models": snapshot.skipped_models,
+        "capped_servers": snapshot.capped_servers,
+        "unchecked_servers": snapshot.unchecked_servers,
+        "models": models,
+        "bootstrap": [
+            {"peer_id": row.peer_id, "reachable": row.reachable, "error": row.error}
+            for row in snapshot.bootstrap.order_by("position")
+        ],
+    }

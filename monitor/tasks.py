@@ -1,0 +1,100 @@
+"""Celery tasks: a crawl every MONITOR_UPDATE_PERIOD seconds, fanned out over the workers, and pruning.
+
+`crawl_swarm` reads the model index and splits the crawl into parts (a model, or a block range of a
+large model); a chord runs `crawl_part` for each on any worker and then `save_crawl` once, which
+pings what is left and writes the snapshot in one transaction. More workers crawl faster. A worker
+that dies mid-crawl leaves the chord unfinished, so nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import chord, shared_task
+from celery.signals import worker_process_shutdown
+
+from monitor import conf, swarm_client
+from monitor.crawl import FetchPart, PartResult, discover_targets, fetch_part_and_ping, finish_crawl, plan_parts
+from monitor.snapshots import prune_history as prune_snapshots
+from monitor.snapshots import write_snapshot
+from monitor.targets import ModelTarget
+
+logger = logging.getLogger(__name__)
+
+
+def _dht():
+    return swarm_client.get_dht(conf.initial_peers())
+
+
+def _ping_cache():
+    return swarm_client.ping_cache(conf.ping_cache_seconds())
+
+
+@shared_task(name="monitor.tasks.crawl_swarm")
+def crawl_swarm() -> str:
+    """Start a crawl; returns the id of the task that will save it (its result: the snapshot's summary)."""
+    started_at = time.time()
+    options = conf.crawl_options()
+    targets, invalid_index, skipped = discover_targets(_dht(), conf.configured_models(), options)
+    parts = plan_parts(targets, options.blocks_per_part)
+    save = save_crawl.s(
+        started_at=started_at,
+        targets=[target.to_json() for target in targets],
+        invalid_index_entries=invalid_index,
+        skipped_models=skipped,
+    )
+    if not parts:
+        return save.delay([]).id
+    logger.info("Crawling %d models in %d parts", len(targets), len(parts))
+    return chord(crawl_part.s(part.to_json()) for part in parts)(save).id
+
+
+@shared_task(name="monitor.tasks.crawl_part")
+def crawl_part(part: list[Any]) -> dict[str, Any]:
+    result = fetch_part_and_ping(_dht(), FetchPart.from_json(part), conf.crawl_options(), _ping_cache())
+    return result.to_json()
+
+
+@shared_task(name="monitor.tasks.save_crawl")
+def save_crawl(
+    part_results: list[dict[str, Any]],
+    *,
+    started_at: float,
+    targets: list[dict[str, Any]],
+    invalid_index_entries: int = 0,
+    skipped_models: int = 0,
+) -> dict[str, Any]:
+    crawl = finish_crawl(
+        _dht(),
+        started_at,
+        [ModelTarget.from_json(target) for target in targets],
+        [PartResult.from_json(result) for result in part_results],
+        conf.initial_peers(),
+        conf.crawl_options(),
+        _ping_cache(),
+        invalid_index_entries=invalid_index_entries,
+        skipped_models=skipped_models,
+    )
+    snapshot = write_snapshot(crawl)
+    logger.info("Saved %s: %d servers in %.2f s", snapshot, snapshot.num_servers, snapshot.duration)
+    return {
+        "snapshot": snapshot.pk,
+        "num_servers": snapshot.num_servers,
+        "invalid_entries": snapshot.invalid_entries,
+        "parts": len(part_results),
+        "healthy": {status.dht_prefix: status.healthy for status in snapshot.models.all()},
+    }
+
+
+@shared_task(name="monitor.tasks.prune_history")
+def prune_history() -> int:
+    deleted = prune_snapshots(conf.retention_seconds())
+    logger.info("Pruned %d snapshots older than %d s", deleted, conf.retention_seconds())
+    return deleted
+
+
+@worker_process_shutdown.connect
+def _leave_swarm(**kwargs: Any) -> None:
+    swarm_client.shutdown()

@@ -1,0 +1,75 @@
+"""HTML pages: the status page, a model's history, a peer's history."""
+
+from __future__ import annotations
+
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.urls import reverse
+from django.utils import timezone
+
+from monitor import charts, conf
+from monitor.crawl import PEER_ID
+from monitor.gcpause import paused_gc
+from monitor.history import DEFAULT_RANGE, RANGES, model_history, parse_since, peer_history
+from monitor.models import ModelStatus, ServerObservation
+from monitor.reports import latest_snapshot, status_report
+
+
+def status(request: HttpRequest) -> HttpResponse:
+    """The swarm now; `?fragment=1` returns only the part that the page swaps in when a crawl lands."""
+    template = "monitor/_status.html" if request.GET.get("fragment") else "monitor/status.html"
+    with paused_gc():  # thousands of row dicts at once
+        snapshot = latest_snapshot()
+        report = None
+        if snapshot is not None:
+            report = status_report(
+                snapshot, update_period=conf.update_period(), public_name_min_blocks=conf.public_name_min_blocks()
+            )
+        return render(request, template, {"report": report, "update_period": conf.update_period()})
+
+
+def _range(request: HttpRequest) -> str:
+    value = request.GET.get("range", DEFAULT_RANGE)
+    return value if value in RANGES else DEFAULT_RANGE
+
+
+def model_detail(request: HttpRequest, dht_prefix: str) -> HttpResponse:
+    status = ModelStatus.objects.filter(dht_prefix=dht_prefix).order_by("-created_at").first()
+    if status is None:
+        raise Http404("No crawl has seen this model")
+    selected = _range(request)
+    now = timezone.now()
+    history = model_history(dht_prefix, parse_since(selected, now), now)
+    context = {
+        "status": status,
+        "ranges": list(RANGES),
+        "selected_range": selected,
+        "chart_data": {
+            "figures": charts.model_figures(history),
+            "history_url": reverse("monitor:model-history", args=[dht_prefix]),
+            "range": selected,
+        },
+        "snapshots": history["snapshots"],
+        "availability": history["availability"]["overall"],
+    }
+    return render(request, "monitor/model.html", context)
+
+
+def peer_detail(request: HttpRequest, peer_id: str) -> HttpResponse:
+    if not PEER_ID.fullmatch(peer_id):
+        raise Http404("Not a peer id")
+    latest = ServerObservation.objects.filter(peer_id=peer_id).order_by("-created_at").first()
+    if latest is None:
+        raise Http404("No crawl has seen this peer")
+    selected = _range(request)
+    now = timezone.now()
+    history = peer_history(peer_id, parse_since(selected, now), now)
+    context = {
+        "peer_id": peer_id,
+        "latest": latest,
+        "history": history,
+        "ranges": list(RANGES),
+        "selected_range": selected,
+        "chart_data": {"figures": charts.peer_figures(history)},
+    }
+    return render(request, "monitor/peer.html", context)

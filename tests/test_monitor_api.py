@@ -1,0 +1,190 @@
+"""JSON and text APIs: /api/v1/state (health.petals.dev shape), /metrics, the history API, since=."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+
+import pytest
+
+from monitor import history
+from monitor.history import parse_since
+from monitor.reports import describe_blocks
+from monitor.snapshots import write_snapshot
+from swarm.data_structures import ServerState
+from tests.test_monitor_snapshots import MODEL, REACHABLE, UNREACHABLE, crawl_result, peer, span
+
+NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1h", NOW - dt.timedelta(hours=1)),
+        ("90m", NOW - dt.timedelta(minutes=90)),
+        ("7d", NOW - dt.timedelta(days=7)),
+        (None, NOW - dt.timedelta(hours=24)),
+        ("1767261600", dt.datetime(2026, 1, 1, 10, 0, tzinfo=dt.UTC)),
+        ("2026-01-01T10:00:00Z", dt.datetime(2026, 1, 1, 10, 0, tzinfo=dt.UTC)),
+        ("2026-01-01T10:00:00", dt.datetime(2026, 1, 1, 10, 0, tzinfo=dt.UTC)),
+    ],
+)
+def test_parse_since(value, expected):
+    assert parse_since(value, NOW) == expected
+
+
+def test_describe_blocks():
+    assert describe_blocks([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8"
+    assert describe_blocks([]) == ""
+
+
+@pytest.mark.parametrize("value", ["yesterday", "1w", "-1h", "2026-13-45", "x" * 100])
+def test_parse_since_refuses_garbage(value):
+    with pytest.raises(ValueError):
+        parse_since(value, NOW)
+
+
+@pytest.mark.django_db
+def test_state_api_has_the_health_petals_dev_shape(client):
+    assert client.get("/api/v1/state").status_code == 503
+    a, b = peer("a"), peer("b")
+    write_snapshot(
+        crawl_result(
+            {
+                MODEL: [
+                    span(
+                        a, 0, 4, public_name="alice", next_pings={b: 0.02}, cache_tokens_left=4000, adapters=("o/lora",)
+                    ),
+                    span(b, 4, 8),
+                ]
+            },
+            {a: REACHABLE, b: UNREACHABLE},
+            bootstrap={peer("boot"): REACHABLE},
+        )
+    )
+    state = client.get("/api/v1/state").json()
+    assert set(state) >= {
+        "bootstrap_states",
+        "top_contributors",
+        "model_reports",
+        "reachability_issues",
+        "last_updated",
+        "update_period",
+        "update_duration",
+    }
+    assert state["bootstrap_states"] == ["online"]
+    assert state["reachability_issues"] == [{"peer_id": b, "err": "routing: not found"}]
+    (model,) = state["model_reports"]
+    assert model["dht_prefix"] == MODEL.dht_prefix and model["num_blocks"] == 8 and model["state"] == "broken"
+    rows = {row["peer_id"]: row for row in model["server_rows"]}
+    assert rows[a]["state"] == "online" and rows[b]["state"] == "unreachable"
+    assert rows[a]["span"]["start"] == 0 and rows[a]["span"]["end"] == 4
+    info = rows[a]["span"]["server_info"]
+    assert info["state"] == "online" and info["public_name"] == "alice" and info["throughput"] == 10.0
+    assert rows[a]["cache_tokens_left_per_block"] == 4000 // (2 * 4)
+    assert rows[a]["adapters"] == [{"name": "o/lora", "short_name": "lora"}]
+    assert rows[b]["pings_to_me"] == {a: 0.02}
+    assert state["top_contributors"] == {"alice": 4}
+
+
+def _metric_families(text: str) -> dict[str, list[str]]:
+    families: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            current = line.split()[2]
+            assert current not in families, f"{current} has two TYPE lines"
+            families[current] = []
+        elif line and not line.startswith("#"):
+            name = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line)[0]
+            assert name == current, f"sample {name} outside its family"
+            float(line.rsplit(" ", 1)[1])
+            families[current].append(line)
+    return families
+
+
+@pytest.mark.django_db
+def test_metrics_keep_health_petals_dev_names_in_valid_exposition_format(client):
+    assert client.get("/metrics").status_code == 503
+    hostile_version = 'v1"}\nfake_metric 1'
+    write_snapshot(
+        crawl_result(
+            {
+                MODEL: [
+                    span(peer(1), 0, 8, version=hostile_version, next_pings={peer(2): 0.01}),
+                    span(peer(2), 0, 4, ServerState.OFFLINE, version="2.3.0", inference_rps=3.0),
+                ]
+            },
+            {peer(1): REACHABLE},
+            invalid=7,
+        )
+    )
+    response = client.get("/metrics")
+    assert response["Content-Type"].startswith("text/plain")
+    families = _metric_families(response.content.decode())
+    for name in (
+        "update_duration",
+        "servers_num_total",
+        "servers_num_relay",
+        "server_version",
+        "n_blocks",
+        "servers_num",
+        "blocks_total",
+        "blocks_online_min",
+        "blocks",
+        "rps_avg",
+        "rps_min",
+        "ping_pct",
+        "crawl_duration_seconds",
+        "crawl_invalid_entries",
+    ):
+        assert families.get(name), name
+    assert "fake_metric" not in families
+    assert families["crawl_invalid_entries"] == ["crawl_invalid_entries 7"]
+    assert 'blocks{model="demo-hf",state="online"} 8' in families["blocks"]
+    assert 'blocks{model="demo-hf",state="offline"} 4' in families["blocks"]
+    assert 'server_version{version_number="v1\\"}\\nfake_metric 1"} 1' in families["server_version"]
+
+
+@pytest.mark.django_db
+def test_history_api_returns_chart_data_for_the_range(client):
+    now = time.time()
+    a = peer("a")
+    for age, end in ((7200, 8), (1800, 8), (1200, 7), (600, 8)):
+        write_snapshot(
+            crawl_result({MODEL: [span(a, 0, end, throughput=float(end))]}, {a: REACHABLE}, started_at=now - age)
+        )
+
+    data = client.get(f"/api/v1/models/{MODEL.dht_prefix}/history?since=1h").json()
+    assert data["snapshots"] == 3  # the one two hours ago is outside the range
+    assert data["coverage"]["blocks"] == list(range(8))
+    assert data["coverage"]["online_servers"][7] == [1, 0, 1]
+    assert data["availability"]["overall"] == pytest.approx(2 / 3)
+    assert data["current"]["online_servers"] == [1] * 8
+    assert [p["peer_id"] for p in data["peers"]] == [a]
+    assert data["peers"][0]["throughput"] == [8.0, 7.0, 8.0]
+    assert set(data["figures"]) == {"coverage", "servers", "throughput", "availability", "peers"}
+
+    assert client.get(f"/api/v1/models/{MODEL.dht_prefix}/history?since=3h").json()["snapshots"] == 4
+    assert client.get(f"/api/v1/models/{MODEL.dht_prefix}/history?since=soon").status_code == 400
+    assert client.get("/api/v1/models/unknown/history").json()["snapshots"] == 0
+
+
+@pytest.mark.django_db
+def test_history_samples_long_ranges(client, monkeypatch):
+    monkeypatch.setattr(history, "MAX_POINTS", 4)
+    now = time.time()
+    for i in range(10):
+        write_snapshot(crawl_result({MODEL: [span(peer(1), 0, 8)]}, {peer(1): REACHABLE}, started_at=now - 60 * i))
+    data = client.get(f"/api/v1/models/{MODEL.dht_prefix}/history?since=1h").json()
+    assert data["snapshots"] == 10
+    assert len(data["coverage"]["times"]) == 4 and data["coverage"]["times"] == sorted(data["coverage"]["times"])
+    assert data["availability"]["overall"] == 1.0
+
+
+@pytest.mark.django_db
+def test_is_reachable_refuses_what_is_not_a_peer_id(client):
+    response = client.get("/api/v1/is_reachable/not-a-peer!")
+    assert response.status_code == 400
+    assert response.json()["success"] is False

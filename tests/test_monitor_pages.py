@@ -1,0 +1,164 @@
+"""HTML pages: the status page (rows by state, escaping of peer-supplied text), model and peer pages."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from django.urls import reverse
+
+from monitor.snapshots import write_snapshot
+from monitor.targets import ModelTarget
+from swarm.data_structures import ServerState
+from swarm.ping import PingResult
+from tests.test_monitor_snapshots import MODEL, REACHABLE, UNREACHABLE, crawl_result, peer, span
+
+pytestmark = pytest.mark.django_db
+
+BIG = ModelTarget("bigscience/bloom-petals", 70, "bigscience/bloom", "https://huggingface.co/bigscience/bloom")
+
+
+def _rows(html: str, dht_prefix: str) -> list[tuple[str, str]]:
+    """(state, peer id) of each server row in the model's section."""
+    section = html.split(f'data-dht-prefix="{dht_prefix}"', 1)[1].split("</section>", 1)[0]
+    return re.findall(r'<tr class="server (\w+)" data-peer-id="([^"]+)"', section)
+
+
+def test_status_page_before_the_first_crawl(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    assert b"No crawl has finished yet" in response.content
+
+
+def test_status_page_shows_every_server_by_state(client):
+    a, b, c, d, e = (peer(i) for i in "abcde")
+    write_snapshot(
+        crawl_result(
+            {
+                MODEL: [
+                    span(a, 0, 4),
+                    span(b, 4, 8),
+                    span(c, 0, 8),
+                    span(d, 0, 8, ServerState.OFFLINE),
+                    span(e, 2, 3, ServerState.JOINING),
+                ],
+                BIG: [span(peer("bloom"), 0, 35, public_name="half of bloom")],
+            },
+            {a: REACHABLE, b: REACHABLE, c: UNREACHABLE},
+            bootstrap={peer("boot"): REACHABLE},
+        )
+    )
+    html = client.get("/").content.decode()
+
+    assert sorted(_rows(html, MODEL.dht_prefix)) == sorted(
+        [("online", a), ("online", b), ("unreachable", c), ("offline", d), ("joining", e)]
+    )
+    assert _rows(html, BIG.dht_prefix) == [("online", peer("bloom"))]
+    demo = html.split(f'data-dht-prefix="{MODEL.dht_prefix}"', 1)[1].split("</section>", 1)[0]
+    broken = html.split(f'data-dht-prefix="{BIG.dht_prefix}"', 1)[1].split("</section>", 1)[0]
+    assert 'class="badge healthy"' in demo and 'class="badge broken"' in broken
+    assert "No online server holds blocks 35–69." in broken and "No online server" not in demo
+    # The span bar is drawn across the model's blocks.
+    assert 'class="bar joining" style="left:25.000%;width:12.500%"' in demo
+    for state in ("online", "joining", "unreachable", "offline"):
+        assert f'<span class="swatch {state}"></span>' in html  # legend
+    assert "routing: not found" in html  # reachability issues
+    assert f'title="{peer("boot")}"' in html and "bootstrap online" in html
+    assert reverse("monitor:model", args=[BIG.dht_prefix]) == "/models/bigscience/bloom-petals/"
+    assert 'href="/models/bigscience/bloom-petals/"' in html
+
+
+def test_status_page_escapes_peer_supplied_text(client):
+    script = "<script>alert('pwned')</script>"
+    x, y, z = peer("x"), peer("y"), peer("z")
+    evil_model = ModelTarget("<b>evil</b>", 8, "<b>evil</b>", official=False)
+    write_snapshot(
+        crawl_result(
+            {
+                MODEL: [
+                    span(x, 0, 8, public_name=script, version='"><img src=q onerror=alert(1)>'),
+                    span(y, 0, 8, public_name="javascript:alert(1)"),
+                    span(z, 0, 8, public_name="https://example.org/me"),
+                ],
+                evil_model: [],
+            },
+            {x: REACHABLE, y: REACHABLE, z: PingResult(True, 0.01)},
+            bootstrap={peer("boot"): PingResult(False, error="<iframe src=//evil>")},
+        )
+    )
+    html = client.get("/").content.decode()
+    assert script not in html and "&lt;script&gt;alert(&#x27;pwned&#x27;)" in html
+    assert "<img src=" not in html and "&quot;&gt;&lt;img src=" in html  # (shortened to 12 characters)
+    assert "<b>evil</b>" not in html and "&lt;b&gt;evil&lt;/b&gt;" in html
+    assert "<iframe" not in html
+    assert 'href="javascript:' not in html  # a name that is not an http(s) address is text, not a link
+    assert 'href="https://example.org/me" rel="nofollow noopener"' in html
+
+
+def test_public_names_show_only_for_online_servers_holding_enough_blocks(client):
+    big = ModelTarget("big-hf", 80, "Big")
+    write_snapshot(
+        crawl_result(
+            {
+                big: [
+                    span(peer(1), 0, 10, public_name="long-span"),
+                    span(peer(2), 10, 19, public_name="short-span"),
+                    span(peer(3), 20, 40, public_name="unreachable-one"),
+                ]
+            },
+            {peer(1): REACHABLE, peer(2): REACHABLE, peer(3): UNREACHABLE},
+        )
+    )
+    html = client.get("/").content.decode()
+    assert "long-span" in html
+    assert "short-span" not in html and "unreachable-one" not in html
+    assert "Top contributors" in html
+
+
+def test_fragment_is_only_the_swappable_part(client):
+    snapshot = write_snapshot(crawl_result({MODEL: [span(peer(1), 0, 8)]}, {peer(1): REACHABLE}))
+    fragment = client.get("/?fragment=1").content.decode()
+    assert "<html" not in fragment
+    assert f'data-snapshot-id="{snapshot.pk}"' in fragment
+    assert 'data-socket-path="/ws/monitor/"' in client.get("/").content.decode()
+
+
+def test_model_page_embeds_chart_figures(client):
+    now = time.time()
+    for age, end in ((1800, 8), (600, 6)):
+        write_snapshot(crawl_result({MODEL: [span(peer(1), 0, end)]}, {peer(1): REACHABLE}, started_at=now - age))
+    response = client.get(reverse("monitor:model", args=[MODEL.dht_prefix]))
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert '<script src="/static/vendor/plotly.min.js">' in html
+    data = json.loads(re.search(r'<script id="chart-data" type="application/json">(.*?)</script>', html, re.S)[1])
+    assert set(data["figures"]) == {"coverage", "servers", "throughput", "availability", "peers"}
+    heatmap = data["figures"]["coverage"]["data"][0]
+    assert heatmap["type"] == "heatmap"
+    assert heatmap["z"] == [[1, 1]] * 6 + [[1, 0]] * 2  # blocks × crawls
+    assert data["history_url"] == f"/api/v1/models/{MODEL.dht_prefix}/history"
+    assert client.get("/models/never-seen/").status_code == 404
+
+
+def test_model_pages_work_for_prefixes_with_slashes(client):
+    write_snapshot(crawl_result({BIG: [span(peer(1), 0, 70)]}, {peer(1): REACHABLE}))
+    assert client.get("/models/bigscience/bloom-petals/").status_code == 200
+
+
+def test_peer_page_shows_its_history(client):
+    a = peer("a")
+    now = time.time()
+    write_snapshot(crawl_result({MODEL: [span(a, 0, 4, version="2.2.0")]}, {a: REACHABLE}, started_at=now - 900))
+    write_snapshot(crawl_result({MODEL: [span(a, 2, 8, version="2.3.0")]}, {a: UNREACHABLE}, started_at=now - 60))
+    response = client.get(reverse("monitor:peer", args=[a]))
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "<td>0:4</td>" in html and "<td>2:8</td>" in html
+    assert "<td>2.2.0</td>" in html and "<td>2.3.0</td>" in html
+    assert "routing: not found" in html  # failed pings
+    data = json.loads(re.search(r'<script id="chart-data" type="application/json">(.*?)</script>', html, re.S)[1])
+    assert set(data["figures"]) == {"states", "spans", "throughput", "pings"}
+    assert client.get(reverse("monitor:peer", args=[peer("nobody")])).status_code == 404
+    assert client.get("/peers/not-a-peer-id/").status_code == 404
