@@ -7,6 +7,7 @@ onto this loop's thread and wait for the result.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -25,7 +26,26 @@ def background_loop() -> asyncio.AbstractEventLoop:
             thread = threading.Thread(target=loop.run_forever, name="swarm-client-loop", daemon=True)
             thread.start()
             _loop = loop
+            atexit.register(_stop, loop)
         return _loop
+
+
+def _stop(loop: asyncio.AbstractEventLoop) -> None:
+    """At exit, cancel what still runs on the loop (open streams, p2p connections) and stop it."""
+    if loop.is_closed() or not loop.is_running():
+        return
+
+    async def cancel_all() -> None:
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(5)
+    except Exception:
+        pass
+    loop.call_soon_threadsafe(loop.stop)
 
 
 def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
