@@ -1,0 +1,88 @@
+"""What one server hop costs beyond compute, with everything in one process (no scheduling noise).
+
+    python bench/bench_hop.py [--steps 300] [--blocks 4]
+
+A real handler serves blocks of the demo model over two real p2pd daemons, and a real client
+session steps through it one token at a time. Prints `step_ms` (median round trip of one step),
+`compute_ms` (median of the same step computed directly) and `hop_overhead_ms`, their difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transformers import AutoConfig  # noqa: E402
+
+from swarm.checkpoint import CheckpointFiles  # noqa: E402
+from swarm.client.config import ClientConfig  # noqa: E402
+from swarm.client.inference_session import ServerSession  # noqa: E402
+from swarm.client.routing import RouteSpan, SequenceManager  # noqa: E402
+from swarm.demo import DEMO_MODEL_PATH  # noqa: E402
+from swarm.dht import create_dht  # noqa: E402
+from swarm.models.family import family_for, prepare_config  # noqa: E402
+from swarm.names import dht_prefix_for  # noqa: E402
+from swarm.server.backend import SpanBackend  # noqa: E402
+from swarm.server.handler import TransformerConnectionHandler  # noqa: E402
+from swarm.server.memory_cache import KVCachePool  # noqa: E402
+
+
+async def measure(steps: int, blocks: int) -> None:
+    path = str(DEMO_MODEL_PATH)
+    config = prepare_config(AutoConfig.from_pretrained(path))
+    family = family_for(config)
+    prefix = dht_prefix_for(path, config.model_type)
+    weights = CheckpointFiles(path).load(lambda name: name.startswith(family.block_prefix), dtype=torch.float32)
+    backend = SpanBackend(family, config, 0, blocks, weights, torch.float32, torch.device("cpu"))
+    hidden = torch.randn(1, 1, config.hidden_size)
+
+    server = create_dht([], client_mode=False, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    client = create_dht(server.get_visible_maddrs(), client_mode=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        handler = TransformerConnectionHandler(backend, prefix, KVCachePool(2**30), max_length=4096)
+        await handler.start(await server.replicate_p2p())
+        manager = SequenceManager(client, await client.replicate_p2p(), prefix, blocks, ClientConfig(), path)
+        session = ServerSession(manager, RouteSpan(server.peer_id.to_base58(), 0, blocks), steps + 8)
+        await session.open()
+        await session.step(torch.randn(1, 4, config.hidden_size), "prompt", None)
+        step_times = []
+        for index in range(steps):
+            began = time.perf_counter()
+            await session.step(hidden, str(index), None)
+            step_times.append(time.perf_counter() - began)
+        await session.close()
+
+        cache = backend.new_cache(0, blocks, 1, steps + 8)
+        backend.inference_step(torch.randn(1, 4, config.hidden_size), cache)
+        compute_times = []
+        for _ in range(steps):
+            began = time.perf_counter()
+            backend.inference_step(hidden, cache)
+            compute_times.append(time.perf_counter() - began)
+        step_ms, compute_ms = statistics.median(step_times) * 1000, statistics.median(compute_times) * 1000
+        print(f"step_ms={step_ms:.3f} compute_ms={compute_ms:.3f} hop_overhead_ms={step_ms - compute_ms:.3f}")
+    finally:
+        client.shutdown()
+        server.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--blocks", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    asyncio.run(measure(args.steps, args.blocks))
+
+
+if __name__ == "__main__":
+    main()
