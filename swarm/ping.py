@@ -24,6 +24,11 @@ class PingResult:
     rtt: float | None = None  # seconds; None unless the peer answered the ping itself
     error: str | None = None
 
+    @property
+    def round_trip(self) -> float:
+        """Seconds for routing: inf when the peer did not answer the ping itself."""
+        return self.rtt if self.rtt is not None else float("inf")
+
 
 def _is_protocol_not_supported(error: Exception) -> bool:
     # A joining server has not registered its handlers yet; the daemon answers for it, so it is reachable.

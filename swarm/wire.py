@@ -13,6 +13,7 @@ import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming
 
 MAX_METADATA_BYTES = 64 * 1024
 MAX_STRUCTURE_ITEMS = 64
@@ -64,6 +65,19 @@ def deserialize(tensors: list[runtime_pb2.Tensor] | Any, max_tensors: int = 8) -
         except Exception as e:
             raise BadRequest(f"tensor {i} cannot be deserialized ({type(e).__name__})") from None
     return result
+
+
+def deserialize_streamed(parts: list[runtime_pb2.Tensor]) -> list[torch.Tensor]:
+    """Tensors sent in chunks (hivemind's split_for_streaming): each tensor's first chunk counts them."""
+    tensors, i = [], 0
+    while i < len(parts):
+        count = max(parts[i].chunks, 1)
+        try:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts[i : i + count])))
+        except Exception as e:
+            raise BadRequest(f"streamed tensor {len(tensors)} cannot be reassembled ({type(e).__name__})") from None
+        i += count
+    return tensors
 
 
 def pack_args(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:

@@ -132,3 +132,12 @@ def test_server_to_server_push_gives_the_same_tokens(model, local_model, tokeniz
     finally:
         model.manager.config.use_server_to_server = False
     assert actual.tolist() == expected.tolist()
+
+
+def test_long_forward_streams_and_matches_local(model, local_model):
+    # 1100 tokens of hidden states exceed a unary message: rpc_forward_stream carries them.
+    inputs = torch.randint(5, 4000, (1, 1100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = local_model(inputs).logits[:, -5:]
+        actual = model(inputs).logits[:, -5:]
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)

@@ -260,3 +260,23 @@ def test_metadata_with_unknown_extension_types_is_refused_without_logging(caplog
     with pytest.raises(BadRequest, match="extension type 99"):
         loads_metadata(raw)
     assert not [r for r in caplog.records if "ExtType" in r.getMessage()]
+
+
+def test_streamed_tensors_are_reassembled_in_order() -> None:
+    from hivemind.utils.streaming import split_for_streaming
+
+    from swarm.wire import deserialize_streamed
+
+    big, empty, small = torch.randn(64, 300), torch.empty(0), torch.arange(5.0)
+    parts = [part for t in (big, empty, small) for part in split_for_streaming(serialize_torch_tensor(t), 4096)]
+    assert len(parts) > 3
+    restored = deserialize_streamed(parts)
+    assert [t.shape for t in restored] == [big.shape, empty.shape, small.shape]
+    assert torch.equal(restored[0], big) and torch.equal(restored[2], small)
+
+
+def test_garbage_streamed_chunks_are_a_bad_request() -> None:
+    from swarm.wire import deserialize_streamed
+
+    with pytest.raises(BadRequest, match="streamed tensor 0"):
+        deserialize_streamed([runtime_pb2.Tensor(buffer=b"\x01\x02", size=[4, 4], dtype="float32", chunks=1)])

@@ -87,7 +87,7 @@ class ServerSession:
             )
         if start_from is not None:
             self.position = start_from
-            self.inputs = [_truncate(torch.cat(self.inputs, dim=1), start_from)] if self.inputs else []
+            self.inputs = [torch.cat(self.inputs, dim=1)[:, :start_from]] if self.inputs else []
         self.inputs.append(hidden)
         self.position += hidden.shape[1]
         return output
@@ -108,10 +108,6 @@ class ServerSession:
                 await asyncio.wait_for(anext(self._responses), 2.0)
             except (StopAsyncIteration, Exception):
                 pass
-
-
-def _truncate(history: torch.Tensor, length: int) -> torch.Tensor:
-    return history[:, :length]
 
 
 class InferenceSession:

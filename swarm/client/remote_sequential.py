@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from hivemind.p2p.p2p_daemon_bindings.control import MAX_UNARY_PAYLOAD_SIZE
 from hivemind.proto import runtime_pb2
-from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+from hivemind.utils.streaming import split_for_streaming
 
 from swarm.client.event_loop import run_sync
 from swarm.client.routing import MissingBlocksError, RouteSpan, SequenceManager
 from swarm.names import block_uids, join_chain
-from swarm.wire import deserialize, dumps_metadata, pack_args, serialize
+from swarm.wire import deserialize, deserialize_streamed, dumps_metadata, pack_args, serialize
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,7 @@ async def _call(
                 yield runtime_pb2.ExpertRequest(uid=uid, tensors=[part], metadata=metadata)
 
     chunks = [part async for response in await getattr(stub, f"{method}_stream")(parts()) for part in response.tensors]
-    results, i = [], 0
-    while i < len(chunks):
-        count = max(chunks[i].chunks, 1)
-        results.append(deserialize([combine_from_streaming(chunks[i : i + count])])[0])
-        i += count
-    return results
+    return deserialize_streamed(chunks)
 
 
 async def _with_retries(manager: SequenceManager, start: int, end: int, run) -> Any:

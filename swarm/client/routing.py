@@ -91,8 +91,7 @@ class SequenceManager:
         self.rtts.update(zip(peers, rtts))
 
     async def ping(self, peer_id: str, timeout: float = 3.0) -> float:
-        result = await ping_server(self.p2p, peer_id, timeout)
-        return result.rtt if result.rtt is not None else float("inf")
+        return (await ping_server(self.p2p, peer_id, timeout)).round_trip
 
     def stub(self, peer_id: str):
         return TransformerConnectionHandler.get_stub(self.p2p, PeerID.from_base58(peer_id))

@@ -21,14 +21,22 @@ import torch
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
-from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+from hivemind.utils.streaming import split_for_streaming
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from swarm import __version__
 from swarm.names import block_uids, join_chain, parse_block_uid, split_chain
 from swarm.server.backend import SpanBackend
 from swarm.server.memory_cache import KVCachePool
-from swarm.wire import BadRequest, deserialize, dumps_metadata, loads_metadata, serialize, unpack_args
+from swarm.wire import (
+    BadRequest,
+    deserialize,
+    deserialize_streamed,
+    dumps_metadata,
+    loads_metadata,
+    serialize,
+    unpack_args,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -264,14 +272,7 @@ class TransformerConnectionHandler(ServicerBase):
                 raise BadRequest("too many tensor parts in the stream")
         if first is None:
             raise BadRequest("empty request stream")
-        tensors = []
-        for i, proto in enumerate(_group_parts(parts)):
-            try:
-                tensors.append(deserialize([combine_from_streaming(proto)])[0])
-            except BadRequest:
-                raise
-            except Exception as e:
-                raise BadRequest(f"streamed tensor {i} cannot be reassembled ({type(e).__name__})") from None
+        tensors = deserialize_streamed(parts)
         return first, tensors
 
     @staticmethod
@@ -437,14 +438,3 @@ def _bounded_float(value: Any, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise BadRequest("expected a number")
     return min(max(float(value), low), high)
-
-
-def _group_parts(parts: list[runtime_pb2.Tensor]) -> list[list[runtime_pb2.Tensor]]:
-    """Split a flat list of streamed chunks into one list per tensor (a tensor's first chunk counts them)."""
-    groups: list[list[runtime_pb2.Tensor]] = []
-    i = 0
-    while i < len(parts):
-        count = max(parts[i].chunks, 1)
-        groups.append(parts[i : i + count])
-        i += count
-    return groups

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import torch
 from hivemind import DHT
-from hivemind.p2p import PeerID
-from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 from transformers import AutoConfig
 
@@ -27,6 +25,7 @@ from swarm.data_structures import ModelInfo, ServerInfo, ServerState
 from swarm.dht import announce_blocks, announce_model, create_dht, fetch_swarm
 from swarm.models.family import bytes_per_block, family_for, prepare_config
 from swarm.names import dht_prefix_for, is_private_prefix, is_valid_dht_prefix
+from swarm.ping import ping_server
 from swarm.server.backend import SessionKVCache, SpanBackend
 from swarm.server.block_selection import block_throughputs, blocks_that_fit, choose_best_start
 from swarm.server.handler import TransformerConnectionHandler
@@ -281,14 +280,5 @@ class BlockServer:
             logger.debug("Could not read the swarm for pings: %s", e)
             return
         candidates = [s for s in view.online_spans() if s.start <= self.end < s.end][:MAX_NEXT_PINGS]
-        pings = await asyncio.gather(*(self._ping(span.peer_id) for span in candidates))
-        self.next_pings = {span.peer_id: rtt for span, rtt in zip(candidates, pings)}
-
-    async def _ping(self, peer_id: str, timeout: float = 5.0) -> float:
-        try:
-            stub = TransformerConnectionHandler.get_stub(self.handler.p2p, PeerID.from_base58(peer_id))
-            began = time.perf_counter()
-            await stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout)
-            return time.perf_counter() - began
-        except Exception:
-            return float("inf")
+        pings = await asyncio.gather(*(ping_server(self.handler.p2p, span.peer_id, 5.0) for span in candidates))
+        self.next_pings = {span.peer_id: result.round_trip for span, result in zip(candidates, pings)}
