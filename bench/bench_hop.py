@@ -1,16 +1,16 @@
-"""What one server hop costs beyond compute, with everything in one process (no scheduling noise).
+"""What one server hop costs beyond compute, with client and server in one process.
 
     python bench/bench_hop.py [--steps 300] [--blocks 4]
 
-A real handler serves blocks of the demo model over two real p2pd daemons, and a real client
-session steps through it one token at a time. Prints `step_ms` (median round trip of one step),
+A real handler serves blocks of the demo model on an event loop thread, over two real p2pd
+daemons, and a real client session steps through it one token at a time from the main thread,
+as generate() does. Prints `step_ms` (median round trip of one step),
 `compute_ms` (median of the same step computed directly) and `hop_overhead_ms`, their difference.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time
@@ -25,6 +25,7 @@ from transformers import AutoConfig  # noqa: E402
 
 from swarm.checkpoint import CheckpointFiles  # noqa: E402
 from swarm.client.config import ClientConfig  # noqa: E402
+from swarm.client.event_loop import run_sync  # noqa: E402
 from swarm.client.inference_session import ServerSession  # noqa: E402
 from swarm.client.routing import RouteSpan, SequenceManager  # noqa: E402
 from swarm.demo import DEMO_MODEL_PATH  # noqa: E402
@@ -36,7 +37,7 @@ from swarm.server.handler import TransformerConnectionHandler  # noqa: E402
 from swarm.server.memory_cache import KVCachePool  # noqa: E402
 
 
-async def measure(steps: int, blocks: int) -> None:
+def measure(steps: int, blocks: int) -> None:
     path = str(DEMO_MODEL_PATH)
     config = prepare_config(AutoConfig.from_pretrained(path))
     family = family_for(config)
@@ -49,17 +50,18 @@ async def measure(steps: int, blocks: int) -> None:
     client = create_dht(server.get_visible_maddrs(), client_mode=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         handler = TransformerConnectionHandler(backend, prefix, KVCachePool(2**30), max_length=4096)
-        await handler.start(await server.replicate_p2p())
-        manager = SequenceManager(client, await client.replicate_p2p(), prefix, blocks, ClientConfig(), path)
+        run_sync(handler.start(run_sync(server.replicate_p2p())))
+        manager = SequenceManager(client, run_sync(client.replicate_p2p()), prefix, blocks, ClientConfig(), path)
         session = ServerSession(manager, RouteSpan(server.peer_id.to_base58(), 0, blocks), steps + 8)
-        await session.open()
-        await session.step(torch.randn(1, 4, config.hidden_size), "prompt", None)
+        session.open()
+        session.step(torch.randn(1, 4, config.hidden_size), "prompt", None)
         step_times = []
         for index in range(steps):
             began = time.perf_counter()
-            await session.step(hidden, str(index), None)
+            session.step(hidden, str(index), None)
             step_times.append(time.perf_counter() - began)
-        await session.close()
+        session.finish()
+        session.wait_closed(2.0)
 
         cache = backend.new_cache(0, blocks, 1, steps + 8)
         backend.inference_step(torch.randn(1, 4, config.hidden_size), cache)
@@ -81,7 +83,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    asyncio.run(measure(args.steps, args.blocks))
+    measure(args.steps, args.blocks)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from hivemind.utils import MSGPackSerializer
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client.event_loop import run_sync
 from swarm.names import block_uids, join_chain
-from swarm.server.handler import TransformerConnectionHandler
+from swarm.server.handler import INFERENCE_HANDLE, TransformerConnectionHandler
+from swarm.streams import BlockingStream, RemoteError, read_message
 from swarm.wire import pack_args, serialize
 from tests.conftest import DEMO_MODEL, start_swarm
 
@@ -33,11 +34,16 @@ def swarm(make_swarm):
 
 
 @pytest.fixture(scope="module")
-def stub(swarm):
+def client(swarm):
+    """This test's own P2P peer and the server's peer id."""
     dht = DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    p2p = run_sync(dht.replicate_p2p(), timeout=30)
-    yield TransformerConnectionHandler.get_stub(p2p, PeerID.from_base58(swarm.processes[-1].peer_id))
+    yield run_sync(dht.replicate_p2p(), timeout=30), PeerID.from_base58(swarm.processes[-1].peer_id)
     dht.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stub(client):
+    return TransformerConnectionHandler.get_stub(*client)
 
 
 def call(coro):
@@ -49,13 +55,16 @@ def request(uid: str, tensors: list[torch.Tensor], metadata: dict | bytes) -> ru
     return runtime_pb2.ExpertRequest(uid=uid, tensors=[serialize(t) for t in tensors], metadata=raw)
 
 
-async def inference(stub, requests: list[runtime_pb2.ExpertRequest]) -> list[runtime_pb2.ExpertResponse]:
+async def inference(client, requests: list[runtime_pb2.ExpertRequest]) -> list[runtime_pb2.ExpertResponse]:
+    """A session through hivemind's own protobuf stream client, as Petals clients open them."""
+
     async def stream():
         for item in requests:
             yield item
             await asyncio.sleep(0)
 
-    responses = await stub.rpc_inference(stream())
+    p2p, peer_id = client
+    responses = await p2p.iterate_protobuf_handler(peer_id, INFERENCE_HANDLE, stream(), runtime_pb2.ExpertResponse)
     return [response async for response in responses]
 
 
@@ -98,35 +107,35 @@ def test_garbage_tensor_bytes(stub):
         call(stub.rpc_forward(bad, timeout=20))
 
 
-def test_inference_requires_sane_max_length(stub):
+def test_inference_requires_sane_max_length(client):
     with pytest.raises(Exception, match="max_length"):
-        call(inference(stub, [step(hidden())]))  # no max_length at all
+        call(inference(client, [step(hidden())]))  # no max_length at all
     with pytest.raises(Exception, match=f"between 1 and {MAX_LENGTH}"):
-        call(inference(stub, [step(hidden(), max_length=MAX_LENGTH + 1)]))
+        call(inference(client, [step(hidden(), max_length=MAX_LENGTH + 1)]))
     with pytest.raises(Exception, match="max_length"):
-        call(inference(stub, [step(hidden(), max_length="ten")]))
+        call(inference(client, [step(hidden(), max_length="ten")]))
 
 
-def test_inference_refuses_a_step_past_max_length(stub):
+def test_inference_refuses_a_step_past_max_length(client):
     requests = [step(hidden(6), max_length=8, step_id="a"), step(hidden(3), step_id="b")]
     with pytest.raises(Exception, match="past the session's max_length=8"):
-        call(inference(stub, requests))
+        call(inference(client, requests))
 
 
-def test_inference_rejects_bad_rewind_and_hypo_ids(stub):
+def test_inference_rejects_bad_rewind_and_hypo_ids(client):
     with pytest.raises(Exception, match="start_from_position"):
-        call(inference(stub, [step(hidden(2), max_length=8, step_id="a"), step(hidden(1), start_from_position=5)]))
+        call(inference(client, [step(hidden(2), max_length=8, step_id="a"), step(hidden(1), start_from_position=5)]))
     tensors, structure = pack_args([hidden(1), torch.empty(0), torch.tensor([3])])
     bad_hypo = request(ALL, tensors, {"args_structure": structure, "max_length": 8})
     with pytest.raises(Exception, match="hypo_ids"):
-        call(inference(stub, [bad_hypo]))
+        call(inference(client, [bad_hypo]))
 
 
-def test_repeated_step_ids_are_computed_once(stub):
+def test_repeated_step_ids_are_computed_once(client):
     first = step(hidden(2), max_length=8, step_id="one")
     again = step(hidden(1), step_id="one")
     second = step(hidden(1), step_id="two")
-    responses = call(inference(stub, [first, again, second]))
+    responses = call(inference(client, [first, again, second]))
     assert len(responses) == 2
 
 
@@ -151,3 +160,59 @@ def test_server_still_serves_after_bad_requests(swarm, stub):
         assert output.shape == (1, 7)
     finally:
         model.close()
+
+
+def raw_inference_stream(client, data: bytes) -> runtime_pb2.ExpertResponse | None:
+    """Bytes straight onto an rpc_inference stream, and the server's first answer."""
+
+    async def go():
+        p2p, peer_id = client
+        _, reader, writer = await p2p.call_binary_stream_handler(peer_id, INFERENCE_HANDLE)
+        try:
+            writer.write(data)
+            await writer.drain()
+            return await read_message(reader, runtime_pb2.ExpertResponse, 1 << 20)
+        finally:
+            writer.close()
+
+    return call(go())
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x05" + bytes(8), "unknown frame marker"),
+        (b"\x00" + (2**62).to_bytes(8, "big"), "larger than the limit"),
+        (b"\x00" + (4).to_bytes(8, "big") + b"\xff\xff\xff\xff", "not a valid ExpertRequest"),
+    ],
+)
+def test_malformed_frames_get_clear_errors(client, data, message):
+    with pytest.raises(RemoteError, match=message):
+        raw_inference_stream(client, data)
+
+
+def test_pushed_steps_are_answered_on_the_clients_stream(client, stub):
+    """rpc_push computes a step at once; the client's own copy is dropped; a bad push harms nothing."""
+    p2p, peer_id = client
+    stream = BlockingStream(p2p, peer_id, INFERENCE_HANDLE, timeout=10)
+
+    def answer(timeout: float = 20) -> runtime_pb2.ExpertResponse | None:
+        return stream.receive(runtime_pb2.ExpertResponse, 1 << 20, timeout)
+
+    try:
+        stream.send(step(hidden(2), max_length=16, session_id="push-test", step_id="a"), 10)
+        assert answer().tensors
+        with pytest.raises(Exception, match="shape"):
+            call(stub.rpc_push(request(ALL, [torch.randn(1, 1, 7)], {"session_id": "push-test"}), timeout=20))
+        with pytest.raises(Exception, match="no such inference session"):
+            call(stub.rpc_push(step(hidden(1), session_id="someone-else", step_id="b"), timeout=20))
+
+        call(stub.rpc_push(step(hidden(1), session_id="push-test", step_id="b"), timeout=20))
+        assert answer().tensors  # the pushed step's outputs, before the client sent it
+        stream.send(step(hidden(1), session_id="push-test", step_id="b"), 10)  # the client's copy
+        stream.send(step(hidden(1), session_id="push-test", step_id="c"), 10)
+        assert answer().tensors  # step c; step b was not computed twice
+        with pytest.raises(TimeoutError):
+            answer(timeout=0.5)
+    finally:
+        stream.close()

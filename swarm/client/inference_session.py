@@ -8,24 +8,33 @@ greedy output stays the same.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
 import torch
+from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm.client.event_loop import run_sync
 from swarm.client.routing import MissingBlocksError, RouteSpan, SequenceManager
 from swarm.names import block_uids, join_chain
+from swarm.server.handler import INFERENCE_HANDLE
+from swarm.streams import BlockingStream
 from swarm.wire import deserialize, dumps_metadata, pack_args, serialize
 
 logger = logging.getLogger(__name__)
 
 REPLAY_CHUNK_TOKENS = 1024
-_NO_PROMPTS = torch.empty(0)
-_NO_HYPO_IDS = torch.empty(0, dtype=torch.int64)
+CLOSE_TIMEOUT = 2.0  # seconds to wait for servers to free a finished session's caches
+# Every step sends [hidden_states, prompts, hypo_ids]; the last two are always empty here.
+_ARGS = pack_args([torch.empty(0)] * 3)[1]
+_NO_PROMPTS_NOR_HYPO_IDS = (serialize(torch.empty(0)), serialize(torch.empty(0, dtype=torch.int64)))
+
+
+def _max_response_bytes(hidden: torch.Tensor) -> int:
+    return hidden.numel() * 8 + 2**16  # the outputs have the inputs' shape (float64 at most)
 
 
 class SessionError(RuntimeError):
@@ -41,30 +50,19 @@ class ServerSession:
         self.session_id = str(uuid.uuid4())
         self.inputs: list[torch.Tensor] = []  # everything sent so far, for replay elsewhere
         self.position = 0
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._responses: Any = None
-        self._opening: asyncio.Future | None = None
+        self._stream: BlockingStream | None = None
         self.started = False
+        self.broken = False
         self.closed = False
 
-    async def _requests(self):
-        while True:
-            request = await self._queue.get()
-            if request is None:
-                return
-            yield request
+    def open(self) -> None:
+        peer_id = PeerID.from_base58(self.span.peer_id)
+        self._stream = BlockingStream(self.manager.p2p, peer_id, INFERENCE_HANDLE, self.manager.config.connect_timeout)
 
-    async def open(self) -> None:
-        # libp2p negotiates a stream's protocol lazily, on its first message: the stream finishes
-        # opening only once the first step is queued, so `step()` awaits it.
-        stub = self.manager.stub(self.span.peer_id)
-        self._opening = asyncio.ensure_future(stub.rpc_inference(self._requests()))
-
-    async def step(
+    def step(
         self, hidden: torch.Tensor, step_id: str, start_from: int | None, next_servers: list | None = None
     ) -> torch.Tensor:
-        tensors, structure = pack_args([hidden, _NO_PROMPTS, _NO_HYPO_IDS])
-        metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id, "args_structure": structure}
+        metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id, "args_structure": _ARGS}
         if next_servers and self.started and start_from is None:
             metadata["next_servers"] = next_servers
         if not self.started:
@@ -72,14 +70,16 @@ class ServerSession:
             self.started = True
         if start_from is not None and start_from != self.position:
             metadata["start_from_position"] = start_from
-        self._queue.put_nowait(
-            runtime_pb2.ExpertRequest(
-                uid=self.uid, tensors=[serialize(t) for t in tensors], metadata=dumps_metadata(metadata)
-            )
+        request = runtime_pb2.ExpertRequest(
+            uid=self.uid, tensors=[serialize(hidden), *_NO_PROMPTS_NOR_HYPO_IDS], metadata=dumps_metadata(metadata)
         )
-        if self._responses is None:
-            self._responses = await asyncio.wait_for(self._opening, self.manager.config.connect_timeout)
-        response = await asyncio.wait_for(anext(self._responses), self.manager.config.request_timeout)
+        timeout = self.manager.config.request_timeout
+        self.broken = True  # until the answer is in: a stream left mid-step is of no further use
+        self._stream.send(request, timeout)
+        response = self._stream.receive(runtime_pb2.ExpertResponse, _max_response_bytes(hidden), timeout)
+        if response is None:
+            raise SessionError(f"server {self.span.peer_id} ended the session")
+        self.broken = False
         (output,) = deserialize(response.tensors, max_tensors=1)
         if output.shape != hidden.shape:
             raise SessionError(
@@ -95,19 +95,34 @@ class ServerSession:
     def history(self) -> torch.Tensor | None:
         return torch.cat(self.inputs, dim=1) if self.inputs else None
 
-    async def close(self) -> None:
-        if self.closed:
+    def finish(self) -> None:
+        """Say the session is over; the server frees its cache when it reads this."""
+        if self.closed or self._stream is None:
+            self.closed = True
             return
         self.closed = True
-        self._queue.put_nowait(runtime_pb2.ExpertRequest())  # no tensors: the server frees the cache
-        self._queue.put_nowait(None)
-        if self._responses is None and self._opening is not None:
-            self._opening.cancel()
-        if self._responses is not None:
-            try:
-                await asyncio.wait_for(anext(self._responses), 2.0)
-            except (StopAsyncIteration, Exception):
-                pass
+        if self.broken:  # the server has given up on this stream too (or will, when it notices)
+            self._stream.close()
+            self._stream = None
+            return
+        try:
+            self._stream.send(runtime_pb2.ExpertRequest(), CLOSE_TIMEOUT)  # no tensors: the session is over
+            self._stream.end(CLOSE_TIMEOUT)
+        except OSError:  # already broken: the server frees the cache when it notices
+            self._stream.close()
+            self._stream = None
+
+    def wait_closed(self, timeout: float) -> None:
+        """After finish(): wait until the server has closed the stream (its cache is freed), then let go."""
+        if self._stream is None:
+            return
+        try:
+            self._stream.wait_closed(max(timeout, 0.01))
+        except OSError:
+            pass
+        finally:
+            self._stream.close()
+            self._stream = None
 
 
 class InferenceSession:
@@ -137,8 +152,7 @@ class InferenceSession:
             raise SessionError(
                 f"the session would hold {start + hidden.shape[1]} tokens, more than its max_length={self.max_length}"
             )
-        timeout = self.manager.config.request_timeout * (self.manager.config.max_retries + 2) + 60
-        output = run_sync(self._step(hidden.detach().cpu(), self._rewind_to), timeout=timeout)
+        output = self._step(hidden.detach().cpu(), self._rewind_to)
         self.position = start + hidden.shape[1]
         self._rewind_to = None
         self.tokens_sent += hidden.shape[1]
@@ -160,7 +174,7 @@ class InferenceSession:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            run_sync(self._close_all(self.sessions), timeout=10)
+            _close_all(self.sessions)
             self.sessions = []
 
     def __enter__(self) -> InferenceSession:
@@ -173,17 +187,17 @@ class InferenceSession:
     def route(self) -> list[RouteSpan]:
         return [s.span for s in self.sessions]
 
-    # ----- async internals -----
+    # ----- internals -----
 
-    async def _step(self, hidden: torch.Tensor, start_from: int | None) -> torch.Tensor:
+    def _step(self, hidden: torch.Tensor, start_from: int | None) -> torch.Tensor:
         if not self.sessions:
-            self.sessions = await self._open_chain(0, self.manager.num_blocks)
+            self.sessions = self._open_chain(0, self.manager.num_blocks)
         step_id = str(uuid.uuid4())
         index, failures = 0, 0
         while index < len(self.sessions):
             session = self.sessions[index]
             try:
-                hidden = await session.step(hidden, step_id, start_from, self._next_servers(index))
+                hidden = session.step(hidden, step_id, start_from, self._next_servers(index))
                 index += 1
             except MissingBlocksError:
                 raise
@@ -195,7 +209,7 @@ class InferenceSession:
                     raise SessionError(
                         f"inference step failed on {failures} servers; last error: {type(e).__name__}: {e}"
                     ) from e
-                await self._replace(index, start_from)
+                self._replace(index, start_from)
         return hidden
 
     def _next_servers(self, index: int) -> list[list]:
@@ -205,31 +219,41 @@ class InferenceSession:
             return []
         return [[s.span.peer_id, s.session_id, s.span.start, s.span.end] for s in later]
 
-    async def _open_chain(self, start: int, end: int) -> list[ServerSession]:
-        route = await self.manager.make_route(start, end, mode="latency")
+    def _open_chain(self, start: int, end: int) -> list[ServerSession]:
+        config = self.manager.config
+        route = run_sync(
+            self.manager.make_route(start, end, mode="latency"),
+            timeout=config.missing_blocks_timeout + config.request_timeout + 60,
+        )
         sessions = [ServerSession(self.manager, span, self.max_length) for span in route]
         try:
-            await asyncio.gather(*(s.open() for s in sessions))
+            for session in sessions:
+                session.open()
         except Exception:
-            await self._close_all(sessions)
+            _close_all(sessions)
             raise
         return sessions
 
-    async def _replace(self, index: int, start_from: int | None) -> None:
+    def _replace(self, index: int, start_from: int | None) -> None:
         """Swap sessions[index] for a fresh chain over the same blocks, replaying its history there."""
         failed = self.sessions[index]
         history = failed.history()
         if history is not None and start_from is not None:
             history = history[:, :start_from]
-        await self._close_all([failed])
-        replacements = await self._open_chain(failed.span.start, failed.span.end)
+        _close_all([failed])
+        replacements = self._open_chain(failed.span.start, failed.span.end)
         if history is not None and history.shape[1] > 0:
             step_id = str(uuid.uuid4())
             for chunk in history.split(REPLAY_CHUNK_TOKENS, dim=1):
                 for session in replacements:
-                    chunk = await session.step(chunk, f"{step_id}-{session.position}", None)
+                    chunk = session.step(chunk, f"{step_id}-{session.position}", None)
         self.sessions[index : index + 1] = replacements
 
-    @staticmethod
-    async def _close_all(sessions: list[ServerSession]) -> None:
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+def _close_all(sessions: list[ServerSession], timeout: float = CLOSE_TIMEOUT) -> None:
+    """End every session first, then wait for the servers together (one shared deadline)."""
+    for session in sessions:
+        session.finish()
+    deadline = time.monotonic() + timeout
+    for session in sessions:
+        session.wait_closed(deadline - time.monotonic())

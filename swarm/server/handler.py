@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from typing import Any, AsyncIterator, TypeVar  # noqa: UP035
 
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.streaming import split_for_streaming
@@ -26,8 +28,9 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from swarm import __version__
 from swarm.names import block_uids, join_chain, parse_block_uid, split_chain
-from swarm.server.backend import SpanBackend
-from swarm.server.memory_cache import KVCachePool
+from swarm.server.backend import SessionKVCache, SpanBackend
+from swarm.server.memory_cache import CacheAllocationError, KVCachePool
+from swarm.streams import FrameError, close_when_peer_ends, read_message, write_error, write_message
 from swarm.wire import (
     BadRequest,
     deserialize,
@@ -46,6 +49,25 @@ MAX_BATCH_SIZE = 64
 MAX_SEEN_STEPS = 4096
 MAX_SESSION_ID_LENGTH = 128
 INLINE_TOKENS = 8  # inference steps this small compute on the event loop itself
+INFERENCE_HANDLE = "TransformerConnectionHandler.rpc_inference"  # served on a raw stream, see swarm.streams
+
+
+@dataclasses.dataclass
+class _Session:
+    """The server side of one inference session: its cache, its limits, and the stream to its client."""
+
+    cache: SessionKVCache
+    first: int
+    last: int
+    max_length: int
+    batch_size: int
+    writer: asyncio.StreamWriter
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    seen_steps: OrderedDict[Any, None] = dataclasses.field(default_factory=OrderedDict)
+
+
+class ShuttingDown(RuntimeError):
+    """The server refuses new work while it drains before going offline."""
 
 
 class TransformerConnectionHandler(ServicerBase):
@@ -75,7 +97,7 @@ class TransformerConnectionHandler(ServicerBase):
         self.accepting = True
         self.active_requests = 0
         self.p2p: P2P | None = None
-        self._session_queues: dict[str, asyncio.Queue] = {}
+        self._sessions: dict[str, _Session] = {}  # by session_id, for rpc_push
         self._pushes: set[asyncio.Task] = set()
         self.steps_served = 0
         self.tokens_served = 0
@@ -83,6 +105,7 @@ class TransformerConnectionHandler(ServicerBase):
     async def start(self, p2p: P2P) -> None:
         self.p2p = p2p
         await self.add_p2p_handlers(p2p)
+        await p2p.add_binary_stream_handler(INFERENCE_HANDLE, self._serve_inference_stream)
 
     async def drain(self, timeout: float) -> None:
         """Refuse new work and wait (up to `timeout`) for requests in flight to finish."""
@@ -94,7 +117,7 @@ class TransformerConnectionHandler(ServicerBase):
     @contextlib.asynccontextmanager
     async def _request(self) -> AsyncIterator[None]:
         if not self.accepting:
-            raise RuntimeError("this server is shutting down; choose another server")
+            raise ShuttingDown("this server is shutting down; choose another server")
         self.active_requests += 1
         try:
             yield
@@ -283,104 +306,113 @@ class TransformerConnectionHandler(ServicerBase):
     # ----- inference -----
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A step pushed by the previous server of a chain: computed at once, answered on the session's stream."""
         metadata = loads_metadata(request.metadata)
-        queue = (
-            self._session_queues.get(metadata.get("session_id"))
-            if isinstance(metadata.get("session_id"), str)
-            else None
-        )
-        if queue is None:
+        session_id = metadata.get("session_id")
+        session = self._sessions.get(session_id) if isinstance(session_id, str) else None
+        if session is None:
             raise BadRequest("no such inference session on this server")
-        if queue.qsize() >= 64:
-            raise BadRequest("too many pushed steps are waiting for this session")
-        queue.put_nowait(request)
+        response = await self._inference_step(session, request, metadata)
+        if response is not None:
+            await write_message(session.writer, response)
         return runtime_pb2.ExpertResponse()
 
-    async def rpc_inference(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async with self._request():
-            try:
-                first_request = await asyncio.wait_for(anext(requests), self.step_timeout)
-            except StopAsyncIteration:
-                return
-            first, last = self._parse_chain(first_request.uid)
-            metadata = loads_metadata(first_request.metadata)
-            self._check_adapter(metadata)
-            max_length = metadata.get("max_length")
-            if isinstance(max_length, bool) or not isinstance(max_length, int):
-                raise BadRequest("the first inference request must set max_length (an integer)")
-            if not 0 < max_length <= self.max_length:
-                raise BadRequest(f"max_length must be between 1 and {self.max_length}, got {max_length}")
-            alloc_timeout = _bounded_float(metadata.get("alloc_timeout", 0.0), 0.0, self.max_alloc_timeout)
-            session_id = metadata.get("session_id")
-            if session_id is not None and (not isinstance(session_id, str) or len(session_id) > MAX_SESSION_ID_LENGTH):
-                raise BadRequest(f"session_id must be a string of at most {MAX_SESSION_ID_LENGTH} characters")
-            if not first_request.tensors:
-                return
-            first_hidden = self._check_hidden(deserialize(first_request.tensors)[0])
-            batch_size = first_hidden.shape[0]
+    async def _serve_inference_stream(
+        self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """rpc_inference: one stream per session, read and written frame by frame (see swarm.streams)."""
+        max_bytes = self._max_request_bytes()
+        try:
+            async with self._request():
+                await self._run_session(reader, writer, max_bytes)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client went away; its cache was freed on the way out
+        except (BadRequest, FrameError, CacheAllocationError, ShuttingDown) as e:
+            await _report(writer, str(e))
+        except Exception as e:
+            logger.warning("Inference session from %s failed", stream_info.peer_id, exc_info=True)
+            await _report(writer, f"{type(e).__name__}: {e}")
+        finally:
+            await close_when_peer_ends(reader, writer, max_bytes)
 
-            nbytes = self.backend.cache_bytes(last - first, batch_size, max_length)
-            async with self.cache_pool.reserve(nbytes, alloc_timeout):
-                cache = await self._compute(self.backend.new_cache, first, last - first, batch_size, max_length)
-                queue: asyncio.Queue = asyncio.Queue()
-                queue.put_nowait(first_request)
-                if session_id is not None:
-                    self._session_queues[session_id] = queue
-                reader = asyncio.create_task(_pump(requests, queue))
-                try:
-                    async for response in self._inference_steps(queue, cache, first, last, max_length, batch_size):
-                        yield response
-                finally:
-                    reader.cancel()
-                    if session_id is not None and self._session_queues.get(session_id) is queue:
-                        del self._session_queues[session_id]
-                    del cache
+    async def _run_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int) -> None:
+        request = await self._next_request(reader, max_bytes)
+        if request is None:
+            return
+        first, last = self._parse_chain(request.uid)
+        metadata = loads_metadata(request.metadata)
+        self._check_adapter(metadata)
+        max_length = metadata.get("max_length")
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise BadRequest("the first inference request must set max_length (an integer)")
+        if not 0 < max_length <= self.max_length:
+            raise BadRequest(f"max_length must be between 1 and {self.max_length}, got {max_length}")
+        alloc_timeout = _bounded_float(metadata.get("alloc_timeout", 0.0), 0.0, self.max_alloc_timeout)
+        session_id = metadata.get("session_id")
+        if session_id is not None and (not isinstance(session_id, str) or len(session_id) > MAX_SESSION_ID_LENGTH):
+            raise BadRequest(f"session_id must be a string of at most {MAX_SESSION_ID_LENGTH} characters")
+        if not request.tensors:
+            return
+        batch_size = self._check_hidden(deserialize(request.tensors)[0]).shape[0]
 
-    async def _inference_steps(
-        self, queue: asyncio.Queue, cache: Any, first: int, last: int, max_length: int, batch_size: int
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        seen_steps: OrderedDict[Any, None] = OrderedDict()
-        while True:
+        nbytes = self.backend.cache_bytes(last - first, batch_size, max_length)
+        async with self.cache_pool.reserve(nbytes, alloc_timeout):
+            cache = await self._compute(self.backend.new_cache, first, last - first, batch_size, max_length)
+            session = _Session(cache, first, last, max_length, batch_size, writer)
+            if session_id is not None:
+                self._sessions[session_id] = session  # so that the previous server can push steps here
             try:
-                request = await asyncio.wait_for(queue.get(), self.step_timeout)
-            except TimeoutError:
-                raise BadRequest(f"no inference step for {self.step_timeout:.0f} s; session closed") from None
-            if request is None or not request.tensors:
-                return  # the client ended the session
-            if isinstance(request, BaseException):
-                raise request
-            metadata = loads_metadata(request.metadata)
+                while request is not None and request.tensors:  # a request without tensors ends the session
+                    response = await self._inference_step(session, request, loads_metadata(request.metadata))
+                    if response is not None:
+                        await write_message(writer, response)
+                    request = await self._next_request(reader, max_bytes)
+            finally:
+                if session_id is not None and self._sessions.get(session_id) is session:
+                    del self._sessions[session_id]
+
+    async def _next_request(self, reader: asyncio.StreamReader, max_bytes: int) -> runtime_pb2.ExpertRequest | None:
+        try:
+            async with asyncio.timeout(self.step_timeout):
+                return await read_message(reader, runtime_pb2.ExpertRequest, max_bytes)
+        except TimeoutError:
+            raise BadRequest(f"no inference step for {self.step_timeout:.0f} s; session closed") from None
+
+    def _max_request_bytes(self) -> int:
+        """The largest frame a session may send: a full request of hidden states plus one prompt per block."""
+        hidden_bytes = self.max_tokens_per_request * self.backend.hidden_size * 4
+        return hidden_bytes * (1 + self.backend.end - self.backend.start) + 2**20
+
+    async def _inference_step(
+        self, session: _Session, request: runtime_pb2.ExpertRequest, metadata: dict[str, Any]
+    ) -> runtime_pb2.ExpertResponse | None:
+        """One step of a session, from its client or pushed; None if this step was computed already."""
+        async with session.lock:  # a pushed step and the client's steps never interleave
             step_id = metadata.get("step_id")
             if step_id is not None:
                 if not isinstance(step_id, (str, int, bytes)):
                     raise BadRequest("step_id must be a string or an integer")
-                if step_id in seen_steps:
-                    continue  # already computed (e.g. a push arrived first)
-                seen_steps[step_id] = None
-                if len(seen_steps) > MAX_SEEN_STEPS:
-                    seen_steps.popitem(last=False)
+                if step_id in session.seen_steps:
+                    return None  # the other copy (pushed or the client's) came first
+            cache = session.cache
             args = unpack_args(deserialize(request.tensors), metadata.get("args_structure"))
             hidden = self._check_hidden(args[0])
-            if hidden.shape[0] != batch_size:
-                raise BadRequest(f"this session's batch size is {batch_size}, got {hidden.shape[0]}")
-            prompts = self._check_prompts(args[1] if len(args) > 1 else None, hidden, last - first)
-            hypo_ids = self._check_hypo_ids(args[2] if len(args) > 2 else None, batch_size)
+            if hidden.shape[0] != session.batch_size:
+                raise BadRequest(f"this session's batch size is {session.batch_size}, got {hidden.shape[0]}")
+            prompts = self._check_prompts(args[1] if len(args) > 1 else None, hidden, session.last - session.first)
+            hypo_ids = self._check_hypo_ids(args[2] if len(args) > 2 else None, session.batch_size)
             start_from = metadata.get("start_from_position")
-            if start_from is not None:
-                if (
-                    isinstance(start_from, bool)
-                    or not isinstance(start_from, int)
-                    or not 0 <= start_from <= cache.position
-                ):
-                    raise BadRequest(f"start_from_position must be an integer between 0 and {cache.position}")
-                cache.position = start_from
-            if cache.position + hidden.shape[1] > max_length:
+            if start_from is not None and (
+                isinstance(start_from, bool) or not isinstance(start_from, int) or not 0 <= start_from <= cache.position
+            ):
+                raise BadRequest(f"start_from_position must be an integer between 0 and {cache.position}")
+            position = cache.position if start_from is None else start_from
+            if position + hidden.shape[1] > session.max_length:
                 raise BadRequest(
-                    f"this step would reach {cache.position + hidden.shape[1]} tokens, "
-                    f"past the session's max_length={max_length}"
+                    f"this step would reach {position + hidden.shape[1]} tokens, "
+                    f"past the session's max_length={session.max_length}"
                 )
+            cache.position = position
             if hidden.shape[1] == 0:  # Petals clients may send an empty step to reserve the cache early
                 output = hidden
             else:
@@ -392,13 +424,17 @@ class TransformerConnectionHandler(ServicerBase):
                     hypo_ids,
                     tokens=hidden.shape[0] * hidden.shape[1],
                 )
+            if step_id is not None:  # only now: a step that failed may still come again
+                session.seen_steps[step_id] = None
+                if len(session.seen_steps) > MAX_SEEN_STEPS:
+                    session.seen_steps.popitem(last=False)
             self.steps_served += 1
             self.tokens_served += hidden.shape[0] * hidden.shape[1]
             if metadata.get("next_servers") and prompts is None:
                 push = asyncio.create_task(self._push_outputs(output, request, metadata))
                 self._pushes.add(push)
                 push.add_done_callback(self._pushes.discard)
-            yield runtime_pb2.ExpertResponse(tensors=[serialize(output)])
+            return runtime_pb2.ExpertResponse(tensors=[serialize(output)])
 
     async def _push_outputs(
         self, output: torch.Tensor, request: runtime_pb2.ExpertRequest, metadata: dict[str, Any]
@@ -424,14 +460,9 @@ class TransformerConnectionHandler(ServicerBase):
             logger.debug("Push to the next server failed: %s", e)
 
 
-async def _pump(requests: AsyncIterator[runtime_pb2.ExpertRequest], queue: asyncio.Queue) -> None:
-    try:
-        async for request in requests:
-            queue.put_nowait(request)
-    except Exception as e:
-        queue.put_nowait(e)
-    finally:
-        queue.put_nowait(None)
+async def _report(writer: asyncio.StreamWriter, text: str) -> None:
+    with contextlib.suppress(Exception):  # the client may be gone already
+        await write_error(writer, text)
 
 
 def _bounded_float(value: Any, low: float, high: float) -> float:
