@@ -47,13 +47,15 @@ def _error_frame(text: str = "") -> bytes:
     return frame(RPCError(message=text), ERROR_MARKER)
 
 
-def _check_header(marker: bytes, header: bytes, max_bytes: int) -> int:
+def _check_header(head: bytes, max_bytes: int) -> tuple[bytes, int]:
+    """The marker and payload length from a frame's first 1 + HEADER_BYTES bytes."""
+    marker = head[:1]
     if marker not in (MESSAGE_MARKER, ERROR_MARKER):
         raise FrameError(f"unknown frame marker {marker!r}")
-    length = int.from_bytes(header, "big")
+    length = int.from_bytes(head[1:], "big")
     if length > max_bytes:
         raise FrameError(f"a message of {length} bytes is larger than the limit of {max_bytes}")
-    return length
+    return marker, length
 
 
 def _parse(marker: bytes, payload: bytes, message_type: type[M]) -> M | None:
@@ -79,8 +81,7 @@ async def read_message(reader: asyncio.StreamReader, message_type: type[M], max_
 
 
 async def _read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[bytes, bytes]:
-    marker = await reader.readexactly(1)
-    length = _check_header(marker, await reader.readexactly(HEADER_BYTES), max_bytes)
+    marker, length = _check_header(await reader.readexactly(1 + HEADER_BYTES), max_bytes)
     return marker, await reader.readexactly(length)
 
 
@@ -152,8 +153,7 @@ class BlockingStream:
         """Like `read_message`; raises ConnectionError when the stream broke, TimeoutError when the
         peer stayed silent for `timeout` seconds."""
         self._socket.settimeout(timeout)
-        marker = self._receive_exactly(1)
-        length = _check_header(marker, self._receive_exactly(HEADER_BYTES), max_bytes)
+        marker, length = _check_header(self._receive_exactly(1 + HEADER_BYTES), max_bytes)
         return _parse(marker, self._receive_exactly(length), message_type)
 
     def wait_closed(self, timeout: float) -> None:

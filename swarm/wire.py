@@ -51,8 +51,23 @@ def _known_ext_types_only(code: int, data: bytes) -> Any:
     return MSGPackSerializer._decode_ext_types(code, data)
 
 
+# Uncompressed tensors of these types are (de)serialized here, without hivemind's per-tensor
+# descriptors: the same bytes, a fraction of the time on every inference step. Everything else
+# (bfloat16 and its legacy float32 encoding, compressed tensors) goes through hivemind.
+_PLAIN_DTYPES = {
+    name: getattr(torch, name) for name in ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8")
+}
+_NONE = runtime_pb2.CompressionType.NONE
+
+
 def serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    return serialize_torch_tensor(tensor.detach().cpu())
+    tensor = tensor.detach().cpu()
+    name = str(tensor.dtype)[len("torch.") :]
+    if name not in _PLAIN_DTYPES:
+        return serialize_torch_tensor(tensor)
+    return runtime_pb2.Tensor(
+        compression=_NONE, buffer=tensor.numpy().tobytes(), size=tensor.shape, dtype=name, requires_grad=False
+    )
 
 
 def deserialize(tensors: list[runtime_pb2.Tensor] | Any, max_tensors: int = 8) -> list[torch.Tensor]:
@@ -61,10 +76,22 @@ def deserialize(tensors: list[runtime_pb2.Tensor] | Any, max_tensors: int = 8) -
     result = []
     for i, proto in enumerate(tensors):
         try:
-            result.append(deserialize_torch_tensor(proto))
+            result.append(_deserialize_one(proto))
         except Exception as e:
             raise BadRequest(f"tensor {i} cannot be deserialized ({type(e).__name__})") from None
     return result
+
+
+def _deserialize_one(proto: runtime_pb2.Tensor) -> torch.Tensor:
+    dtype = _PLAIN_DTYPES.get(proto.dtype) if proto.compression == _NONE else None
+    if dtype is None:
+        return deserialize_torch_tensor(proto)
+    shape = torch.Size(proto.size)
+    if len(proto.buffer) != shape.numel() * dtype.itemsize:
+        raise ValueError(f"{len(proto.buffer)} bytes do not hold a {proto.dtype} tensor of shape {tuple(shape)}")
+    if not proto.buffer:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(proto.buffer), dtype=dtype).reshape(shape)
 
 
 def deserialize_streamed(parts: list[runtime_pb2.Tensor]) -> list[torch.Tensor]:

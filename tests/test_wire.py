@@ -7,7 +7,7 @@ from typing import Any
 import msgpack
 import pytest
 import torch
-from hivemind.compression import serialize_torch_tensor
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
@@ -195,6 +195,26 @@ def test_serialize_deserialize_round_trip(tensor: torch.Tensor) -> None:
     (restored,) = deserialize([serialize(tensor)])
     assert restored.dtype == tensor.dtype and restored.shape == tensor.shape
     assert torch.equal(restored, tensor)
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(1, 3, 8),
+        torch.randn(4).to(torch.float16),
+        torch.tensor([2, 0, 1]),
+        torch.empty(0),
+        torch.zeros(2, 0),
+    ],
+)
+def test_fast_path_speaks_hiveminds_format(tensor: torch.Tensor) -> None:
+    """Plain dtypes skip hivemind's serializer, so check both directions against it."""
+    ours, theirs = serialize(tensor), serialize_torch_tensor(tensor)
+    assert ours.SerializeToString() == theirs.SerializeToString()
+    assert torch.equal(deserialize_torch_tensor(ours), tensor)
+    (restored,) = deserialize([theirs])
+    assert restored.shape == tensor.shape and torch.equal(restored, tensor)
+    restored += 1  # a writable tensor of its own, not a view of the message's bytes
 
 
 def test_serialize_detaches() -> None:

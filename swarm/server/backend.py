@@ -71,6 +71,7 @@ class SpanBackend:
         self.family, self.config = family, config
         self.start, self.end = start, end
         self.dtype, self.device = dtype, device
+        self.hidden_size: int = config.hidden_size  # read on every request; config attributes are slow
         self.blocks = nn.ModuleList()
         for index in range(start, end):
             with torch.device("meta"):
@@ -80,10 +81,6 @@ class SpanBackend:
             block.load_state_dict(weights, strict=True, assign=True)
             self.blocks.append(block.to(device=device, dtype=dtype).eval().requires_grad_(False))
         self.rotary = family.make_rotary(config).to(device)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
 
     def cache_bytes(self, num_blocks: int, batch_size: int, max_length: int) -> int:
         return SessionKVCache.nbytes(num_blocks, batch_size, max_length, self.config, self.dtype)
