@@ -1,10 +1,12 @@
 """Tokens/s of greedy generation: local transformers vs the swarm with 1 and 2 servers, in one run.
 
-    python bench/bench_generate.py [--tokens 64] [--repeats 3]
+    python bench/bench_generate.py [--tokens 64] [--rounds 15]
 
 Prints tokens/s for each setup, `ratio_1server=<x>` and `ratio_2servers=<x>` (swarm / local), and
 each server's peak RSS next to the weight size of its blocks. Every figure comes from this one
-run, so the ratios hold on a noisy machine.
+run: each round times local and swarm generation back to back (in alternating order), and a
+ratio is the median over rounds of swarm / local within a round, so that the slow spells of a
+shared machine, which last longer than a round, cancel out.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,15 +42,22 @@ def tokens_per_second(generate, inputs: torch.Tensor, tokens: int) -> float:
     return (output.shape[1] - inputs.shape[1]) / (time.perf_counter() - began)
 
 
-def compare(local_generate, swarm_generate, inputs: torch.Tensor, tokens: int, repeats: int) -> tuple[float, float]:
-    """Best tokens/s of each, measured in alternating rounds so that both see the same machine load."""
+def compare(
+    local_generate, swarm_generate, inputs: torch.Tensor, tokens: int, rounds: int
+) -> tuple[float, float, float]:
+    """Median tokens/s of each, and the median of their ratio within a round."""
     for generate in (local_generate, swarm_generate):
         generate(inputs, max_new_tokens=4, min_new_tokens=4)  # warm-up
-    local = swarm = 0.0
-    for _ in range(repeats):
-        local = max(local, tokens_per_second(local_generate, inputs, tokens))
-        swarm = max(swarm, tokens_per_second(swarm_generate, inputs, tokens))
-    return local, swarm
+    local, swarm, ratios = [], [], []
+    for index in range(rounds):
+        if index % 2:
+            swarm.append(tokens_per_second(swarm_generate, inputs, tokens))
+            local.append(tokens_per_second(local_generate, inputs, tokens))
+        else:
+            local.append(tokens_per_second(local_generate, inputs, tokens))
+            swarm.append(tokens_per_second(swarm_generate, inputs, tokens))
+        ratios.append(swarm[-1] / local[-1])
+    return statistics.median(local), statistics.median(swarm), statistics.median(ratios)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -75,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL_PATH))
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -97,10 +107,11 @@ def main() -> None:
                 model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
                 try:
                     swarm_generate = functools.partial(model.generate, do_sample=False)
-                    local_tps, swarm_tps = compare(local_generate, swarm_generate, inputs, args.tokens, args.repeats)
+                    local_tps, swarm_tps, ratios[name] = compare(
+                        local_generate, swarm_generate, inputs, args.tokens, args.rounds
+                    )
                 finally:
                     model.close()
-                ratios[name] = swarm_tps / local_tps
                 print(f"{name}: local_tokens_per_s={local_tps:.1f} swarm_tokens_per_s={swarm_tps:.1f}")
                 for span, server in zip(spans, servers):
                     start, end = map(int, span.split(":"))
