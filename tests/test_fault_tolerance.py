@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 from swarm import AutoDistributedModelForCausalLM
+from swarm.client.event_loop import run_sync
 from tests.conftest import DEMO_MODEL, start_swarm
 
 pytestmark = pytest.mark.integration
@@ -52,6 +55,30 @@ def test_generation_survives_a_killed_server(make_swarm, spans):
                 )
                 assert killer.killed is not None
                 assert killer.killed not in {span.peer_id for span in session.route}
+            assert actual.tolist() == expected.tolist()
+        finally:
+            model.close()
+    finally:
+        swarm.close()
+
+
+def test_a_server_gone_before_the_session_opens_is_avoided(make_swarm, caplog):
+    """The DHT still lists a server that has died: opening its stream fails, the client picks the other."""
+    swarm = start_swarm(make_swarm, "0:8", "0:8")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+        local = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+        inputs = tokenizer("The for statement is used to", return_tensors="pt").input_ids
+        expected = local.generate(inputs, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+
+        model = AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL, initial_peers=swarm.initial_peers)
+        try:
+            (first_choice,) = run_sync(model.manager.make_route(0, 8), timeout=60)
+            victim = next(p for p in swarm.processes if p.peer_id == first_choice.peer_id)
+            victim.kill()
+            with caplog.at_level(logging.WARNING, logger="swarm.client.inference_session"):
+                actual = model.generate(inputs, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+            assert f"Server {first_choice.peer_id} cannot be reached" in caplog.text
             assert actual.tolist() == expected.tolist()
         finally:
             model.close()

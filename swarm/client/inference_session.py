@@ -220,19 +220,33 @@ class InferenceSession:
         return [[s.span.peer_id, s.session_id, s.span.start, s.span.end] for s in later]
 
     def _open_chain(self, start: int, end: int) -> list[ServerSession]:
+        """Streams to a chain of servers covering blocks [start, end); a server that cannot be reached
+        is avoided and another chain chosen, up to max_retries times."""
         config = self.manager.config
-        route = run_sync(
-            self.manager.make_route(start, end, mode="latency"),
-            timeout=config.missing_blocks_timeout + config.request_timeout + 60,
-        )
-        sessions = [ServerSession(self.manager, span, self.max_length) for span in route]
-        try:
-            for session in sessions:
-                session.open()
-        except Exception:
-            _close_all(sessions)
-            raise
-        return sessions
+        attempts = 0
+        while True:
+            route = run_sync(
+                self.manager.make_route(start, end, mode="latency"),
+                timeout=config.missing_blocks_timeout + config.request_timeout + 60,
+            )
+            sessions = [ServerSession(self.manager, span, self.max_length) for span in route]
+            try:
+                for session in sessions:
+                    failed = session
+                    session.open()
+                return sessions
+            except Exception as e:
+                _close_all(sessions)
+                attempts += 1
+                if attempts > config.max_retries:
+                    raise SessionError(
+                        f"could not open a session on {attempts} routes; last error from "
+                        f"{failed.span.peer_id}: {type(e).__name__}: {e}"
+                    ) from e
+                logger.warning(
+                    "Server %s cannot be reached (%s: %s); choosing another", failed.span.peer_id, type(e).__name__, e
+                )
+                self.manager.ban(failed.span.peer_id)
 
     def _replace(self, index: int, start_from: int | None) -> None:
         """Swap sessions[index] for a fresh chain over the same blocks, replaying its history there."""
