@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import time
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from swarm import AutoDistributedModelForCausalLM
 from swarm.client.event_loop import run_sync
 from swarm.names import block_uids, join_chain
 from swarm.server.handler import INFERENCE_HANDLE, TransformerConnectionHandler
-from swarm.streams import BlockingStream, RemoteError, read_message
+from swarm.streams import BlockingStream, RemoteError, close_when_peer_ends, read_message
 from swarm.wire import pack_args, serialize
 from tests.conftest import DEMO_MODEL, start_swarm
 
@@ -69,6 +71,7 @@ async def inference(client, requests: list[runtime_pb2.ExpertRequest]) -> list[r
 
 
 ALL = join_chain(block_uids(PREFIX, 0, 8))
+LINGER_SECONDS = inspect.signature(close_when_peer_ends).parameters["linger"].default
 
 
 def hidden(tokens: int = 3) -> torch.Tensor:
@@ -216,3 +219,12 @@ def test_pushed_steps_are_answered_on_the_clients_stream(client, stub):
             answer(timeout=0.5)
     finally:
         stream.close()
+
+
+def test_a_session_ended_by_the_client_closes_at_once(client):
+    """After a Petals-style end-of-stream the server closes right away (it lingers only when it
+    stops first, so that its last error frame is not lost): the client is not kept waiting."""
+    began = time.monotonic()
+    responses = call(inference(client, [step(hidden(2), max_length=8, step_id="a"), step(hidden(1), step_id="b")]))
+    assert len(responses) == 2
+    assert time.monotonic() - began < LINGER_SECONDS / 2

@@ -322,23 +322,28 @@ class TransformerConnectionHandler(ServicerBase):
     ) -> None:
         """rpc_inference: one stream per session, read and written frame by frame (see swarm.streams)."""
         max_bytes = self._max_request_bytes()
+        peer_ended = False
         try:
             async with self._request():
-                await self._run_session(reader, writer, max_bytes)
+                peer_ended = await self._run_session(reader, writer, max_bytes)
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the client went away; its cache was freed on the way out
+            peer_ended = True  # the client went away; its cache was freed on the way out
         except (BadRequest, FrameError, CacheAllocationError, ShuttingDown) as e:
             await _report(writer, str(e))
         except Exception as e:
             logger.warning("Inference session from %s failed", stream_info.peer_id, exc_info=True)
             await _report(writer, f"{type(e).__name__}: {e}")
         finally:
-            await close_when_peer_ends(reader, writer, max_bytes)
+            if peer_ended:
+                writer.close()
+            else:
+                await close_when_peer_ends(reader, writer, max_bytes)
 
-    async def _run_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int) -> None:
+    async def _run_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int) -> bool:
+        """Serve one session; True if it ended with the client's end-of-stream (nothing more to read)."""
         request = await self._next_request(reader, max_bytes)
         if request is None:
-            return
+            return True
         first, last = self._parse_chain(request.uid)
         metadata = loads_metadata(request.metadata)
         self._check_adapter(metadata)
@@ -352,7 +357,7 @@ class TransformerConnectionHandler(ServicerBase):
         if session_id is not None and (not isinstance(session_id, str) or len(session_id) > MAX_SESSION_ID_LENGTH):
             raise BadRequest(f"session_id must be a string of at most {MAX_SESSION_ID_LENGTH} characters")
         if not request.tensors:
-            return
+            return False
         batch_size = self._check_hidden(deserialize(request.tensors)[0]).shape[0]
 
         nbytes = self.backend.cache_bytes(last - first, batch_size, max_length)
@@ -370,6 +375,7 @@ class TransformerConnectionHandler(ServicerBase):
             finally:
                 if session_id is not None and self._sessions.get(session_id) is session:
                     del self._sessions[session_id]
+        return request is None
 
     async def _next_request(self, reader: asyncio.StreamReader, max_bytes: int) -> runtime_pb2.ExpertRequest | None:
         try:
