@@ -126,6 +126,8 @@ class BlockingStream:
 
     def __init__(self, p2p: P2P, peer_id: PeerID, handle_name: str, timeout: float):
         self._socket = _connect(p2p, timeout)
+        self._timeout: float | None = timeout
+        self._buffer = bytearray()  # received, not yet consumed: one recv usually holds a whole frame
         try:
             request = p2pd_pb2.Request(
                 type=p2pd_pb2.Request.STREAM_OPEN,
@@ -141,39 +143,45 @@ class BlockingStream:
             raise
 
     def send(self, message: Message, timeout: float) -> None:
-        self._socket.settimeout(timeout)
+        self._set_timeout(timeout)
         self._socket.sendall(frame(message))
 
     def end(self, timeout: float) -> None:
         """Tell the peer that no more messages follow (hivemind's end of stream)."""
-        self._socket.settimeout(timeout)
+        self._set_timeout(timeout)
         self._socket.sendall(_error_frame())
 
     def receive(self, message_type: type[M], max_bytes: int, timeout: float) -> M | None:
         """Like `read_message`; raises ConnectionError when the stream broke, TimeoutError when the
         peer stayed silent for `timeout` seconds."""
-        self._socket.settimeout(timeout)
+        self._set_timeout(timeout)
         marker, length = _check_header(self._receive_exactly(1 + HEADER_BYTES), max_bytes)
         return _parse(marker, self._receive_exactly(length), message_type)
 
     def wait_closed(self, timeout: float) -> None:
         """Read and drop whatever comes until the peer closes its end (or `timeout` passes)."""
-        self._socket.settimeout(timeout)
+        self._set_timeout(timeout)
+        self._buffer.clear()
         while self._socket.recv(1 << 16):
             pass
 
     def close(self) -> None:
         self._socket.close()
 
+    def _set_timeout(self, timeout: float) -> None:
+        if timeout != self._timeout:  # each change costs a system call
+            self._socket.settimeout(timeout)
+            self._timeout = timeout
+
     def _receive_exactly(self, size: int) -> bytes:
-        chunks, left = [], size
-        while left:
-            chunk = self._socket.recv(min(left, 1 << 20))
+        while len(self._buffer) < size:
+            chunk = self._socket.recv(max(size - len(self._buffer), 1 << 16))
             if not chunk:
                 raise ConnectionError("the stream was closed by the peer")
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+            self._buffer += chunk
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
 
     def _read_varint(self) -> int:
         value = 0
