@@ -368,10 +368,11 @@ class TransformerConnectionHandler(ServicerBase):
                 self._sessions[session_id] = session  # so that the previous server can push steps here
             try:
                 while request is not None and request.tensors:  # a request without tensors ends the session
-                    response = await self._inference_step(session, request, loads_metadata(request.metadata))
+                    response = await self._inference_step(session, request, metadata)
                     if response is not None:
                         await write_message(writer, response)
                     request = await self._next_request(reader, max_bytes)
+                    metadata = loads_metadata(request.metadata) if request is not None else {}
             finally:
                 if session_id is not None and self._sessions.get(session_id) is session:
                     del self._sessions[session_id]
