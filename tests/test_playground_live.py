@@ -447,11 +447,16 @@ def test_chat_page_streams_stops_and_continues(site):
             page.click("#send")
             reply = page.locator(".message.assistant").last
             chunks = "Number(document.querySelector('.message.assistant:last-child')?.dataset.chunks || 0)"
+            # Chunk count and text are read in one evaluation: tokens keep arriving between two calls.
+            snapshot = (
+                "(() => { const r = document.querySelector('.message.assistant:last-child');"
+                " return [Number(r.dataset.chunks || 0), r.querySelector('.text').textContent.length]; })()"
+            )
             page.wait_for_function(f"{chunks} >= 2", timeout=60000)
-            early = len(reply.locator(".text").inner_text())
-            page.wait_for_function(f"{chunks} >= 6", timeout=60000)
-            later = len(reply.locator(".text").inner_text())
-            assert 0 < early < later, "the reply's text must grow as tokens arrive"
+            early_chunks, early = page.evaluate(snapshot)
+            page.wait_for_function(f"{chunks} >= {early_chunks + 4}", timeout=60000)
+            later_chunks, later = page.evaluate(snapshot)
+            assert 0 < early < later, f"the reply's text must grow as tokens arrive ({early_chunks}->{later_chunks} chunks)"
             assert reply.get_attribute("data-state") == "streaming" and page.is_visible("#stop")
             page.click("#stop")
             page.wait_for_function(
