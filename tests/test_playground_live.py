@@ -456,7 +456,8 @@ def test_chat_page_streams_stops_and_continues(site):
             early_chunks, early = page.evaluate(snapshot)
             page.wait_for_function(f"{chunks} >= {early_chunks + 4}", timeout=60000)
             later_chunks, later = page.evaluate(snapshot)
-            assert 0 < early < later, f"the reply's text must grow as tokens arrive ({early_chunks}->{later_chunks} chunks)"
+            grew = f"the reply's text must grow as tokens arrive ({early_chunks} -> {later_chunks} chunks)"
+            assert 0 < early < later, grew
             assert reply.get_attribute("data-state") == "streaming" and page.is_visible("#stop")
             page.click("#stop")
             page.wait_for_function(

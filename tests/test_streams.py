@@ -155,10 +155,17 @@ def p2p_pair():
         async def stop() -> None:
             await client.shutdown()
             await server.shutdown()
+            # hivemind's control connections keep tasks; finish them here, or the daemons' objects try
+            # to cancel them from the main thread when garbage-collected (a noisy error there).
+            leftover = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in leftover:
+                task.cancel()
+            await asyncio.gather(*leftover, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(stop(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        loop.close()
 
 
 @pytest.mark.integration
