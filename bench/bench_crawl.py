@@ -57,7 +57,7 @@ def simulated_announcements(num_servers: int, num_blocks: int, seed: int = 0):
     peers = [PeerID(rng.randbytes(34)).to_base58() for _ in range(num_servers)]
     servers = []
     for index, peer in enumerate(peers):
-        length = rng.randint(4, 24)
+        length = rng.randint(min(4, num_blocks), min(24, num_blocks))  # spans fit small models too
         start = rng.randint(0, num_blocks - length)
         info = ServerInfo(
             state=ServerState.ONLINE if rng.random() < 0.9 else rng.choice([ServerState.JOINING, ServerState.OFFLINE]),
