@@ -1,0 +1,60 @@
+"""Every bench script runs to the end on a small setting and prints the figures its issue names.
+
+The figures themselves are not asserted (machines are noisy; the scripts print ratios measured
+in one run); this keeps the scripts from rotting between the times someone runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER = r"-?\d+(\.\d+)?"
+
+BENCHES = {
+    "bench_transport.py": (["--rounds", "20"], ["stream_rtt_ms", "hivemind_stream_rtt_ms", "unary_rtt_ms"]),
+    "bench_hop.py": (["--steps", "5"], ["step_ms", "compute_ms", "hop_overhead_ms"]),
+    "bench_generate.py": (["--tokens", "4", "--rounds", "1"], ["ratio_1server", "ratio_2servers"]),
+    "bench_crawl.py": (
+        ["--servers", "50", "--blocks", "8", "--repeats", "1"],
+        ["crawl_seconds_50", "naive_over_crawl", "status_page_ms_50"],
+    ),
+    "bench_stream.py": (
+        ["--tokens", "4", "--rounds", "1", "--sockets", "2", "--chat-tokens", "4"],
+        ["ws_to_direct_speed_ratio", "aggregate_to_single_socket_ratio"],
+    ),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("script", sorted(BENCHES))
+def test_bench_runs_and_prints_its_figures(script: str) -> None:
+    args, figures = BENCHES[script]
+    env = {**os.environ, "DEBUG": "1", "PYTHONPATH": str(ROOT)}
+    # Its own process group: on a timeout the bench's servers and daemons go down with it.
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, output[-3000:]
+    for figure in figures:
+        printed = re.search(rf"(^|\s){figure}={NUMBER}(\s|$)", output, re.MULTILINE)
+        assert printed, f"{figure}= missing:\n{output[-3000:]}"
