@@ -39,10 +39,12 @@ def swarm(make_swarm):
 def client(swarm):
     """This test's own P2P peer and the server's peer id."""
     dht = DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    p2p = run_sync(dht.replicate_p2p(), timeout=30)
-    yield p2p, PeerID.from_base58(swarm.processes[-1].peer_id)
-    run_sync(p2p.shutdown(), timeout=10)
-    dht.shutdown()
+    try:
+        p2p = run_sync(dht.replicate_p2p(), timeout=30)
+        yield p2p, PeerID.from_base58(swarm.processes[-1].peer_id)
+        run_sync(p2p.shutdown(), timeout=10)
+    finally:
+        dht.shutdown()
 
 
 @pytest.fixture(scope="module")
