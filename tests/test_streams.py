@@ -10,6 +10,7 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
+from swarm.client.event_loop import cancel_other_tasks
 from swarm.streams import (
     BlockingStream,
     FrameError,
@@ -155,12 +156,7 @@ def p2p_pair():
         async def stop() -> None:
             await client.shutdown()
             await server.shutdown()
-            # hivemind's control connections keep tasks; finish them here, or the daemons' objects try
-            # to cancel them from the main thread when garbage-collected (a noisy error there).
-            leftover = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in leftover:
-                task.cancel()
-            await asyncio.gather(*leftover, return_exceptions=True)
+            await cancel_other_tasks()
 
         asyncio.run_coroutine_threadsafe(stop(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)

@@ -35,17 +35,23 @@ def _stop(loop: asyncio.AbstractEventLoop) -> None:
     if loop.is_closed() or not loop.is_running():
         return
 
-    async def cancel_all() -> None:
-        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
     try:
-        asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(5)
+        asyncio.run_coroutine_threadsafe(cancel_other_tasks(), loop).result(5)
     except Exception:
         pass
     loop.call_soon_threadsafe(loop.stop)
+
+
+async def cancel_other_tasks() -> None:
+    """Cancel every other task of the running loop and wait for them to finish.
+
+    hivemind's p2p objects keep control-connection tasks; left pending, they make the objects'
+    destructors try to cancel them later from another thread, which fails noisily.
+    """
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
