@@ -105,8 +105,7 @@ class ModelRegistry:
                 return self._identities.setdefault(name, SwarmIdentity(manager.dht_prefix, manager.num_blocks))
         from transformers import AutoConfig
 
-        from swarm.models.family import family_for
-        from swarm.names import dht_prefix_for
+        from swarm.models.registry import dht_prefix_for, family_for
 
         spec = self.spec(name)
         config = AutoConfig.from_pretrained(spec.path)

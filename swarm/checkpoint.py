@@ -31,7 +31,7 @@ class CheckpointFiles:
         self.revision = revision
         self.token = token
         self.is_local = Path(name_or_path).is_dir()
-        if not self.is_local and _looks_like_a_path(name_or_path):
+        if not self.is_local and is_local_checkpoint(name_or_path):
             raise FileNotFoundError(f"no checkpoint folder at {name_or_path}")
         index_path = self._find(INDEX_FILE, required=False)
         if index_path is not None:
@@ -99,6 +99,6 @@ class CheckpointFiles:
         return tensors
 
 
-def _looks_like_a_path(name: str) -> bool:
+def is_local_checkpoint(name: str) -> bool:
     """Hub names are `owner/name`; anything absolute, relative or with more parts is a local path."""
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).exists()

@@ -21,23 +21,6 @@ def is_private_prefix(prefix: str) -> bool:
     return prefix.startswith("_")
 
 
-def dht_prefix_for(repository: str, model_type: str) -> str:
-    """The prefix Petals uses for a Hugging Face repository `owner/Name` (a local path: its folder name).
-
-    >>> dht_prefix_for("meta-llama/Meta-Llama-3.1-70B", "llama")
-    'Meta-Llama-3-1-70B-hf'
-    >>> dht_prefix_for("bigscience/bloom", "bloom")
-    'bigscience/bloom-petals'
-    """
-    name = repository.rstrip("/")
-    if model_type == "bloom":
-        return (name + "-petals").replace(".", "-")
-    prefix = name.split("/")[-1].replace(".", "-")
-    if model_type == "llama" and not prefix.endswith("-hf"):
-        prefix += "-hf"
-    return prefix
-
-
 def block_uid(prefix: str, index: int) -> str:
     return f"{prefix}{UID_DELIMITER}{index}"
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from swarm.models.family import family_for, prepare_config
-from swarm.server.backend import SessionKVCache, SpanBackend
+from swarm.models.registry import family_for, prepare_config
+from swarm.server.backend import SpanBackend, kv_cache_bytes
 
 ATOL = 1e-5
 NUM_LAYERS = 4
@@ -35,9 +35,12 @@ def make_backend(model: LlamaForCausalLM, start: int, end: int) -> SpanBackend:
     """As swarm/server/server.py builds it: only the span's tensors, a prepared config."""
     config = prepare_config(LlamaConfig.from_dict(model.config.to_dict()))
     family = family_for(config)
-    prefixes = tuple(family.block_tensor_prefix(i) for i in range(start, end))
-    state_dict = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}
-    return SpanBackend(family, config, start, end, state_dict, torch.float32, torch.device("cpu"))
+    weights = model.state_dict()
+    blocks = []
+    for index in range(start, end):
+        prefix = f"model.layers.{index}."
+        blocks.append({k[len(prefix) :]: v.clone() for k, v in weights.items() if k.startswith(prefix)})
+    return SpanBackend(family, config, start, end, blocks, torch.float32, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +130,10 @@ def test_sub_span_backend_equals_layers_1_and_2(model) -> None:
 
 def test_missing_block_weights_are_an_error(model) -> None:
     config = prepare_config(LlamaConfig.from_dict(model.config.to_dict()))
-    state_dict = {k: v for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
-    with pytest.raises(RuntimeError):
-        SpanBackend(family_for(config), config, 1, 3, state_dict, torch.float32, torch.device("cpu"))
+    prefix = "model.layers.1."
+    block_1 = {k[len(prefix) :]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    with pytest.raises(RuntimeError):  # block 2's tensors are missing
+        SpanBackend(family_for(config), config, 1, 3, [block_1, {}], torch.float32, torch.device("cpu"))
 
 
 def test_chunked_inference_equals_full_forward(model, backend) -> None:
@@ -236,7 +240,7 @@ def test_cache_sizes(model, backend) -> None:
     head_dim = config.hidden_size // config.num_attention_heads
     expected = 2 * 3 * 2 * config.num_key_value_heads * 16 * head_dim * 4
     assert backend.cache_bytes(3, 2, 16) == expected
-    assert SessionKVCache.nbytes(3, 2, 16, config, torch.bfloat16) == expected // 2
+    assert kv_cache_bytes(backend.cache_layout, 3, 2, 16, torch.bfloat16) == expected // 2
     cache = backend.new_cache(1, 3, batch_size=2, max_length=16)
     assert cache.keys.shape == (3, 2, config.num_key_value_heads, 16, head_dim)
     assert cache.keys.nbytes + cache.values.nbytes == expected

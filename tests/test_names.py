@@ -8,13 +8,13 @@ from swarm.names import (
     MAX_PREFIX_LENGTH,
     block_uid,
     block_uids,
-    dht_prefix_for,
     is_private_prefix,
     is_valid_dht_prefix,
     join_chain,
     parse_block_uid,
     split_chain,
 )
+from swarm.models.registry import UnsupportedModelError, dht_prefix_for
 
 
 @pytest.mark.parametrize(
@@ -25,8 +25,14 @@ from swarm.names import (
         ("meta-llama/Llama-2-70b-hf", "llama", "Llama-2-70b-hf"),
         ("someone/Llama-2-70b-chat-hf", "llama", "Llama-2-70b-chat-hf"),
         ("mistralai/Mistral-7B-Instruct-v0.2", "mistral", "Mistral-7B-Instruct-v0-2"),
-        ("mistralai/Mixtral-8x7B-v0.1", "mixtral", "Mixtral-8x7B-v0-1"),
+        # Petals' Mixtral config keeps the owner (unlike its Llama and Falcon configs).
+        ("mistralai/Mixtral-8x7B-v0.1", "mixtral", "mistralai/Mixtral-8x7B-v0-1"),
         ("tiiuae/falcon-180B", "falcon", "falcon-180B"),
+        ("tiiuae/falcon-7b", "falcon", "falcon-7b"),
+        ("Qwen/Qwen2.5-72B-Instruct", "qwen2", "Qwen2-5-72B-Instruct"),
+        ("Qwen/Qwen3-235B-A22B", "qwen3_moe", "Qwen3-235B-A22B"),
+        ("google/gemma-2-27b-it", "gemma2", "gemma-2-27b-it"),
+        ("google/gemma-3-27b-it", "gemma3_text", "gemma-3-27b-it"),
         ("bigscience/bloom", "bloom", "bigscience/bloom-petals"),
         ("bigscience/bloomz-7b1.1", "bloom", "bigscience/bloomz-7b1-1-petals"),
     ],
@@ -37,10 +43,21 @@ def test_dht_prefix_for_hub_repositories(repository: str, model_type: str, expec
 
 
 def test_dht_prefix_for_local_path_uses_folder_name() -> None:
-    """A local checkpoint folder is named by its basename (a trailing slash does not matter)."""
+    """A local checkpoint folder is named by its basename (a trailing slash does not matter), owner or not."""
     assert dht_prefix_for("/data/models/Tiny.Llama-v1.0/", "llama") == "Tiny-Llama-v1-0-hf"
     assert dht_prefix_for("/data/models/Tiny.Llama-v1.0", "llama") == "Tiny-Llama-v1-0-hf"
     assert dht_prefix_for("./mistral-mini", "mistral") == "mistral-mini"
+    assert dht_prefix_for("/data/demo_moe_model", "mixtral") == "demo_moe_model"
+    assert dht_prefix_for("/data/bloom-560m", "bloom") == "bloom-560m-petals"
+
+
+def test_unsupported_model_type_names_the_supported_families() -> None:
+    with pytest.raises(UnsupportedModelError) as error:
+        dht_prefix_for("openai-community/gpt2", "gpt2")
+    message = str(error.value)
+    assert "'gpt2'" in message and "\n" not in message
+    for model_type in ("llama", "mistral", "mixtral", "falcon", "bloom", "qwen2", "qwen3", "qwen3_moe", "gemma2"):
+        assert model_type in message
 
 
 @pytest.mark.parametrize(

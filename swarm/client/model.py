@@ -28,8 +28,8 @@ from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import remote_sequential
 from swarm.client.routing import SequenceManager
 from swarm.dht import create_dht
-from swarm.models.family import ModelFamily, family_for, prepare_config
-from swarm.names import dht_prefix_for
+from swarm.models.family import ModelFamily, softcap
+from swarm.models.registry import dht_prefix_for, family_for, prepare_config
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: PretrainedConfig, family: ModelFamily, manager: SequenceManager, dht: DHT):
         super().__init__(config)
         self.family = family
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # The client's pieces, as the family's own model builds them (Gemma scales its embeddings,
+        # BLOOM normalises them, Gemma soft-caps its logits).
+        self.embed_tokens = family.make_embeddings(config)
+        self.embedding_norm = family.make_embedding_norm(config) if family.make_embedding_norm else None
         self.norm = family.make_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.logit_softcap = family.logit_softcap(config)
         self.manager = manager
         self.dht = dht
         self.owns_dht = False  # from_pretrained sets it when it started the DHT peer itself
@@ -52,16 +56,26 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._thread_state = threading.local()
         self.requires_grad_(False)
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
     def load_local_weights(self, files: CheckpointFiles, dtype: torch.dtype) -> None:
         """Embeddings, final norm and LM head: the only weights a client holds."""
-        family = self.family
-        wanted = {family.embeddings_key, family.lm_head_key}
-        tensors = files.load(lambda n: n in wanted or n.startswith(family.norm_prefix), dtype=dtype)
-        self.embed_tokens.weight.data = tensors[family.embeddings_key]
-        norm = {k[len(family.norm_prefix) :]: v for k, v in tensors.items() if k.startswith(family.norm_prefix)}
-        self.norm.load_state_dict(norm)
-        if family.lm_head_key in tensors and not self.config.tie_word_embeddings:
-            self.lm_head.weight.data = tensors[family.lm_head_key]
+        names = self.family.checkpoint.resolve(files.tensor_names())
+        norms = {"norm": names.final_norm}
+        if self.embedding_norm is not None:
+            norms["embedding_norm"] = names.embedding_norm
+        wanted = {names.embeddings, names.lm_head}
+        tensors = files.load(lambda n: n in wanted or n.startswith(tuple(norms.values())), dtype=dtype)
+        self.embed_tokens.weight.data = tensors[names.embeddings]
+        for attribute, prefix in norms.items():
+            weights = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            getattr(self, attribute).load_state_dict(weights)
+        if names.lm_head in tensors and not self.config.tie_word_embeddings:
+            self.lm_head.weight.data = tensors[names.lm_head]
         else:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -111,12 +125,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padding is not supported: the swarm's servers attend to every token of a sequence")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.embedding_norm is not None:
+            hidden = self.embedding_norm(hidden)
         if self._active_session is not None:
             hidden = self._active_session.step(hidden, token_ids=input_ids).to(hidden.dtype)
         else:
             hidden = remote_sequential(self.manager, hidden, prompts)
         hidden = self.norm(hidden)
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        logits = softcap(self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden), self.logit_softcap)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(

@@ -1,8 +1,9 @@
 """Runs a server's span of transformer blocks: full-sequence forward, backward, and cached inference.
 
-The blocks are the architecture's own transformers decoder layers. For cached inference each
-session owns a `SessionKVCache` that transformers' attention writes into through the same
-`update()` call it uses with its own caches.
+The blocks are the architecture's own transformers decoder layers; the model family
+(`swarm.models`) says how to call them. For cached inference each session owns a
+`SessionKVCache` that transformers' attention writes into through the same `update()` call it
+uses with its own caches.
 """
 
 from __future__ import annotations
@@ -11,7 +12,22 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarm.models.family import ModelFamily
+from swarm.checkpoint import CheckpointFiles
+from swarm.models.family import BlockInputs, CacheLayout, ModelFamily
+from swarm.server.attention_masks import attention_mask, needs_mask
+
+
+def span_cache_layout(family: ModelFamily, config: PretrainedConfig, start: int, end: int) -> CacheLayout:
+    """The one cache layout of blocks [start, end); a span whose layers differ is refused."""
+    layouts = {family.cache_layout(config, index) for index in range(start, end)}
+    if len(layouts) != 1:
+        raise ValueError(f"blocks {start}:{end} have different cache layouts; serve them as separate spans")
+    return layouts.pop()
+
+
+def kv_cache_bytes(layout: CacheLayout, num_blocks: int, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
+    element = torch.finfo(dtype).bits // 8
+    return num_blocks * batch_size * max_length * layout.bytes_per_token(element)
 
 
 class SessionKVCache:
@@ -23,23 +39,18 @@ class SessionKVCache:
         num_blocks: int,
         batch_size: int,
         max_length: int,
-        config: PretrainedConfig,
+        layout: CacheLayout,
         dtype: torch.dtype,
         device: torch.device,
     ):
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (num_blocks, batch_size, config.num_key_value_heads, max_length, head_dim)
         self.first_block = first_block
+        self.num_blocks = num_blocks
         self.max_length = max_length
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        key_shape = (num_blocks, batch_size, layout.key_heads, max_length, layout.key_dim)
+        value_shape = (num_blocks, batch_size, layout.value_heads, max_length, layout.value_dim)
+        self.keys = torch.zeros(key_shape, dtype=dtype, device=device)
+        self.values = torch.zeros(value_shape, dtype=dtype, device=device)
         self.position = 0  # tokens already stored; the next step writes from here
-
-    @staticmethod
-    def nbytes(num_blocks: int, batch_size: int, max_length: int, config: PretrainedConfig, dtype: torch.dtype) -> int:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        element = torch.finfo(dtype).bits // 8
-        return 2 * num_blocks * batch_size * config.num_key_value_heads * max_length * head_dim * element
 
     # Called by transformers' attention with the layer's global index.
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -64,29 +75,35 @@ class SpanBackend:
         config: PretrainedConfig,
         start: int,
         end: int,
-        state_dict: dict[str, torch.Tensor],
+        block_weights: list[dict[str, torch.Tensor]],
         dtype: torch.dtype,
         device: torch.device,
     ):
+        """`block_weights[i]` holds block start + i's tensors, named as in the checkpoint without the block prefix."""
         self.family, self.config = family, config
         self.start, self.end = start, end
         self.dtype, self.device = dtype, device
         self.hidden_size: int = config.hidden_size  # read on every request; config attributes are slow
+        self.cache_layout = span_cache_layout(family, config, start, end)
+        self.attention = [family.layer_attention(config, index) for index in range(start, end)]
+        self._additive_masks = family.attn_implementation(config) == "eager"
+        if getattr(config, "_experts_implementation", None) is None:
+            config._experts_implementation = "grouped_mm"  # MoE layers: what transformers picks for whole models
         self.blocks = nn.ModuleList()
-        for index in range(start, end):
+        for index, weights in zip(range(start, end), block_weights, strict=True):
             with torch.device("meta"):
                 block = family.make_block(config, index)
-            prefix = family.block_tensor_prefix(index)
-            weights = {name[len(prefix) :]: tensor for name, tensor in state_dict.items() if name.startswith(prefix)}
-            block.load_state_dict(weights, strict=True, assign=True)
+            block.load_state_dict(family.convert_block_weights(weights, config), strict=True, assign=True)
             self.blocks.append(block.to(device=device, dtype=dtype).eval().requires_grad_(False))
-        self.rotary = family.make_rotary(config).to(device)
+        self.rotary = family.make_rotary(config).to(device) if family.make_rotary else None
 
     def cache_bytes(self, num_blocks: int, batch_size: int, max_length: int) -> int:
-        return SessionKVCache.nbytes(num_blocks, batch_size, max_length, self.config, self.dtype)
+        return kv_cache_bytes(self.cache_layout, num_blocks, batch_size, max_length, self.dtype)
 
     def new_cache(self, first_block: int, num_blocks: int, batch_size: int, max_length: int) -> SessionKVCache:
-        return SessionKVCache(first_block, num_blocks, batch_size, max_length, self.config, self.dtype, self.device)
+        return SessionKVCache(
+            first_block, num_blocks, batch_size, max_length, self.cache_layout, self.dtype, self.device
+        )
 
     def _run(
         self,
@@ -97,24 +114,31 @@ class SpanBackend:
         prompts: torch.Tensor | None,
         cache: SessionKVCache | None,
     ) -> torch.Tensor:
+        family = self.family
         batch, length, _ = hidden.shape
         positions = torch.arange(offset, offset + length, device=self.device).unsqueeze(0).expand(batch, -1)
-        position_embeddings = self.rotary(hidden, positions)
-        mask = None
-        if offset > 0 and length > 1:
-            # SDPA's is_causal aligns top-left; with a cached prefix the causal diagonal is shifted.
-            rows = torch.arange(length, device=self.device).unsqueeze(1) + offset
-            mask = (torch.arange(offset + length, device=self.device).unsqueeze(0) <= rows)[None, None]
-        for i, block in enumerate(self.blocks[first - self.start : last - self.start]):
+        alibi = None
+        if family.make_alibi is not None:
+            alibi = family.make_alibi(self.config, batch, offset + length, hidden.dtype, self.device)
+        masks: dict[int | None, torch.Tensor | None] = {}  # by sliding window, built once per step
+        position_embeddings: dict[str, object] = {}  # by rope kind
+        for i in range(first - self.start, last - self.start):
+            attention = self.attention[i]
+            window = attention.sliding_window
+            if window not in masks:
+                masks[window] = None
+                if needs_mask(offset, length, window, additive=self._additive_masks, always=family.always_mask):
+                    masks[window] = attention_mask(
+                        offset, length, window, additive=self._additive_masks, dtype=hidden.dtype, device=self.device
+                    )
+            if attention.rope not in position_embeddings:
+                rotary = self.rotary
+                embeddings = family.rotary_for(rotary, hidden, positions, attention.rope) if rotary else None
+                position_embeddings[attention.rope] = embeddings
             if prompts is not None:
-                hidden = _add_prompt(hidden, prompts[i])
-            hidden = block(
-                hidden,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                position_embeddings=position_embeddings,
-            )
+                hidden = _add_prompt(hidden, prompts[i - (first - self.start)])
+            inputs = BlockInputs(masks[window], positions, position_embeddings[attention.rope], alibi, cache)
+            hidden = family.call_block(self.blocks[i], hidden, inputs)
         return hidden
 
     @torch.inference_mode()
@@ -132,7 +156,7 @@ class SpanBackend:
         if hypo_ids is not None:
             cache.reorder(hypo_ids.to(self.device))
         first = cache.first_block
-        last = first + cache.keys.shape[0]
+        last = first + cache.num_blocks
         hidden = hidden.to(self.device, self.dtype)
         if cache.position > 0:
             prompts = None  # deep prompts apply to the leading tokens, which the first step carried
@@ -158,6 +182,33 @@ class SpanBackend:
             inputs = [hidden] if prompts is None else [hidden, prompts]
             grads = torch.autograd.grad(output, inputs, grad_outputs.to(self.device, self.dtype))
         return grads[0], (grads[1] if prompts is not None else None)
+
+
+def load_span(
+    files: CheckpointFiles,
+    family: ModelFamily,
+    config: PretrainedConfig,
+    start: int,
+    end: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    progress: bool = False,
+) -> SpanBackend:
+    """Read only blocks [start, end) from a checkpoint (only the shards that hold them) and build their backend."""
+    names = family.checkpoint.resolve(files.tensor_names())
+    prefixes = [names.block_prefix(index) for index in range(start, end)]
+    tensors = files.load(
+        lambda name: name.startswith(tuple(prefixes)),
+        dtype=dtype,
+        progress=progress,
+        description=f"Loading blocks {start}:{end}",
+    )
+    block_weights = [
+        {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+        for prefix in prefixes
+    ]
+    return SpanBackend(family, config, start, end, block_weights, dtype, device)
 
 
 def _add_prompt(hidden: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from hivemind import DHT
@@ -20,13 +19,13 @@ from hivemind.utils import get_dht_time
 from transformers import AutoConfig
 
 from swarm import __version__
-from swarm.checkpoint import CheckpointFiles
+from swarm.checkpoint import CheckpointFiles, is_local_checkpoint
 from swarm.data_structures import ModelInfo, ServerInfo, ServerState
 from swarm.dht import announce_blocks, announce_model, create_dht, fetch_swarm
-from swarm.models.family import bytes_per_block, family_for, prepare_config
-from swarm.names import dht_prefix_for, is_private_prefix, is_valid_dht_prefix
+from swarm.models.registry import bytes_per_block, dht_prefix_for, family_for, prepare_config
+from swarm.names import is_private_prefix, is_valid_dht_prefix
 from swarm.ping import ping_server
-from swarm.server.backend import SessionKVCache, SpanBackend
+from swarm.server.backend import SpanBackend, kv_cache_bytes, load_span, span_cache_layout
 from swarm.server.block_selection import block_throughputs, blocks_that_fit, choose_best_start
 from swarm.server.handler import TransformerConnectionHandler
 from swarm.server.memory_cache import KVCachePool
@@ -102,7 +101,7 @@ class BlockServer:
             raise ValueError(f"invalid DHT prefix {self.dht_prefix!r}: it may contain neither '.' nor spaces")
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.torch_dtype, self.device)
-        self.repository = None if Path(config.model).is_dir() else config.model  # a Hub repository name
+        self.repository = None if is_local_checkpoint(config.model) else config.model  # a Hub repository name
         self.dht: DHT | None = None
         self.handler: TransformerConnectionHandler | None = None
         self.start = self.end = 0
@@ -205,7 +204,8 @@ class BlockServer:
             return start, end
         count = self.config.num_blocks
         if count is None:
-            cache = SessionKVCache.nbytes(self.total_blocks, 1, self.config.cache_tokens, self.model_config, self.dtype)
+            layout = span_cache_layout(self.family, self.model_config, 0, 1)
+            cache = kv_cache_bytes(layout, self.total_blocks, 1, self.config.cache_tokens, self.dtype)
             block = bytes_per_block(self.model_config, self.dtype)
             count = blocks_that_fit(block, cache, self.device, self.total_blocks)
         count = max(1, min(count, self.total_blocks))
@@ -216,14 +216,9 @@ class BlockServer:
     def _load_backend(self) -> SpanBackend:
         began = time.perf_counter()
         files = CheckpointFiles(self.config.model, revision=self.config.revision, token=self.config.token)
-        prefixes = tuple(self.family.block_tensor_prefix(i) for i in range(self.start, self.end))
-        state_dict = files.load(
-            lambda name: name.startswith(prefixes),
-            dtype=self.dtype,
-            progress=True,
-            description=f"Loading blocks {self.start}:{self.end}",
+        backend = load_span(
+            files, self.family, self.model_config, self.start, self.end, self.dtype, self.device, progress=True
         )
-        backend = SpanBackend(self.family, self.model_config, self.start, self.end, state_dict, self.dtype, self.device)
         logger.info("Loaded %d blocks in %.1f s", self.end - self.start, time.perf_counter() - began)
         return backend
 

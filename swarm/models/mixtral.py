@@ -1,0 +1,28 @@
+"""Mixtral: a Mistral-shaped sparse MoE. Petals names it by the whole repository (`owner/Name`)."""
+
+from __future__ import annotations
+
+from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralRMSNorm, MixtralRotaryEmbedding
+
+from swarm.models.experts import fuse_experts, rename_prefix
+from swarm.models.family import ModelFamily, PrefixConvention
+from swarm.models.registry import register_family
+
+
+def _fused_experts(weights, config):
+    # Hub checkpoints: block_sparse_moe.experts.{i}.w1 (gate), w3 (up), w2 (down).
+    weights = rename_prefix(weights, "block_sparse_moe.", "mlp.")
+    return fuse_experts(weights, experts="mlp.experts", gate="w1", up="w3", down="w2")
+
+
+MIXTRAL = register_family(
+    ModelFamily(
+        name="Mixtral",
+        model_types=("mixtral",),
+        make_block=lambda config, index: MixtralDecoderLayer(config, layer_idx=index),
+        make_norm=lambda config: MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps),
+        make_rotary=MixtralRotaryEmbedding,
+        convert_block_weights=_fused_experts,
+        dht_prefix=PrefixConvention(keep_owner=True),
+    )
+)
