@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from swarm.models.registry import UnsupportedModelError, dht_prefix_for
 from swarm.names import (
     MAX_PREFIX_LENGTH,
     block_uid,
@@ -14,7 +15,6 @@ from swarm.names import (
     parse_block_uid,
     split_chain,
 )
-from swarm.models.registry import UnsupportedModelError, dht_prefix_for
 
 
 @pytest.mark.parametrize(

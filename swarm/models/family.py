@@ -118,9 +118,8 @@ class CheckpointNames:
         for base in self.base_prefixes:
             if base + self.embeddings in names or any(n.startswith(base + self.blocks) for n in names):
                 return ResolvedNames(self, base)
-        raise ValueError(
-            f"the checkpoint has none of the expected tensors ({' or '.join(b + self.blocks for b in self.base_prefixes)}…)"
-        )
+        expected = " or ".join(base + self.blocks for base in self.base_prefixes)
+        raise ValueError(f"the checkpoint has none of the expected tensors ({expected}…)")
 
 
 @dataclasses.dataclass(frozen=True)
