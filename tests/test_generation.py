@@ -55,6 +55,19 @@ def test_forward_logits_and_hidden_states_match_local(model, local_model, tokeni
     torch.testing.assert_close(actual.hidden_states[-1], expected.hidden_states[-1], atol=1e-4, rtol=0)
 
 
+def test_dtype_keyword_of_transformers_5_and_torch_dtype_of_petals(swarm, model, tokenizer):
+    inputs = tokenizer(PROMPT, return_tensors="pt").input_ids
+    for keyword in ("dtype", "torch_dtype"):
+        half = AutoDistributedModelForCausalLM.from_pretrained(
+            DEMO_MODEL, initial_peers=swarm.initial_peers, **{keyword: torch.bfloat16}
+        )
+        try:
+            assert half.lm_head.weight.dtype == torch.bfloat16
+            assert half.generate(inputs, max_new_tokens=4, do_sample=False).shape[1] == inputs.shape[1] + 4
+        finally:
+            half.close()
+
+
 def test_sampling_with_seed_matches_local(model, local_model, tokenizer):
     inputs = tokenizer(PROMPT, return_tensors="pt").input_ids
     options = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.2)

@@ -190,6 +190,18 @@ def _common_prefix(known: torch.Tensor | None, input_ids: torch.Tensor, position
     return int(mismatch[0]) if len(mismatch) else length
 
 
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """None or "auto": float32 (the client's few weights; the servers choose their own dtype)."""
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+        return resolved
+    return dtype
+
+
 class AutoDistributedModelForCausalLM:
     """Entry point, named like transformers' Auto classes."""
 
@@ -199,12 +211,22 @@ class AutoDistributedModelForCausalLM:
         *,
         initial_peers: Sequence[str],
         dht_prefix: str | None = None,
-        torch_dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,  # Petals scripts' (and transformers 4's) name for dtype
         revision: str | None = None,
         token: str | None = None,
         dht: DHT | None = None,
         **config_overrides: Any,
     ) -> DistributedModelForCausalLM:
+        """`config_overrides` set `ClientConfig` fields (e.g. `request_timeout=10`)."""
+        unknown = set(config_overrides) - {field.name for field in dataclasses.fields(ClientConfig)}
+        if unknown:
+            accepted = ["initial_peers", "dht_prefix", "dtype", "torch_dtype", "revision", "token", "dht"]
+            accepted += sorted({field.name for field in dataclasses.fields(ClientConfig)} - set(accepted))
+            raise TypeError(
+                f"unexpected keyword argument(s) {', '.join(sorted(unknown))}; accepted: {', '.join(accepted)}"
+            )
+        torch_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype)
         client_config = dataclasses.replace(ClientConfig(initial_peers=tuple(initial_peers)), **config_overrides)
         config = prepare_config(AutoConfig.from_pretrained(name_or_path, revision=revision, token=token))
         family = family_for(config)
