@@ -10,7 +10,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 from swarm.models.experts import fuse_experts
-from swarm.models.family import CacheLayout, ModelFamily
+from swarm.models.family import CacheLayout, decoder_family
 from swarm.models.registry import register_family
 
 
@@ -19,12 +19,12 @@ def _latent_cache(config, index: int) -> CacheLayout:
 
 
 DEEPSEEK_V3 = register_family(
-    ModelFamily(
-        name="DeepSeek-V3",
-        model_types=("deepseek_v3",),
-        make_block=lambda config, index: DeepseekV3DecoderLayer(config, layer_idx=index),
-        make_norm=lambda config: DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps),
-        make_rotary=DeepseekV3RotaryEmbedding,
+    decoder_family(
+        "DeepSeek-V3",
+        ("deepseek_v3",),
+        DeepseekV3DecoderLayer,
+        DeepseekV3RMSNorm,
+        DeepseekV3RotaryEmbedding,
         cache_layout=_latent_cache,
         convert_block_weights=lambda weights, config: fuse_experts(
             weights, experts="mlp.experts", gate="gate_proj", up="up_proj", down="down_proj"

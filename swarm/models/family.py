@@ -220,6 +220,25 @@ class ModelFamily:
         return config.num_hidden_layers
 
 
+def decoder_family(
+    name: str,
+    model_types: tuple[str, ...],
+    layer_class: type[nn.Module],
+    norm_class: type[nn.Module],
+    rotary_class: type[nn.Module],
+    **options: Any,
+) -> ModelFamily:
+    """A family of transformers' current decoder layers: `Layer(config, layer_idx)`, an RMSNorm, a rotary module."""
+    return ModelFamily(
+        name=name,
+        model_types=model_types,
+        make_block=lambda config, index: layer_class(config, layer_idx=index),
+        make_norm=lambda config: norm_class(config.hidden_size, eps=config.rms_norm_eps),
+        make_rotary=rotary_class,
+        **options,
+    )
+
+
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     if cap is None:
         return logits

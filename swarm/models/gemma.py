@@ -16,7 +16,7 @@ from transformers.models.gemma3.modeling_gemma3 import (
     Gemma3TextScaledWordEmbedding,
 )
 
-from swarm.models.family import LayerAttention, ModelFamily, attention_from_config
+from swarm.models.family import LayerAttention, attention_from_config, decoder_family
 from swarm.models.registry import register_family
 
 
@@ -40,24 +40,24 @@ def _eager_if_softcapped(config) -> str:
 
 
 GEMMA2 = register_family(
-    ModelFamily(
-        name="Gemma2",
-        model_types=("gemma2",),
-        make_block=lambda config, index: Gemma2DecoderLayer(config, layer_idx=index),
-        make_norm=lambda config: Gemma2RMSNorm(config.hidden_size, eps=config.rms_norm_eps),
-        make_rotary=Gemma2RotaryEmbedding,
+    decoder_family(
+        "Gemma2",
+        ("gemma2",),
+        Gemma2DecoderLayer,
+        Gemma2RMSNorm,
+        Gemma2RotaryEmbedding,
         attn_implementation=lambda config: "eager",  # as transformers runs it: SDPA cannot soft-cap
         make_embeddings=_scaled_embeddings(Gemma2TextScaledWordEmbedding),
     )
 )
 
 GEMMA3 = register_family(
-    ModelFamily(
-        name="Gemma3",
-        model_types=("gemma3_text",),
-        make_block=lambda config, index: Gemma3DecoderLayer(config, layer_idx=index),
-        make_norm=lambda config: Gemma3RMSNorm(config.hidden_size, eps=config.rms_norm_eps),
-        make_rotary=Gemma3RotaryEmbedding,
+    decoder_family(
+        "Gemma3",
+        ("gemma3_text",),
+        Gemma3DecoderLayer,
+        Gemma3RMSNorm,
+        Gemma3RotaryEmbedding,
         rotary_for=lambda rotary, hidden, positions, rope: rotary(hidden, positions, rope),
         layer_attention=_gemma3_attention,
         attn_implementation=_eager_if_softcapped,

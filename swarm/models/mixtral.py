@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralRMSNorm, MixtralRotaryEmbedding
 
 from swarm.models.experts import fuse_experts, rename_prefix
-from swarm.models.family import ModelFamily, PrefixConvention
+from swarm.models.family import PrefixConvention, decoder_family
 from swarm.models.registry import register_family
 
 
@@ -16,12 +16,12 @@ def _fused_experts(weights, config):
 
 
 MIXTRAL = register_family(
-    ModelFamily(
-        name="Mixtral",
-        model_types=("mixtral",),
-        make_block=lambda config, index: MixtralDecoderLayer(config, layer_idx=index),
-        make_norm=lambda config: MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps),
-        make_rotary=MixtralRotaryEmbedding,
+    decoder_family(
+        "Mixtral",
+        ("mixtral",),
+        MixtralDecoderLayer,
+        MixtralRMSNorm,
+        MixtralRotaryEmbedding,
         convert_block_weights=_fused_experts,
         dht_prefix=PrefixConvention(keep_owner=True),
     )

@@ -11,36 +11,20 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
 )
 
 from swarm.models.experts import fuse_experts
-from swarm.models.family import ModelFamily
+from swarm.models.family import decoder_family
 from swarm.models.registry import register_family
 
-QWEN2 = register_family(
-    ModelFamily(
-        name="Qwen2",
-        model_types=("qwen2",),
-        make_block=lambda config, index: Qwen2DecoderLayer(config, layer_idx=index),
-        make_norm=lambda config: Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps),
-        make_rotary=Qwen2RotaryEmbedding,
-    )
-)
+QWEN2 = register_family(decoder_family("Qwen2", ("qwen2",), Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding))
 
-QWEN3 = register_family(
-    ModelFamily(
-        name="Qwen3",
-        model_types=("qwen3",),
-        make_block=lambda config, index: Qwen3DecoderLayer(config, layer_idx=index),
-        make_norm=lambda config: Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps),
-        make_rotary=Qwen3RotaryEmbedding,
-    )
-)
+QWEN3 = register_family(decoder_family("Qwen3", ("qwen3",), Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding))
 
 QWEN3_MOE = register_family(
-    ModelFamily(
-        name="Qwen3-MoE",
-        model_types=("qwen3_moe",),
-        make_block=lambda config, index: Qwen3MoeDecoderLayer(config, layer_idx=index),
-        make_norm=lambda config: Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps),
-        make_rotary=Qwen3MoeRotaryEmbedding,
+    decoder_family(
+        "Qwen3-MoE",
+        ("qwen3_moe",),
+        Qwen3MoeDecoderLayer,
+        Qwen3MoeRMSNorm,
+        Qwen3MoeRotaryEmbedding,
         convert_block_weights=lambda weights, config: fuse_experts(
             weights, experts="mlp.experts", gate="gate_proj", up="up_proj", down="down_proj"
         ),
