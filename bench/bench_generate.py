@@ -1,6 +1,8 @@
 """Tokens/s of greedy generation: local transformers vs the swarm with 1 and 2 servers, in one run.
 
-    python bench/bench_generate.py [--tokens 64] [--rounds 15]
+    python bench/bench_generate.py [--model PATH] [--tokens 64] [--rounds 15]
+
+Any family's checkpoint folder (with its tokenizer) works; the default is the Llama demo model.
 
 Prints tokens/s for each setup, `ratio_1server=<x>` and `ratio_2servers=<x>` (swarm / local), and
 each server's peak RSS next to the weight size of its blocks. Every figure comes from this one
@@ -29,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
-from swarm.demo import DEMO_MODEL_PATH  # noqa: E402
+from swarm.demo_models import DEMO_MODEL_PATH  # noqa: E402
 from swarm.local_swarm import LocalSwarm  # noqa: E402
-from swarm.models.family import bytes_per_block  # noqa: E402
+from swarm.models.registry import bytes_per_block, family_for  # noqa: E402
 
 PROMPT = "The function returns the value of"
 
@@ -97,10 +99,12 @@ def main() -> None:
 
     config = AutoConfig.from_pretrained(args.model)
     block_mb = bytes_per_block(config, torch.float32) / 2**20
+    blocks = family_for(config).num_blocks(config)
+    half = blocks // 2
     ratios = {}
     with tempfile.TemporaryDirectory() as cache:
         env = {"DEBUG": "1", "SWARM_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
-        for name, spans in (("1server", ["0:8"]), ("2servers", ["0:4", "4:8"])):
+        for name, spans in (("1server", [f"0:{blocks}"]), ("2servers", [f"0:{half}", f"{half}:{blocks}"])):
             with LocalSwarm([sys.executable, str(ROOT / "manage.py")], env=env) as swarm:
                 swarm.start_dht()
                 servers = [swarm.start_server(args.model, "--block-indices", span) for span in spans]

@@ -32,20 +32,18 @@ from swarm.client.config import ClientConfig  # noqa: E402
 from swarm.client.event_loop import run_sync  # noqa: E402
 from swarm.client.inference_session import ServerSession  # noqa: E402
 from swarm.client.routing import RouteSpan, SequenceManager  # noqa: E402
-from swarm.demo import DEMO_MODEL_PATH  # noqa: E402
+from swarm.demo_models import DEMO_MODEL_PATH  # noqa: E402
 from swarm.dht import create_dht  # noqa: E402
 from swarm.local_swarm import LocalSwarm  # noqa: E402
-from swarm.models.family import family_for, prepare_config  # noqa: E402
-from swarm.names import dht_prefix_for  # noqa: E402
-from swarm.server.backend import SpanBackend  # noqa: E402
+from swarm.models.registry import dht_prefix_for, family_for, prepare_config  # noqa: E402
+from swarm.server.backend import load_span  # noqa: E402
 
 
 def measure(steps: int, blocks: int) -> None:
     path = str(DEMO_MODEL_PATH)
     config = prepare_config(AutoConfig.from_pretrained(path))
     family = family_for(config)
-    weights = CheckpointFiles(path).load(lambda name: name.startswith(family.block_prefix), dtype=torch.float32)
-    backend = SpanBackend(family, config, 0, blocks, weights, torch.float32, torch.device("cpu"))
+    backend = load_span(CheckpointFiles(path), family, config, 0, blocks, torch.float32, torch.device("cpu"))
     hidden = torch.randn(1, 1, config.hidden_size)
     prompt = torch.randn(1, 4, config.hidden_size)
 

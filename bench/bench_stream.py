@@ -33,7 +33,7 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from playground.client import PlaygroundClient  # noqa: E402
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
-from swarm.demo import DEMO_MODEL_PATH  # noqa: E402
+from swarm.demo_models import DEMO_MODEL_PATH  # noqa: E402
 from swarm.local_swarm import LocalSwarm  # noqa: E402
 
 QUESTION = "Explain the for statement."

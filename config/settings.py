@@ -13,6 +13,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from config.env import envbool, envfloat, envint, envlist, envstr
+from swarm.demo_models import DEMO_MODEL_PATH, DEMO_MOE_MODEL_PATH
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(envstr("VAR_DIR", str(BASE_DIR / "var")))
@@ -136,7 +137,8 @@ SWARM_INITIAL_PEERS = envlist("SWARM_INITIAL_PEERS") or (
     if SWARM_INITIAL_PEERS_FILE and Path(SWARM_INITIAL_PEERS_FILE).exists()
     else []
 )
-SWARM_DEMO_MODEL = envstr("SWARM_DEMO_MODEL", str(BASE_DIR / "swarm" / "demo_model"))
+SWARM_DEMO_MODEL = envstr("SWARM_DEMO_MODEL", str(DEMO_MODEL_PATH))  # tiny Llama the demo serves
+SWARM_DEMO_MOE_MODEL = envstr("SWARM_DEMO_MOE_MODEL", str(DEMO_MOE_MODEL_PATH))  # tiny Mixtral (sparse MoE) beside it
 SWARM_HEALTH_URL = envstr("SWARM_HEALTH_URL")
 SWARM_REQUEST_TIMEOUT = envfloat("SWARM_REQUEST_TIMEOUT", 30.0)
 SWARM_MAX_LENGTH = envint("SWARM_MAX_LENGTH", 4096)
@@ -148,7 +150,8 @@ SWARM_ANNOUNCE_MADDRS = envlist("SWARM_ANNOUNCE_MADDRS")
 import json  # noqa: E402
 
 PLAYGROUND_MODELS = json.loads(envstr("PLAYGROUND_MODELS") or "null") or {
-    "demo": {"path": SWARM_DEMO_MODEL, "display_name": "Demo (tiny Llama, 8 blocks)"}
+    "demo": {"path": SWARM_DEMO_MODEL, "display_name": "Demo (tiny Llama, 8 blocks)"},
+    "demo-moe": {"path": SWARM_DEMO_MOE_MODEL, "display_name": "Demo MoE (tiny Mixtral, 8 blocks)"},
 }
 PLAYGROUND_MAX_LENGTH = envint("PLAYGROUND_MAX_LENGTH", 2048)  # tokens in one session (all turns)
 PLAYGROUND_MAX_NEW_TOKENS = envint("PLAYGROUND_MAX_NEW_TOKENS", 1024)  # tokens in one reply
@@ -166,7 +169,7 @@ PLAYGROUND_AVAILABILITY_TTL = envfloat("PLAYGROUND_AVAILABILITY_TTL", 15.0)  # c
 # MONITOR_MODELS: models always listed, besides those found in the DHT's model index. JSON, a list of
 # {"dht_prefix", "num_blocks", "repository", "name"}, or compact "prefix:num_blocks[:repository[:name]]"
 # entries separated by ";", e.g. "Meta-Llama-3-1-405B-Instruct-hf:126:meta-llama/Meta-Llama-3.1-405B-Instruct".
-MONITOR_MODELS = envstr("MONITOR_MODELS", "demo_model-hf:8::Demo model")
+MONITOR_MODELS = envstr("MONITOR_MODELS", "demo_model-hf:8::Demo model;demo_moe_model:8::Demo MoE model")
 MONITOR_UPDATE_PERIOD = envint("MONITOR_UPDATE_PERIOD", 60)  # seconds between crawls
 MONITOR_RETENTION = envint("MONITOR_RETENTION", 7 * 24 * 3600)  # seconds of history kept
 MONITOR_PING_TIMEOUT = envfloat("MONITOR_PING_TIMEOUT", 5.0)  # seconds per rpc_info ping

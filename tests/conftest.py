@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from swarm.demo import DEMO_MODEL_PATH  # noqa: E402
+from swarm.demo_models import DEMO_MODEL_PATH  # noqa: E402
 from swarm.local_swarm import LocalSwarm  # noqa: E402
 
 DEMO_MODEL = str(DEMO_MODEL_PATH)

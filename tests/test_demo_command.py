@@ -1,9 +1,10 @@
 """The README's first command, run as a new user would: everything starts, works, and stops cleanly.
 
 Runs `make demo` in the background (embedded mode, then the full mode on this machine's Redis
-and PostgreSQL), waits for the site, finds the demo model healthy after the first crawl, chats
-one greedy reply over the websocket, sends SIGINT, and checks that every process it started is
-gone and that the block servers announced OFFLINE.
+and PostgreSQL), waits for the site, finds both demo models (the Llama and the sparse-MoE
+Mixtral) healthy after the first crawl and offered by the chat page, chats one greedy reply
+with each over the websocket, sends SIGINT, and checks that every process it started is gone
+and that the block servers announced OFFLINE.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
 
-PREFIX = "demo_model-hf"
+# Chat model name (settings.PLAYGROUND_MODELS) → the DHT prefix its servers announce.
+MODELS = {"demo": "demo_model-hf", "demo-moe": "demo_moe_model"}
 
 
 def free_port() -> int:
@@ -142,26 +144,35 @@ def test_make_demo(mode, tmp_path, request):
                 break
         assert peers, "".join(lines)[-3000:]
         base = f"http://127.0.0.1:{port}"
+        printed = "".join(lines)
+        for prefix in MODELS.values():
+            assert f"{base}/models/{prefix}/" in printed, printed[-3000:]
 
         state = {}
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             state = get_json(f"{base}/api/v1/state")
             reports = {report["dht_prefix"]: report for report in state.get("model_reports", [])}
-            if reports.get(PREFIX, {}).get("state") == "healthy":
+            if all(reports.get(prefix, {}).get("state") == "healthy" for prefix in MODELS.values()):
                 break
             time.sleep(2)
         else:
-            pytest.fail(f"the demo model never showed up healthy: {state}")
+            pytest.fail(f"the demo models never showed up healthy: {state}")
 
-        reply = asyncio.run(chat_once(f"ws://127.0.0.1:{port}/api/v2/generate"))
-        assert reply["ok"] and reply["stop"] and reply["outputs"].strip()
+        with urllib.request.urlopen(f"{base}/chat/", timeout=10) as response:
+            chat_page = response.read().decode()
+        for name in MODELS:
+            assert f'<option value="{name}">' in chat_page, name  # the model picker offers both
+
+        for name in MODELS:
+            reply = asyncio.run(chat_once(f"ws://127.0.0.1:{port}/api/v2/generate", name))
+            assert reply["ok"] and reply["stop"] and reply["outputs"].strip(), (name, reply)
 
         # A DHT peer of our own keeps copies of the announcements after the swarm is gone.
         dht = DHT(initial_peers=peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         time.sleep(1)
         started = descendants(demo.pid)
-        assert len(started) >= 6, started  # make, demo, DHT, 2 servers, worker, beat, web (+ their children)
+        assert len(started) >= 7, started  # make, demo, DHT, 3 servers, worker, beat, web (+ their children)
     finally:
         os.killpg(demo.pid, signal.SIGINT)
         try:
@@ -184,25 +195,28 @@ def test_make_demo(mode, tmp_path, request):
             assert not survivors, f"processes left running: {names}"
             assert "Stopped" in "".join(lines)
             if dht is not None:
-                for index in (0, 7):
-                    found = dht.get(block_uid(PREFIX, index), latest=True)
-                    states = {record.value[0] for record in found.value.values()} if found else set()
-                    assert states == {0}, f"block {index}: {states}"  # every server said OFFLINE
+                for prefix in MODELS.values():
+                    for index in (0, 7):
+                        found = dht.get(block_uid(prefix, index), latest=True)
+                        states = {record.value[0] for record in found.value.values()} if found else set()
+                        assert states == {0}, f"{prefix} block {index}: {states}"  # every server said OFFLINE
         finally:
             if dht is not None:
                 dht.shutdown()
 
 
-async def chat_once(url: str) -> dict:
+async def chat_once(url: str, model: str) -> dict:
+    """The reply's last message, with `outputs` the whole streamed text (a last chunk may be just a space)."""
     client = await PlaygroundClient.connect(url)
     try:
-        opened = await client.open_session("demo", max_length=256)
+        opened = await client.open_session(model, max_length=256)
         assert opened["ok"], opened
-        last = {}
+        last, outputs = {}, []
         async for message in client.generate(
             inputs="The function", max_new_tokens=8, do_sample=0, stop_sequence="<|eot_id|>", timeout=120
         ):
             last = message
-        return last
+            outputs.append(message.get("outputs", ""))
+        return {**last, "outputs": "".join(outputs)}
     finally:
         await client.close()

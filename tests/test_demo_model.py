@@ -1,4 +1,5 @@
-"""The shipped demo model (swarm/demo_model/) loads offline, is small, and writes English."""
+"""The shipped demo models (swarm/demo_model/, a tiny Llama; swarm/demo_moe_model/, a tiny Mixtral) load offline,
+are small, share one tokenizer, and write English."""
 
 from __future__ import annotations
 
@@ -7,19 +8,32 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from swarm.demo import DEMO_MODEL_PATH, build_demo_model
+from config.demo_training import TOKENIZER_FILES, build_demo_model
+from swarm.demo_models import DEMO_MODEL_PATH, DEMO_MOE_MODEL_PATH
+
+CHECKPOINTS = {"llama": DEMO_MODEL_PATH, "mixtral": DEMO_MOE_MODEL_PATH}
+
+
+@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
+def family(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(DEMO_MODEL_PATH)
+def path(family) -> Path:
+    return CHECKPOINTS[family]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return AutoModelForCausalLM.from_pretrained(DEMO_MODEL_PATH, dtype=torch.float32).eval()
+def tokenizer(path):
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def model(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def training_words() -> set[str]:
@@ -28,19 +42,36 @@ def training_words() -> set[str]:
     return {w.lower() for text in topics.values() for w in re.findall(r"[A-Za-z]+", text)}
 
 
-def test_shipped_folder_is_small() -> None:
-    files = [f for f in DEMO_MODEL_PATH.iterdir() if f.is_file()]
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {f.name for f in files}
+def test_shipped_folder_is_small(path) -> None:
+    files = [f for f in path.iterdir() if f.is_file()]
+    expected = {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "training.json"}
+    assert expected <= {f.name for f in files}
     assert sum(f.stat().st_size for f in files) <= 16 * 1024 * 1024
 
 
-def test_config_is_small_llama_with_gqa(model) -> None:
+def test_config_is_small_with_gqa(family, model) -> None:
     config = model.config
-    assert config.model_type == "llama"
+    assert config.model_type == family
     assert config.num_hidden_layers == 8
+    assert config.hidden_size == 256
     assert config.num_attention_heads == 8
     assert config.num_key_value_heads == 4
+    assert not config.tie_word_embeddings
     assert model.dtype == torch.float32
+    if family == "mixtral":
+        assert (config.num_local_experts, config.num_experts_per_tok) == (4, 2)
+
+
+def test_moe_demo_reuses_the_llama_tokenizer() -> None:
+    copied = [name for name in TOKENIZER_FILES if (DEMO_MODEL_PATH / name).is_file()]
+    assert "tokenizer.json" in copied
+    for name in copied:
+        assert (DEMO_MOE_MODEL_PATH / name).read_bytes() == (DEMO_MODEL_PATH / name).read_bytes(), name
+
+
+def test_both_demos_stop_on_the_same_tokens() -> None:
+    configs = [GenerationConfig.from_pretrained(p) for p in CHECKPOINTS.values()]
+    assert configs[0].eos_token_id == configs[1].eos_token_id and len(configs[0].eos_token_id) == 2
 
 
 def test_tokenizer_special_tokens_and_round_trip(tokenizer, model) -> None:
@@ -65,8 +96,9 @@ def test_chat_template_with_generation_prompt(tokenizer) -> None:
     assert ids.count(tokenizer.bos_token_id) == 1  # the template adds BOS once, encode must not
 
 
-def test_greedy_generation_is_english_words(tokenizer, model) -> None:
-    inputs = tokenizer("The function", return_tensors="pt")
+@pytest.mark.parametrize("prompt", ["The function", "The function returns the value of"])
+def test_greedy_generation_is_english_words(tokenizer, model, prompt) -> None:
+    inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         # min_new_tokens: judge a full 40 tokens even if the model would stop at a sentence end.
         out = model.generate(**inputs, max_new_tokens=40, min_new_tokens=40, do_sample=False)
@@ -79,16 +111,26 @@ def test_greedy_generation_is_english_words(tokenizer, model) -> None:
     assert len(known) / len(words) >= 0.6, text
 
 
-def test_build_demo_model_quick(tmp_path: Path) -> None:
+@pytest.mark.parametrize("build_family", ["llama", "mixtral"])
+def test_build_demo_model_quick(tmp_path: Path, build_family: str) -> None:
     logs: list[str] = []
-    build_demo_model(tmp_path, train_seconds=2, seed=1, max_docs=8, log=logs.append)
+    build_demo_model(tmp_path, family=build_family, train_seconds=2, seed=1, max_docs=8, log=logs.append)
     assert any("parameters" in line for line in logs)
     assert (tmp_path / "model.safetensors").is_file()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert model.config.model_type == build_family
     assert model.config.num_key_value_heads == 4
     assert len(tokenizer) == model.config.vocab_size
+    if build_family == "mixtral":
+        assert model.config.num_local_experts == 4
+        assert (tmp_path / "tokenizer.json").read_bytes() == (DEMO_MODEL_PATH / "tokenizer.json").read_bytes()
     inputs = tokenizer("The", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 3
+
+
+def test_build_rejects_an_unknown_family(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown demo family"):
+        build_demo_model(tmp_path, family="gpt2", train_seconds=0)

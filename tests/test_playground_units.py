@@ -252,7 +252,7 @@ def test_cross_site_browser_posts_are_refused_but_api_clients_pass():
     answer = api_client.post("/api/v1/generate", {"model": "nope", "inputs": "x", "max_new_tokens": "3"})
     assert answer.status_code == 404 and answer.json() == {
         "ok": False,
-        "traceback": "unknown model 'nope'; this site serves: demo",
+        "traceback": "unknown model 'nope'; this site serves: demo, demo-moe",
     }
     assert api_client.get("/v1/models").json()["data"][0]["id"] == "demo"
 

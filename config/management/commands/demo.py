@@ -15,15 +15,22 @@ from django.core.management.base import BaseCommand
 from config.celery import app as celery_app
 from swarm.local_swarm import LocalSwarm
 
+# The block servers: (model option, blocks, public name). The Llama is split in two spans so that
+# inference hops between servers; the MoE model fits one server.
+SERVERS = (("model", "0:4", "demo-1"), ("model", "4:8", "demo-2"), ("moe_model", "0:8", "demo-moe"))
+
 
 class Command(BaseCommand):
-    help = "Run a bootstrap DHT peer, two block servers on the demo model, Celery worker and beat, and the site."
+    help = "Run a bootstrap DHT peer, block servers on both demo models, Celery worker and beat, and the site."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--host", default="127.0.0.1", help="address of the site and the swarm")
         parser.add_argument("--port", type=int, default=8000, help="port of the site")
         parser.add_argument("--dht-port", type=int, default=31337, help="port of the bootstrap DHT peer")
-        parser.add_argument("--model", default=settings.SWARM_DEMO_MODEL, help="checkpoint served by the swarm")
+        parser.add_argument("--model", default=settings.SWARM_DEMO_MODEL, help="checkpoint served in two spans")
+        parser.add_argument(
+            "--moe-model", default=settings.SWARM_DEMO_MOE_MODEL, help="sparse MoE checkpoint served by one server"
+        )
 
     def handle(self, *args, **options) -> None:
         call_command("migrate", interactive=False, verbosity=0)
@@ -38,9 +45,12 @@ class Command(BaseCommand):
             self._log("Starting the bootstrap DHT peer")
             peers = swarm.start_dht(options["host"], options["dht_port"], identity_path=str(var / "bootstrap.id"))
             site_env = {"SWARM_INITIAL_PEERS": " ".join(peers)}
-            for index, span in enumerate(("0:4", "4:8")):
-                self._log(f"Starting block server {index + 1} on blocks {span}")
-                swarm.start_server(options["model"], "--block-indices", span, "--public-name", f"demo-{index + 1}")
+            # Everything below starts at once and is waited for afterwards: most of each start-up is imports.
+            servers = []
+            for option, span, name in SERVERS:
+                self._log(f"Starting block server {name} on blocks {span} of {Path(options[option]).name}")
+                args = (options[option], "--block-indices", span, "--public-name", name)
+                servers.append(swarm.start_server(*args, name=name, wait=False))
             celery = [sys.executable, "-m", "celery", "-A", "config"]
             swarm.spawn_command("worker", [*celery, "worker", "--loglevel", "INFO", "--concurrency", "2"], site_env)
             beat_schedule = str(var / "celerybeat-schedule")
@@ -49,12 +59,17 @@ class Command(BaseCommand):
             web = swarm.spawn_command(
                 "web", [daphne, "-b", options["host"], "-p", str(options["port"]), "config.asgi:application"], site_env
             )
+            for server in servers:
+                server.wait_until_online()
+                self._log(f"Block server {server.name} is online")
             web.wait_for_line(lambda line: "Listening on" in line or "Starting server" in line, timeout=60)
             celery_app.send_task("monitor.tasks.crawl_swarm")  # a first crawl now, not one update period later
             base = f"http://{options['host']}:{options['port']}"
             self.stdout.write(self.style.SUCCESS("\nThe swarm and the site are running:"))
             self.stdout.write(f"  status page   {base}/")
             self.stdout.write(f"  chat          {base}/chat/")
+            for prefix in dict.fromkeys(server.dht_prefix for server in servers if server.dht_prefix):
+                self.stdout.write(f"  model page    {base}/models/{prefix}/")
             self.stdout.write(f"  initial peers {' '.join(peers)}")
             self.stdout.write(f"  logs          {var / 'logs'}")
             self.stdout.write("Press Ctrl-C to stop everything.\n")

@@ -4,19 +4,28 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from swarm.demo import DEMO_MODEL_PATH, build_demo_model
+from config.demo_training import DEFAULT_OUTPUT, FAMILIES, build_demo_model
 
 
 class Command(BaseCommand):
-    help = "Train the tiny demo Llama model and tokenizer on CPU and save them (default: swarm/demo_model/)."
+    help = "Train a tiny demo model on CPU and save it (Llama: swarm/demo_model/, Mixtral: swarm/demo_moe_model/)."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--output", type=Path, default=DEMO_MODEL_PATH, help="Folder to write the model to.")
+        parser.add_argument(
+            "--family",
+            choices=FAMILIES,
+            default="llama",
+            help="llama: dense, trains the shared tokenizer; mixtral: sparse MoE, reuses the Llama demo's tokenizer.",
+        )
+        parser.add_argument(
+            "--output", type=Path, default=None, help="Folder to write the model to (default: the family's own)."
+        )
         parser.add_argument(
             "--train-seconds", type=float, default=300.0, help="Wall-clock training budget (default 300)."
         )
         parser.add_argument("--seed", type=int, default=0, help="Seed for initialisation and data order.")
 
-    def handle(self, *args, output: Path, train_seconds: float, seed: int, **options) -> None:
-        build_demo_model(output, train_seconds=train_seconds, seed=seed, log=self.stdout.write)
+    def handle(self, *args, family: str, output: Path | None, train_seconds: float, seed: int, **options) -> None:
+        output = output or DEFAULT_OUTPUT[family]
+        build_demo_model(output, family=family, train_seconds=train_seconds, seed=seed, log=self.stdout.write)
         self.stdout.write(self.style.SUCCESS(f"Demo model written to {output}"))

@@ -1,12 +1,12 @@
-"""The shipped demo model: a tiny Llama-architecture causal LM trained on CPU in minutes.
+"""Training the shipped demo models on CPU in minutes (`manage.py makedemomodel`).
 
-`build_demo_model()` trains a byte-level BPE tokenizer and an 8-block Llama (grouped-query
-attention, 8 query / 4 key-value heads) on the English reference text that ships with Python
-(`pydoc_data.topics`), then saves it in the usual Hugging Face layout (safetensors, bfloat16)
-so `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained()` load it offline. The result lives
-in `swarm/demo_model/` (`DEMO_MODEL_PATH`) so nobody has to train it.
-
-Plain Python on purpose: no Django import, so workers and scripts can use it directly.
+Two families, one recipe. The Llama demo trains a byte-level BPE tokenizer and an 8-block Llama
+(grouped-query attention, 8 query / 4 key-value heads) on the English reference text that ships
+with Python (`pydoc_data.topics`). The Mixtral demo reuses that tokenizer (same vocabulary, same
+chat template) and trains an 8-block sparse MoE (4 experts, top-2) on the same corpus with the
+same loop. Both are saved in the usual Hugging Face layout (safetensors, bfloat16) so
+`AutoTokenizer` / `AutoModelForCausalLM.from_pretrained()` load them offline; the results ship
+in `swarm/demo_model/` and `swarm/demo_moe_model/` (`swarm.demo_models`) so nobody has to train them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-DEMO_MODEL_PATH: Path = Path(__file__).resolve().parent / "demo_model"
+from swarm.demo_models import DEMO_MODEL_PATH, DEMO_MOE_MODEL_PATH
+
+FAMILIES = ("llama", "mixtral")
+DEFAULT_OUTPUT: dict[str, Path] = {"llama": DEMO_MODEL_PATH, "mixtral": DEMO_MOE_MODEL_PATH}
+# What `save_pretrained()` writes for the tokenizer; the Mixtral demo copies these from the Llama one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 # Llama-3 style special tokens; the chat markers let the chat template round-trip.
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -40,7 +46,7 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
-# Model shape. Parameters: 2 * vocab * hidden (untied embeddings + head)
+# Model shape. Llama parameters: 2 * vocab * hidden (untied embeddings + head)
 # + layers * (attention 2*h*h + 2*h*h/2 + MLP 3*h*inter) ~= 6.8M, i.e. ~13.6 MB in bfloat16.
 VOCAB_SIZE = 4096
 HIDDEN_SIZE = 256
@@ -48,6 +54,12 @@ INTERMEDIATE_SIZE = 512
 NUM_LAYERS = 8
 NUM_HEADS = 8
 NUM_KV_HEADS = 4
+# Mixtral: the same attention, and each MLP becomes experts * 3*h*inter + a router, ~= 7.6M
+# parameters, i.e. ~15.2 MB in bfloat16: the largest expert size that keeps the folder under 16 MB.
+MOE_INTERMEDIATE_SIZE = 160
+MOE_NUM_EXPERTS = 4
+MOE_TOP_K = 2
+MOE_ROUTER_AUX_LOSS_COEF = 0.02  # Mixtral-8x7B's; keeps the router from collapsing onto one expert
 
 # Training. Windows are short (CPU budget) but long enough to cover a paragraph.
 BLOCK_SIZE = 256
@@ -180,14 +192,30 @@ def encode_corpus(tokenizer, docs: list[str], chats: list[tuple[str, str]]) -> t
 # Model and training
 
 
-def make_model(tokenizer):
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def make_generation_config(tokenizer):
+    from transformers import GenerationConfig
 
-    eot_id = tokenizer.convert_tokens_to_ids(EOT)
-    config = LlamaConfig(
+    # A chat answer ends with <|eot_id|>, a document with <|end_of_text|>: stop on either.
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOT)],
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=0.7,
+        top_k=50,
+        top_p=0.9,
+        repetition_penalty=1.1,
+        max_new_tokens=128,
+    )
+
+
+def make_model(tokenizer, family: str = "llama"):
+    """A freshly initialised demo model of `family` ("llama" or "mixtral") for this tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    shared = dict(
         vocab_size=len(tokenizer),
         hidden_size=HIDDEN_SIZE,
-        intermediate_size=INTERMEDIATE_SIZE,
         num_hidden_layers=NUM_LAYERS,
         num_attention_heads=NUM_HEADS,
         num_key_value_heads=NUM_KV_HEADS,
@@ -198,19 +226,20 @@ def make_model(tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
-    # A chat answer ends with <|eot_id|>, a document with <|end_of_text|>: stop on either.
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, eot_id],
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=True,
-        temperature=0.7,
-        top_k=50,
-        top_p=0.9,
-        repetition_penalty=1.1,
-        max_new_tokens=128,
-    )
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(intermediate_size=INTERMEDIATE_SIZE, **shared))
+    elif family == "mixtral":
+        config = MixtralConfig(
+            intermediate_size=MOE_INTERMEDIATE_SIZE,
+            num_local_experts=MOE_NUM_EXPERTS,
+            num_experts_per_tok=MOE_TOP_K,
+            router_aux_loss_coef=MOE_ROUTER_AUX_LOSS_COEF,
+            **shared,
+        )
+        model = MixtralForCausalLM(config)
+    else:
+        raise ValueError(f"unknown demo family {family!r}; expected one of {FAMILIES}")
+    model.generation_config = make_generation_config(tokenizer)
     return model
 
 
@@ -230,8 +259,14 @@ def train(
     seed: int,
     log: Callable[[str], object] = print,
 ) -> dict[str, float]:
-    """AdamW on random windows for a wall-clock budget; the schedule follows elapsed time."""
+    """AdamW on random windows for a wall-clock budget; the schedule follows elapsed time.
+
+    A sparse MoE also gets its router's load-balancing loss (scaled by the config's coefficient), so
+    that every expert learns; the logged loss is next-token cross-entropy alone, comparable across families.
+    """
     gen = torch.Generator().manual_seed(seed)
+    aux_coef = getattr(model.config, "router_aux_loss_coef", 0.0)  # 0 for dense models
+    forward_options = {"output_router_logits": True} if aux_coef else {}
     block = min(BLOCK_SIZE, len(data) - 1)
     # No weight decay on norms (1-D tensors); the usual GPT recipe.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -255,10 +290,12 @@ def train(
         starts = torch.randint(0, len(data) - block, (BATCH_SIZE,), generator=gen)
         batch = torch.stack([data[s : s + block + 1] for s in starts.tolist()])
         inputs, targets = batch[:, :-1], batch[:, 1:]  # next-token prediction, shifted here
-        logits = model(input_ids=inputs).logits
+        outputs = model(input_ids=inputs, **forward_options)
+        logits = outputs.logits
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        objective = loss + aux_coef * outputs.aux_loss if aux_coef else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
 
@@ -283,20 +320,26 @@ def train(
 
 
 def build_demo_model(
-    output_dir: str | Path,
+    output_dir: str | Path | None = None,
     *,
+    family: str = "llama",
     train_seconds: float = 300,
     seed: int = 0,
     log: Callable[[str], object] = print,
     max_docs: int | None = None,
     num_threads: int = 2,
-) -> None:
-    """Train the tokenizer and model from scratch and save both to `output_dir`.
+    tokenizer_from: str | Path = DEMO_MODEL_PATH,
+) -> Path:
+    """Train a demo model of `family` from scratch and save it to `output_dir` (default: the shipped folder).
 
+    The Llama demo trains its own tokenizer; the Mixtral demo copies the tokenizer files of
+    `tokenizer_from` (the Llama demo's), so both demos speak the same vocabulary and chat template.
     `max_docs` limits the corpus (tests use it to stay fast). The step count depends on the
     machine, so only the seeds (data order, initialisation) are deterministic.
     """
-    output_dir = Path(output_dir)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown demo family {family!r}; expected one of {FAMILIES}")
+    output_dir = Path(output_dir) if output_dir is not None else DEFAULT_OUTPUT[family]
     output_dir.mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)  # the machine is shared; a small model gains little more
@@ -305,20 +348,28 @@ def build_demo_model(
         docs, chats = load_corpus(max_docs)
         log(f"corpus: {len(docs)} documents, {sum(map(len, docs))} characters, {len(chats)} chat pairs")
 
-        tokenizer = wrap_tokenizer(train_tokenizer(docs))
+        if family == "llama":
+            tokenizer = wrap_tokenizer(train_tokenizer(docs))
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
         data = encode_corpus(tokenizer, docs, chats)
         log(f"tokenizer: {len(tokenizer)} tokens; corpus is {len(data)} tokens")
 
-        model = make_model(tokenizer)
+        model = make_model(tokenizer, family)
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"model: {n_params / 1e6:.2f}M parameters ({n_params * 2 / 1e6:.1f} MB in bfloat16)")
+        log(f"model: {family}, {n_params / 1e6:.2f}M parameters ({n_params * 2 / 1e6:.1f} MB in bfloat16)")
 
         stats = train(model, data, train_seconds=train_seconds, seed=seed, log=log)
         log(f"trained {stats['steps']} steps, {stats['tokens']} tokens in {stats['seconds']:.0f}s")
 
         model.to(torch.bfloat16)
         model.save_pretrained(output_dir, safe_serialization=True)
-        tokenizer.save_pretrained(output_dir)
+        if family == "llama":
+            tokenizer.save_pretrained(output_dir)
+        else:
+            _copy_tokenizer_files(Path(tokenizer_from), output_dir)
         (output_dir / "training.json").write_text(
             json.dumps({"seed": seed, "parameters": n_params, "corpus_tokens": len(data), **stats}, indent=2) + "\n"
         )
@@ -327,5 +378,15 @@ def build_demo_model(
             f.chmod(0o644)  # safetensors writes 0600; the folder ships in the repo
         size = sum(f.stat().st_size for f in files)
         log(f"saved to {output_dir} ({size / 1e6:.1f} MB)")
+        return output_dir
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _copy_tokenizer_files(source: Path, output_dir: Path) -> None:
+    """Byte-for-byte copies, so the two demos' tokenizers cannot drift apart."""
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if "tokenizer.json" not in copied:
+        raise FileNotFoundError(f"{source} has no tokenizer.json to reuse")
+    for name in copied:
+        shutil.copyfile(source / name, output_dir / name)
