@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ONLINE_MARK = "Server is ONLINE"
-PREFIX_MARK = "(prefix "  # in a block server's "Serving blocks A:B of <model> (prefix <dht_prefix>) ..." line
 
 
 class SwarmProcess:
@@ -27,7 +26,6 @@ class SwarmProcess:
         self.argv = list(argv)
         self.lines: list[str] = []
         self.peer_id: str | None = None  # block servers: known once ONLINE
-        self.dht_prefix: str | None = None  # block servers: the model's prefix they announce, known once ONLINE
         self._log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 (closed in kill())
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
@@ -77,13 +75,9 @@ class SwarmProcess:
                 self._changed.wait(min(remaining, 0.5))
 
     def wait_until_online(self, timeout: float = 180) -> str:
-        """Wait for a block server's ONLINE log line; returns its peer id, and remembers it and the DHT prefix."""
+        """Wait for a block server's ONLINE log line; returns (and remembers) its peer id."""
         line = self.wait_for_line(lambda text: ONLINE_MARK in text, timeout=timeout)
         self.peer_id = line.rsplit("peer id", 1)[-1].strip()
-        with self._changed:
-            serving = next((text for text in self.lines if PREFIX_MARK in text), None)
-        if serving:
-            self.dht_prefix = serving.split(PREFIX_MARK, 1)[1].split(")", 1)[0]
         return self.peer_id
 
     def signal(self, sig: int) -> None:

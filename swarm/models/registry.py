@@ -14,6 +14,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 import swarm.models
+from swarm.checkpoint import is_local_checkpoint
 from swarm.models.family import ModelFamily
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -76,8 +77,6 @@ def dht_prefix_for(name_or_path: str, model_type: str, *, is_local: bool | None 
     'bigscience/bloom-petals'
     """
     if is_local is None:
-        from swarm.checkpoint import is_local_checkpoint
-
         is_local = is_local_checkpoint(name_or_path)
     return family_for_type(model_type).dht_prefix(name_or_path, is_local=is_local)
 

@@ -11,13 +11,20 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
+from transformers import AutoConfig
 
 from config.celery import app as celery_app
 from swarm.local_swarm import LocalSwarm
+from swarm.models.registry import dht_prefix_for
 
 # The block servers: (model option, blocks, public name). The Llama is split in two spans so that
 # inference hops between servers; the MoE model fits one server.
 SERVERS = (("model", "0:4", "demo-1"), ("model", "4:8", "demo-2"), ("moe_model", "0:8", "demo-moe"))
+
+
+def model_prefix(path: str) -> str:
+    """The DHT prefix a server of this checkpoint announces (its model page's address)."""
+    return dht_prefix_for(path, AutoConfig.from_pretrained(path).model_type)
 
 
 class Command(BaseCommand):
@@ -68,7 +75,7 @@ class Command(BaseCommand):
             self.stdout.write(self.style.SUCCESS("\nThe swarm and the site are running:"))
             self.stdout.write(f"  status page   {base}/")
             self.stdout.write(f"  chat          {base}/chat/")
-            for prefix in dict.fromkeys(server.dht_prefix for server in servers if server.dht_prefix):
+            for prefix in dict.fromkeys(model_prefix(options[option]) for option, _, _ in SERVERS):
                 self.stdout.write(f"  model page    {base}/models/{prefix}/")
             self.stdout.write(f"  initial peers {' '.join(peers)}")
             self.stdout.write(f"  logs          {var / 'logs'}")
