@@ -107,7 +107,11 @@ def from_swarm(spec: ChatModelSpec, identity: SwarmIdentity) -> Availability:
     try:
         dht = registry.dht(spec.peers)
         view = fetch_swarm(dht, identity.dht_prefix, identity.num_blocks, wait=False).result(DHT_READ_TIMEOUT)
-        answer = describe(identity.num_blocks, view.missing_blocks(), len(view.online_spans()), "swarm", time.time())
+        # With an adapter, only the servers that announce it count (the client routes through no others).
+        spans = [s for s in view.online_spans() if not spec.adapter or spec.adapter in s.server_info.adapters]
+        covered = {index for span in spans for index in range(span.start, span.end)}
+        missing = [index for index in range(identity.num_blocks) if index not in covered]
+        answer = describe(identity.num_blocks, missing, len(spans), "swarm", time.time())
     except Exception as e:
         logger.warning("Could not read the swarm of %s: %s", spec.name, e)
         answer = Availability("unknown", "the swarm could not be reached", checked_at=time.time(), source="swarm")
@@ -136,7 +140,7 @@ async def all_models() -> list[dict[str, Any]]:
         identity = identities[spec.name]
         if identity is None:
             availability = Availability("unknown", "this model's configuration could not be read")
-        elif identity.dht_prefix in monitored:
+        elif identity.dht_prefix in monitored and not spec.adapter:  # the monitor counts servers of any adapter
             availability = monitored[identity.dht_prefix]
         else:
             availability = await loop.run_in_executor(executor(), from_swarm, spec, identity)

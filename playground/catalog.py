@@ -13,7 +13,8 @@ Each entry maps a model name (what clients send as `model`) to:
       "defaults": {"do_sample": true, "temperature": 0.7, "top_k": 50, "top_p": 0.9,
                    "repetition_penalty": 1.1, "max_new_tokens": 256},
       "max_length": 2048,                              # session length cap for this model (tokens)
-      "client": {"request_timeout": 30}                # swarm.client.config.ClientConfig overrides
+      "client": {"request_timeout": 30},               # swarm.client.config.ClientConfig overrides
+      "adapter": null                                  # a LoRA adapter the swarm serves (its announced name)
     }
 """
 
@@ -32,7 +33,7 @@ from swarm.client.config import ClientConfig
 
 MODEL_NAME_MAX_CHARS = 128
 SEPARATOR_KEYS = ("prefix", "user_start", "user_end", "assistant_start", "assistant_end")
-_CLIENT_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)} - {"initial_peers", "dht_prefix"}
+_CLIENT_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)} - {"initial_peers", "dht_prefix", "active_adapter"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,7 @@ class ChatModelSpec:
     defaults: SamplingDefaults = SamplingDefaults()
     max_length: int = 2048
     client: dict[str, Any] = dataclasses.field(default_factory=dict)
+    adapter: str | None = None  # the client's active_adapter: only servers announcing it are used
 
     @property
     def peers(self) -> list[str]:
@@ -115,7 +117,7 @@ def _parse_entry(name: str, entry: Any) -> ChatModelSpec:
     max_length = entry.get("max_length", 2048)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError("'max_length' must be a positive integer")
-    for key in ("display_name", "dht_prefix", "chat_template"):
+    for key in ("display_name", "dht_prefix", "chat_template", "adapter"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise ValueError(f"'{key}' must be a string")
     return ChatModelSpec(
@@ -129,6 +131,7 @@ def _parse_entry(name: str, entry: Any) -> ChatModelSpec:
         defaults=_parse_defaults(entry.get("defaults") or {}),
         max_length=max_length,
         client=dict(client),
+        adapter=entry.get("adapter") or None,
     )
 
 

@@ -162,6 +162,7 @@ class ModelRegistry:
             "request_timeout": settings.SWARM_REQUEST_TIMEOUT,
             "missing_blocks_timeout": settings.PLAYGROUND_MISSING_BLOCKS_TIMEOUT,
             **spec.client,
+            "active_adapter": spec.adapter,
         }
         logger.info("Loading chat model %s (%s) from %d initial peers", spec.name, spec.path, len(spec.peers))
         try:

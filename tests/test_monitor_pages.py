@@ -162,3 +162,21 @@ def test_peer_page_shows_its_history(client):
     assert set(data["figures"]) == {"states", "spans", "throughput", "pings"}
     assert client.get(reverse("monitor:peer", args=[peer("nobody")])).status_code == 404
     assert client.get("/peers/not-a-peer-id/").status_code == 404
+
+
+def test_each_servers_adapters_are_shown_escaped(client):
+    a, b = peer("lora"), peer("plain")
+    evil = "org/<img src=x onerror=alert(1)>"
+    write_snapshot(
+        crawl_result(
+            {MODEL: [span(a, 0, 8, adapters=("org/lora-a", evil)), span(b, 0, 8)]}, {a: REACHABLE, b: REACHABLE}
+        )
+    )
+    html = client.get("/").content.decode()
+    row = html.split(f'data-peer-id="{a}"', 1)[1].split("</tr>", 1)[0]
+    assert '<span title="org/lora-a">lora-a</span>' in row
+    assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in row
+    plain = html.split(f'data-peer-id="{b}"', 1)[1].split("</tr>", 1)[0]
+    assert '<td class="adapters"></td>' in plain
+    page = client.get(reverse("monitor:peer", args=[a])).content.decode()
+    assert "adapters org/lora-a, org/&lt;img" in page and "<img" not in page

@@ -26,6 +26,7 @@ ROW = (
     "<td>{version}</td>"
     '<td class="num">{throughput}</td>'
     "<td>{precision}</td>"
+    '<td class="adapters">{adapters}</td>'
     '<td class="num">{cache}</td>'
     "<td>{connection}</td>"
     '<td class="num">{latency}</td>'
@@ -47,6 +48,14 @@ def _contributor(row: dict[str, Any]) -> str:
     return f'<span title="{name}">{short}</span>'
 
 
+def _adapters(names: list[str], shown: int = 4) -> str:
+    """Each adapter by the last part of its name (the whole name on hover), the first few of them."""
+    items = [f'<span title="{escape(name)}">{escape(name.rsplit("/", 1)[-1])}</span>' for name in names[:shown]]
+    if len(names) > shown:
+        items.append(f'<span class="muted">+{len(names) - shown}</span>')
+    return ", ".join(items)
+
+
 @register.simple_tag
 def server_rows(rows: list[dict[str, Any]]) -> SafeString:
     peer_url = reverse("monitor:peer", args=[PEER_PLACEHOLDER])
@@ -60,6 +69,7 @@ def server_rows(rows: list[dict[str, Any]]) -> SafeString:
             version=escape(row["version_short"]),
             throughput=escape(row["throughput_text"]),
             precision=escape(row["precision"]),
+            adapters=_adapters(row["adapters"] or []),
             cache=escape(row["cache_text"]),
             connection=escape(row["connection"]),
             latency=escape(row["latency_text"]),

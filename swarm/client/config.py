@@ -21,3 +21,6 @@ class ClientConfig:
     # extra server on real networks, but costs CPU: on one machine (loopback) it measured slower.
     use_server_to_server: bool = False
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
+    # A LoRA adapter served by the swarm (its name as servers announce it): only servers that
+    # announce it are used, and they run every request with it. None: the base model.
+    active_adapter: str | None = None

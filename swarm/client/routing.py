@@ -103,10 +103,13 @@ class SequenceManager:
 
     def _usable_spans(self) -> list[RemoteSpanInfo]:
         now = time.monotonic()
+        adapter = self.config.active_adapter
         return [
             span
             for span in self.view.online_spans()
-            if self._banned_until.get(span.peer_id, 0.0) <= now and self.rtts.get(span.peer_id) != float("inf")
+            if self._banned_until.get(span.peer_id, 0.0) <= now
+            and self.rtts.get(span.peer_id) != float("inf")
+            and (not adapter or adapter in span.server_info.adapters)  # only servers that run our adapter
         ]
 
     # ----- routes -----
@@ -128,9 +131,11 @@ class SequenceManager:
             if time.monotonic() >= deadline:
                 covered = {i for s in spans for i in range(s.start, s.end)}
                 missing = [i for i in range(start, end) if i not in covered]
+                adapter = self.config.active_adapter
+                servers = f"server with adapter {adapter!r}" if adapter else "server"
                 raise MissingBlocksError(
                     f"blocks {describe_blocks(missing)} of {self.model_name} are not served by any reachable "
-                    f"server right now (waited {self.config.missing_blocks_timeout:.0f} s)",
+                    f"{servers} right now (waited {self.config.missing_blocks_timeout:.0f} s)",
                     model_name=self.model_name,
                     blocks=missing,
                 )

@@ -14,6 +14,8 @@ from transformers import PretrainedConfig
 
 from swarm.checkpoint import CheckpointFiles
 from swarm.models.family import BlockInputs, CacheLayout, ModelFamily
+from swarm.server.activations import KeptForward
+from swarm.server.adapters import LoraHook, LoraWeights, attach_adapter, using_adapter
 from swarm.server.attention_masks import attention_mask, needs_mask
 
 
@@ -96,6 +98,13 @@ class SpanBackend:
             block.load_state_dict(family.convert_block_weights(weights, config), strict=True, assign=True)
             self.blocks.append(block.to(device=device, dtype=dtype).eval().requires_grad_(False))
         self.rotary = family.make_rotary(config).to(device) if family.make_rotary else None
+        self.adapters: list[str] = []  # served LoRA adapters, by name
+        self._lora_hooks: dict[tuple[int, str], LoraHook] = {}
+
+    def add_adapter(self, name: str, loras: dict[tuple[int, str], LoraWeights]) -> None:
+        """Serve LoRA adapter `name` (weights by block index and layer path); the base weights stay as they are."""
+        attach_adapter(name, self.blocks, self.start, self._lora_hooks, loras)
+        self.adapters.append(name)
 
     def cache_bytes(self, num_blocks: int, batch_size: int, max_length: int) -> int:
         return kv_cache_bytes(self.cache_layout, num_blocks, batch_size, max_length, self.dtype)
@@ -106,6 +115,19 @@ class SpanBackend:
         )
 
     def _run(
+        self,
+        hidden: torch.Tensor,
+        first: int,
+        last: int,
+        offset: int,
+        prompts: torch.Tensor | None,
+        cache: SessionKVCache | None,
+        adapter: str | None = None,
+    ) -> torch.Tensor:
+        with using_adapter(adapter):  # read by the adapted layers' hooks, on this thread only
+            return self._run_blocks(hidden, first, last, offset, prompts, cache)
+
+    def _run_blocks(
         self,
         hidden: torch.Tensor,
         first: int,
@@ -142,8 +164,15 @@ class SpanBackend:
         return hidden
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, first: int, last: int, prompts: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(hidden.to(self.device, self.dtype), first, last, 0, _cast(prompts, self), None)
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        first: int,
+        last: int,
+        prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
+    ) -> torch.Tensor:
+        return self._run(hidden.to(self.device, self.dtype), first, last, 0, _cast(prompts, self), None, adapter)
 
     @torch.inference_mode()
     def inference_step(
@@ -152,6 +181,7 @@ class SpanBackend:
         cache: SessionKVCache,
         prompts: torch.Tensor | None = None,
         hypo_ids: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> torch.Tensor:
         if hypo_ids is not None:
             cache.reorder(hypo_ids.to(self.device))
@@ -160,7 +190,7 @@ class SpanBackend:
         hidden = hidden.to(self.device, self.dtype)
         if cache.position > 0:
             prompts = None  # deep prompts apply to the leading tokens, which the first step carried
-        output = self._run(hidden, first, last, cache.position, _cast(prompts, self), cache)
+        output = self._run(hidden, first, last, cache.position, _cast(prompts, self), cache, adapter)
         cache.position += hidden.shape[1]
         return output
 
@@ -171,17 +201,40 @@ class SpanBackend:
         first: int,
         last: int,
         prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gradients of the span's output w.r.t. its input hidden states (and deep prompts)."""
-        with torch.enable_grad():
+        return self.backward_from(self.forward_for_backward(hidden, first, last, prompts, adapter), grad_outputs)
+
+    def forward_for_backward(
+        self,
+        hidden: torch.Tensor,
+        first: int,
+        last: int,
+        prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
+    ) -> KeptForward:
+        """A forward pass that keeps its autograd graph (and says how many bytes that graph holds)."""
+        saved: dict[int, int] = {}  # storage address -> bytes: activations autograd keeps for the backward
+
+        def count(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.requires_grad:  # not the frozen weights it also keeps (they are held anyway)
+                storage = tensor.untyped_storage()
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
             hidden = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
             prompts = _cast(prompts, self)
             if prompts is not None:
                 prompts = prompts.detach().requires_grad_(True)
-            output = self._run(hidden, first, last, 0, prompts, None)
-            inputs = [hidden] if prompts is None else [hidden, prompts]
-            grads = torch.autograd.grad(output, inputs, grad_outputs.to(self.device, self.dtype))
-        return grads[0], (grads[1] if prompts is not None else None)
+            output = self._run(hidden, first, last, 0, prompts, None, adapter)
+        return KeptForward(first, last, hidden, prompts, output, adapter, nbytes=sum(saved.values()))
+
+    def backward_from(self, kept: KeptForward, grad_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        inputs = [kept.hidden] if kept.prompts is None else [kept.hidden, kept.prompts]
+        grads = torch.autograd.grad(kept.output, inputs, grad_outputs.to(self.device, self.dtype))
+        return grads[0], (grads[1] if kept.prompts is not None else None)
 
 
 def load_span(

@@ -28,6 +28,7 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from swarm import __version__
 from swarm.names import block_uids, join_chain, parse_block_uid, split_chain
+from swarm.server.activations import MAX_KEEP_ID_LENGTH, ActivationStore
 from swarm.server.backend import SessionKVCache, SpanBackend
 from swarm.server.memory_cache import CacheAllocationError, KVCachePool
 from swarm.streams import FrameError, close_when_peer_ends, read_message, write_error, write_message
@@ -62,6 +63,7 @@ class _Session:
     max_length: int
     batch_size: int
     writer: asyncio.StreamWriter
+    adapter: str | None = None  # chosen by the first request, kept for the whole session
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     seen_steps: OrderedDict[Any, None] = dataclasses.field(default_factory=OrderedDict)
 
@@ -84,6 +86,7 @@ class TransformerConnectionHandler(ServicerBase):
         step_timeout: float = 300.0,
         max_tokens_per_request: int = 8192,
         dht_client_mode: bool = False,
+        max_kept_activation_bytes: int = 256 * 2**20,  # forwards kept for their backward (training)
     ):
         self.backend = backend
         self.dht_prefix = dht_prefix
@@ -99,6 +102,7 @@ class TransformerConnectionHandler(ServicerBase):
         self.p2p: P2P | None = None
         self._sessions: dict[str, _Session] = {}  # by session_id, for rpc_push
         self._pushes: set[asyncio.Task] = set()
+        self.activations = ActivationStore(max_kept_activation_bytes, max_kept_activation_bytes // 2)
         self.steps_served = 0
         self.tokens_served = 0
 
@@ -110,6 +114,7 @@ class TransformerConnectionHandler(ServicerBase):
     async def drain(self, timeout: float) -> None:
         """Refuse new work and wait (up to `timeout`) for requests in flight to finish."""
         self.accepting = False
+        self.activations.clear()
         deadline = asyncio.get_running_loop().time() + timeout
         while self.active_requests and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
@@ -227,20 +232,32 @@ class TransformerConnectionHandler(ServicerBase):
     def _forward_inputs(self, request: runtime_pb2.ExpertRequest, tensors: list[torch.Tensor]):
         first, last = self._parse_chain(request.uid)
         metadata = loads_metadata(request.metadata)
-        self._check_adapter(metadata)
+        adapter = self._adapter(metadata)
         args = unpack_args(tensors, metadata.get("args_structure"))
-        return first, last, args
+        keep_id = metadata.get("keep_for_backward")
+        if keep_id is not None and (not isinstance(keep_id, str) or len(keep_id) > MAX_KEEP_ID_LENGTH):
+            raise BadRequest(f"keep_for_backward must be a string of at most {MAX_KEEP_ID_LENGTH} characters")
+        return first, last, args, adapter, keep_id
 
-    async def _forward(self, request: runtime_pb2.ExpertRequest, tensors: list[torch.Tensor]) -> torch.Tensor:
-        first, last, args = self._forward_inputs(request, tensors)
+    async def _forward(
+        self, request: runtime_pb2.ExpertRequest, tensors: list[torch.Tensor], context: P2PContext
+    ) -> torch.Tensor:
+        first, last, args, adapter, keep_id = self._forward_inputs(request, tensors)
         if not args:
             raise BadRequest("rpc_forward needs [hidden_states, prompts]")
         hidden = self._check_hidden(args[0])
         prompts = self._check_prompts(args[1] if len(args) > 1 else None, hidden, last - first)
-        return await self._compute(self.backend.forward, hidden, first, last, prompts)
+        if keep_id is None or not self.activations.max_bytes:
+            return await self._compute(self.backend.forward, hidden, first, last, prompts, adapter)
+        # A training client will ask for this forward's backward: keep its graph if the budget allows.
+        kept = await self._compute(self.backend.forward_for_backward, hidden, first, last, prompts, adapter)
+        self.activations.put(str(context.remote_id), keep_id, kept)
+        return kept.output.detach()
 
-    async def _backward(self, request: runtime_pb2.ExpertRequest, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        first, last, args = self._forward_inputs(request, tensors)
+    async def _backward(
+        self, request: runtime_pb2.ExpertRequest, tensors: list[torch.Tensor], context: P2PContext
+    ) -> list[torch.Tensor]:
+        first, last, args, adapter, keep_id = self._forward_inputs(request, tensors)
         if len(args) < 2:
             raise BadRequest("rpc_backward needs [hidden_states, grad_outputs, prompts]")
         hidden = self._check_hidden(args[0])
@@ -248,14 +265,19 @@ class TransformerConnectionHandler(ServicerBase):
         if grad_outputs.shape != hidden.shape:
             raise BadRequest("grad_outputs must have the shape of hidden_states")
         prompts = self._check_prompts(args[2] if len(args) > 2 else None, hidden, last - first)
-        grad_hidden, grad_prompts = await self._compute(
-            self.backend.backward, hidden, grad_outputs, first, last, prompts
-        )
+        kept = self.activations.pop(str(context.remote_id), keep_id) if keep_id is not None else None
+        if kept is not None and kept.matches(first, last, hidden, prompts, adapter):
+            self.activations.hits += 1
+            grad_hidden, grad_prompts = await self._compute(self.backend.backward_from, kept, grad_outputs)
+        else:
+            grad_hidden, grad_prompts = await self._compute(
+                self.backend.backward, hidden, grad_outputs, first, last, prompts, adapter
+            )
         return [grad_hidden] if grad_prompts is None else [grad_hidden, grad_prompts]
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         async with self._request():
-            output = await self._forward(request, deserialize(request.tensors))
+            output = await self._forward(request, deserialize(request.tensors), context)
             return runtime_pb2.ExpertResponse(tensors=[serialize(output)])
 
     async def rpc_forward_stream(
@@ -263,13 +285,13 @@ class TransformerConnectionHandler(ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async with self._request():
             request, tensors = await self._gather_stream(requests)
-            output = await self._forward(request, tensors)
+            output = await self._forward(request, tensors, context)
             for part in split_for_streaming(serialize(output), STREAM_CHUNK_BYTES):
                 yield runtime_pb2.ExpertResponse(tensors=[part])
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         async with self._request():
-            grads = await self._backward(request, deserialize(request.tensors))
+            grads = await self._backward(request, deserialize(request.tensors), context)
             return runtime_pb2.ExpertResponse(tensors=[serialize(g) for g in grads])
 
     async def rpc_backward_stream(
@@ -277,7 +299,7 @@ class TransformerConnectionHandler(ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async with self._request():
             request, tensors = await self._gather_stream(requests)
-            grads = await self._backward(request, tensors)
+            grads = await self._backward(request, tensors, context)
             for grad in grads:
                 for part in split_for_streaming(serialize(grad), STREAM_CHUNK_BYTES):
                     yield runtime_pb2.ExpertResponse(tensors=[part])
@@ -298,10 +320,19 @@ class TransformerConnectionHandler(ServicerBase):
         tensors = deserialize_streamed(parts)
         return first, tensors
 
-    @staticmethod
-    def _check_adapter(metadata: dict[str, Any]) -> None:
-        if metadata.get("active_adapter"):
-            raise BadRequest("this server serves no adapters")
+    def _adapter(self, metadata: dict[str, Any]) -> str | None:
+        """The request's `active_adapter` (Petals' key): a served adapter's name, or None (also for "")."""
+        name = metadata.get("active_adapter")
+        if name is None or name == "":
+            return None
+        if not isinstance(name, str):
+            raise BadRequest("active_adapter must be a string (an adapter name)")
+        if name not in self.backend.adapters:
+            served = ", ".join(repr(a) for a in self.backend.adapters[:5]) or "none"
+            if len(self.backend.adapters) > 5:
+                served += f" and {len(self.backend.adapters) - 5} more"
+            raise BadRequest(f"adapter {name[:200]!r} is not served here (this server serves: {served})")
+        return name
 
     # ----- inference -----
 
@@ -346,7 +377,7 @@ class TransformerConnectionHandler(ServicerBase):
             return True
         first, last = self._parse_chain(request.uid)
         metadata = loads_metadata(request.metadata)
-        self._check_adapter(metadata)
+        adapter = self._adapter(metadata)
         max_length = metadata.get("max_length")
         if isinstance(max_length, bool) or not isinstance(max_length, int):
             raise BadRequest("the first inference request must set max_length (an integer)")
@@ -363,7 +394,7 @@ class TransformerConnectionHandler(ServicerBase):
         nbytes = self.backend.cache_bytes(last - first, batch_size, max_length)
         async with self.cache_pool.reserve(nbytes, alloc_timeout):
             cache = await self._compute(self.backend.new_cache, first, last - first, batch_size, max_length)
-            session = _Session(cache, first, last, max_length, batch_size, writer)
+            session = _Session(cache, first, last, max_length, batch_size, writer, adapter=adapter)
             if session_id is not None:
                 self._sessions[session_id] = session  # so that the previous server can push steps here
             try:
@@ -429,6 +460,7 @@ class TransformerConnectionHandler(ServicerBase):
                     cache,
                     prompts,
                     hypo_ids,
+                    session.adapter,
                     tokens=hidden.shape[0] * hidden.shape[1],
                 )
             if step_id is not None:  # only now: a step that failed may still come again

@@ -12,6 +12,8 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from hivemind import DHT
@@ -20,11 +22,12 @@ from transformers import AutoConfig
 
 from swarm import __version__
 from swarm.checkpoint import CheckpointFiles, is_local_checkpoint
-from swarm.data_structures import ModelInfo, ServerInfo, ServerState
+from swarm.data_structures import MAX_ADAPTERS, MAX_STRING_LENGTH, ModelInfo, ServerInfo, ServerState
 from swarm.dht import announce_blocks, announce_model, create_dht, fetch_swarm
 from swarm.models.registry import bytes_per_block, dht_prefix_for, family_for, prepare_config
 from swarm.names import is_private_prefix, is_valid_dht_prefix
 from swarm.ping import ping_server
+from swarm.server.adapters import AdapterError, adapter_folder, load_block_loras, read_lora_config
 from swarm.server.backend import SpanBackend, kv_cache_bytes, load_span, span_cache_layout
 from swarm.server.block_selection import block_throughputs, blocks_that_fit, choose_best_start
 from swarm.server.handler import TransformerConnectionHandler
@@ -62,6 +65,7 @@ class ServerConfig:
     revision: str | None = None
     token: str | None = None
     health_url: str | None = None  # a swarm monitor that checks we are reachable from outside
+    adapters: Sequence[str] = ()  # LoRA adapters (local folders or Hub repositories) requests may choose
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,6 +106,7 @@ class BlockServer:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.torch_dtype, self.device)
         self.repository = None if is_local_checkpoint(config.model) else config.model  # a Hub repository name
+        self.adapters = self._find_adapters()  # before joining: a bad adapter fails fast
         self.dht: DHT | None = None
         self.handler: TransformerConnectionHandler | None = None
         self.start = self.end = 0
@@ -213,6 +218,19 @@ class BlockServer:
         start = choose_best_start(block_throughputs(view), count)
         return start, start + count
 
+    def _find_adapters(self) -> dict[str, tuple[Path, Any]]:
+        """Each adapter's folder (downloaded if it names a Hub repository) and LoRA config, by name."""
+        names = list(dict.fromkeys(self.config.adapters))
+        if len(names) > MAX_ADAPTERS:
+            raise AdapterError(f"at most {MAX_ADAPTERS} adapters can be announced, got {len(names)}")
+        adapters = {}
+        for name in names:
+            if not 0 < len(name) <= MAX_STRING_LENGTH:
+                raise AdapterError(f"an adapter's name (its path) must be 1 to {MAX_STRING_LENGTH} characters")
+            folder = adapter_folder(name, token=self.config.token)
+            adapters[name] = (folder, read_lora_config(name, folder))
+        return adapters
+
     def _load_backend(self) -> SpanBackend:
         began = time.perf_counter()
         files = CheckpointFiles(self.config.model, revision=self.config.revision, token=self.config.token)
@@ -220,6 +238,11 @@ class BlockServer:
             files, self.family, self.model_config, self.start, self.end, self.dtype, self.device, progress=True
         )
         logger.info("Loaded %d blocks in %.1f s", self.end - self.start, time.perf_counter() - began)
+        names = self.family.checkpoint
+        for name, (folder, lora_config) in self.adapters.items():
+            loras = load_block_loras(name, folder, lora_config, names, self.start, self.end, self.dtype, self.device)
+            backend.add_adapter(name, loras)
+            logger.info("Serving adapter %s: LoRA on %d layers of blocks %d:%d", name, len(loras), self.start, self.end)
         return backend
 
     def _throughput(self, backend: SpanBackend) -> dict[str, float]:
@@ -243,6 +266,7 @@ class BlockServer:
             network_rps=rates.get("network_rps"),
             forward_rps=rates.get("forward_rps"),
             inference_rps=rates.get("inference_rps"),
+            adapters=tuple(self.adapters),
             torch_dtype=str(self.dtype).split(".")[-1],
             quant_type="none",
             using_relay=False,

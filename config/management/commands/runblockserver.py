@@ -46,6 +46,13 @@ class Command(BaseCommand):
         parser.add_argument("--update-period", type=float, default=120.0, help="seconds between announcements")
         parser.add_argument("--revision", help="Hub revision (branch, tag or commit)")
         parser.add_argument("--token", help="Hub token for gated models (default: HF_TOKEN)")
+        parser.add_argument(
+            "--adapters",
+            nargs="+",
+            default=[],
+            metavar="PATH",
+            help="LoRA adapters (peft folders or Hub repositories) that requests may choose by this name",
+        )
 
     def handle(self, *args, **options) -> None:
         logging.getLogger("swarm").setLevel(logging.INFO)
@@ -71,6 +78,7 @@ class Command(BaseCommand):
             revision=options["revision"],
             token=options["token"],
             health_url=settings.SWARM_HEALTH_URL or None,
+            adapters=options["adapters"],
         )
         try:
             server = BlockServer(config)
