@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swarm import AutoDistributedModelForCausalLM
-from swarm.client.model import _resolve_dtype
+from swarm.client.distributed import resolve_dtype as _resolve_dtype
 from tests.conftest import DEMO_MODEL
 
 

@@ -4,6 +4,11 @@ Each server keeps the attention cache of its blocks, so a step sends only new to
 client remembers what entered each span; when a server fails or vanishes, it picks a
 replacement chain for those blocks, replays the remembered inputs there, and carries on:
 greedy output stays the same.
+
+Beam search reorders the batch between steps (row i continues hypothesis hypo_ids[i]): the
+reorder travels with the next step as its `hypo_ids`, and each server reorders its cache
+before computing that step (Petals semantics). The remembered inputs follow the same
+reorders, so a replacement server is rebuilt with the rows in their current order.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,9 +34,11 @@ logger = logging.getLogger(__name__)
 
 REPLAY_CHUNK_TOKENS = 1024
 CLOSE_TIMEOUT = 2.0  # seconds to wait for servers to free a finished session's caches
-# Every step sends [hidden_states, prompts, hypo_ids]; the last two are always empty here.
+# Every step sends [hidden_states, prompts, hypo_ids]; prompts are always empty here, hypo_ids
+# too unless the batch was reordered since the last step.
 _ARGS = pack_args([torch.empty(0)] * 3)[1]
-_NO_PROMPTS_NOR_HYPO_IDS = (serialize(torch.empty(0)), serialize(torch.empty(0, dtype=torch.int64)))
+_NO_PROMPTS = serialize(torch.empty(0))
+_NO_PROMPTS_NOR_HYPO_IDS = (_NO_PROMPTS, serialize(torch.empty(0, dtype=torch.int64)))
 
 
 def _max_response_bytes(hidden: torch.Tensor) -> int:
@@ -48,7 +56,9 @@ class ServerSession:
         self.manager, self.span, self.max_length = manager, span, max_length
         self.uid = join_chain(block_uids(manager.dht_prefix, span.start, span.end))
         self.session_id = str(uuid.uuid4())
-        self.inputs: list[torch.Tensor] = []  # everything sent so far, for replay elsewhere
+        # Everything sent so far, for replay elsewhere: each step's hidden states and the hypo_ids
+        # that reordered the rows before it (None: no reorder).
+        self.steps: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.position = 0
         self._stream: BlockingStream | None = None
         self.started = False
@@ -60,18 +70,32 @@ class ServerSession:
         self._stream = BlockingStream(self.manager.p2p, peer_id, INFERENCE_HANDLE, self.manager.config.connect_timeout)
 
     def step(
-        self, hidden: torch.Tensor, step_id: str, start_from: int | None, next_servers: list | None = None
+        self,
+        hidden: torch.Tensor,
+        step_id: str,
+        start_from: int | None,
+        next_servers: list | None = None,
+        hypo_ids: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id, "args_structure": _ARGS}
         if next_servers and self.started and start_from is None:
             metadata["next_servers"] = next_servers
         if not self.started:
             metadata.update(max_length=self.max_length, alloc_timeout=self.manager.config.alloc_timeout)
+            metadata["active_adapter"] = self.manager.config.active_adapter  # kept for the whole session
             self.started = True
         if start_from is not None and start_from != self.position:
             metadata["start_from_position"] = start_from
+        if hypo_ids is None and prompts is None:
+            extra = _NO_PROMPTS_NOR_HYPO_IDS
+        else:
+            extra = (
+                _NO_PROMPTS if prompts is None else serialize(prompts),
+                _NO_PROMPTS_NOR_HYPO_IDS[1] if hypo_ids is None else serialize(hypo_ids),
+            )
         request = runtime_pb2.ExpertRequest(
-            uid=self.uid, tensors=[serialize(hidden), *_NO_PROMPTS_NOR_HYPO_IDS], metadata=dumps_metadata(metadata)
+            uid=self.uid, tensors=[serialize(hidden), *extra], metadata=dumps_metadata(metadata)
         )
         timeout = self.manager.config.request_timeout
         self.broken = True  # until the answer is in: a stream left mid-step is of no further use
@@ -87,13 +111,14 @@ class ServerSession:
             )
         if start_from is not None:
             self.position = start_from
-            self.inputs = [torch.cat(self.inputs, dim=1)[:, :start_from]] if self.inputs else []
-        self.inputs.append(hidden)
+            self.steps = [(self.history()[:, :start_from], None)] if self.steps else []
+        self.steps.append((hidden, hypo_ids))
         self.position += hidden.shape[1]
         return output
 
     def history(self) -> torch.Tensor | None:
-        return torch.cat(self.inputs, dim=1) if self.inputs else None
+        """The inputs that rebuild this server's cache, rows in their current order."""
+        return replay_history(self.steps)
 
     def finish(self) -> None:
         """Say the session is over; the server frees its cache when it reads this."""
@@ -136,40 +161,96 @@ class InferenceSession:
         self.manager = manager
         self.max_length = max_length
         self.sessions: list[ServerSession] = []
-        self.position = 0  # tokens processed by the servers
-        self.token_ids: torch.Tensor | None = None  # the token ids behind those positions, if known
+        self.position = 0  # positions processed by the servers: a learned prefix, then tokens
+        self.prefix_length = 0  # leading positions of a learned prefix (prompt tuning), with no token ids
+        self.token_ids: torch.Tensor | None = None  # the token ids behind the positions after it, if known
+        self._prompts: torch.Tensor | None = None  # deep prompts of the first step, for replays
         self.tokens_sent = 0  # counts every token position sent (the cost of this session)
         self._rewind_to: int | None = None
+        self._hypo_ids: torch.Tensor | None = None  # a reorder the servers have yet to apply
         self.closed = False
 
     # ----- sync API -----
 
-    def step(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self,
+        hidden: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+        hypo_ids: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        prefix_length: int = 0,
+    ) -> torch.Tensor:
+        """Run `hidden` (batch, new_tokens, hidden_size) through all blocks. With `hypo_ids`, row i of
+        the batch first continues hypothesis hypo_ids[i] (beam search), as after `reorder(hypo_ids)`.
+
+        The first step of a session may carry deep prompts, (blocks, batch, prefix, hidden_size),
+        and say that its first `prefix_length` positions are a learned prefix without token ids.
+        """
         if self.closed:
             raise SessionError("this inference session is closed")
+        if hypo_ids is not None:
+            self.reorder(hypo_ids)
         start = self.position if self._rewind_to is None else self._rewind_to
+        if start == 0:
+            self.prefix_length, self._prompts = prefix_length, prompts
+        elif prompts is not None or prefix_length:
+            raise ValueError("prompts and a learned prefix belong to the first step of a session")
         if start + hidden.shape[1] > self.max_length:
             raise SessionError(
                 f"the session would hold {start + hidden.shape[1]} tokens, more than its max_length={self.max_length}"
             )
-        output = self._step(hidden.detach().cpu(), self._rewind_to)
+        pending = self._hypo_ids if start > 0 else None  # nothing cached yet: nothing to reorder
+        if pending is not None:
+            _check_hypo_ids(pending, hidden.shape[0])
+            if torch.equal(pending, torch.arange(len(pending))):
+                pending = None  # spare the servers a copy of their caches
+        output = self._step(hidden.detach().cpu(), self._rewind_to, pending, self._prompts if start == 0 else None)
         self.position = start + hidden.shape[1]
         self._rewind_to = None
+        self._hypo_ids = None
         self.tokens_sent += hidden.shape[1]
         if token_ids is not None:
-            kept = self.token_ids[:, :start] if self.token_ids is not None else token_ids[:, :0]
+            kept = self.token_ids[:, : start - self.prefix_length] if self.token_ids is not None else token_ids[:, :0]
             self.token_ids = torch.cat([kept, token_ids.cpu()], dim=1)
         return output
 
+    def reorder(self, hypo_ids: torch.Tensor | Sequence[int]) -> None:
+        """Beam search: row i of the batch continues hypothesis hypo_ids[i] from now on.
+
+        `token_ids` follow at once; the servers reorder their caches with the next step.
+        """
+        hypo_ids = torch.as_tensor(hypo_ids).detach().cpu()
+        if hypo_ids.ndim != 1 or hypo_ids.dtype.is_floating_point or hypo_ids.dtype == torch.bool:
+            raise ValueError("hypo_ids must be a 1-d tensor of row indices")
+        hypo_ids = hypo_ids.to(torch.int64)
+        known = self._hypo_ids if self._hypo_ids is not None else self.token_ids
+        _check_hypo_ids(hypo_ids, len(known) if known is not None else len(hypo_ids))
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids[hypo_ids]
+        self._hypo_ids = hypo_ids if self._hypo_ids is None else self._hypo_ids[hypo_ids]
+
+    @property
+    def token_position(self) -> int:
+        """Tokens the servers hold after the learned prefix (if any)."""
+        return self.position - self.prefix_length
+
     def rewind(self, position: int) -> None:
-        """Forget tokens after `position`; the next step continues from there."""
+        """Forget positions after `position`; the next step continues from there."""
         if not 0 <= position <= self.position:
             raise ValueError(f"can rewind only to a position between 0 and {self.position}")
+        if 0 < position < self.prefix_length:
+            raise ValueError(f"cannot rewind into the learned prefix of {self.prefix_length} positions")
         if position != self.position:
             self._rewind_to = position
             self.position = position
             if self.token_ids is not None:
-                self.token_ids = self.token_ids[:, :position]
+                self.token_ids = self.token_ids[:, : max(position - self.prefix_length, 0)]
+            if position == 0:
+                self.prefix_length = 0
+
+    def rewind_tokens(self, count: int) -> None:
+        """Keep the learned prefix and the first `count` tokens after it."""
+        self.rewind(self.prefix_length + count)
 
     def close(self) -> None:
         if not self.closed:
@@ -189,7 +270,13 @@ class InferenceSession:
 
     # ----- internals -----
 
-    def _step(self, hidden: torch.Tensor, start_from: int | None) -> torch.Tensor:
+    def _step(
+        self,
+        hidden: torch.Tensor,
+        start_from: int | None,
+        hypo_ids: torch.Tensor | None,
+        prompts: torch.Tensor | None,
+    ) -> torch.Tensor:
         if not self.sessions:
             self.sessions = self._open_chain(0, self.manager.num_blocks)
         step_id = str(uuid.uuid4())
@@ -197,7 +284,8 @@ class InferenceSession:
         while index < len(self.sessions):
             session = self.sessions[index]
             try:
-                hidden = session.step(hidden, step_id, start_from, self._next_servers(index))
+                span_prompts = _span_prompts(prompts, session.span)
+                hidden = session.step(hidden, step_id, start_from, self._next_servers(index), hypo_ids, span_prompts)
                 index += 1
             except MissingBlocksError:
                 raise
@@ -260,8 +348,33 @@ class InferenceSession:
             step_id = str(uuid.uuid4())
             for chunk in history.split(REPLAY_CHUNK_TOKENS, dim=1):
                 for session in replacements:
-                    chunk = session.step(chunk, f"{step_id}-{session.position}", None)
+                    # The first chunk starts the session: it carries the deep prompts, if any.
+                    prompts = _span_prompts(self._prompts, session.span) if session.position == 0 else None
+                    chunk = session.step(chunk, f"{step_id}-{session.position}", None, prompts=prompts)
         self.sessions[index : index + 1] = replacements
+
+
+def _span_prompts(prompts: torch.Tensor | None, span: RouteSpan) -> torch.Tensor | None:
+    return None if prompts is None else prompts[span.start : span.end].detach().cpu()
+
+
+def _check_hypo_ids(hypo_ids: torch.Tensor, rows: int) -> None:
+    if hypo_ids.shape != (rows,) or (rows and not 0 <= hypo_ids.min() <= hypo_ids.max() < rows):
+        raise ValueError(f"hypo_ids must be {rows} row indices in [0, {rows}), got {hypo_ids.tolist()}")
+
+
+def replay_history(steps: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor | None:
+    """The hidden states that rebuild a cache after these steps: each step reorders the rows
+    (hypo_ids, or None) then appends its hidden states. Row maps are composed from the end, so
+    every step's tensor is copied once however many reorders came after it."""
+    if not steps:
+        return None
+    parts, rows = [], None  # rows[i]: where the final row i sits at this point of the history
+    for hidden, hypo_ids in reversed(steps):
+        parts.append(hidden if rows is None else hidden[rows])
+        if hypo_ids is not None:
+            rows = hypo_ids if rows is None else hypo_ids[rows]
+    return torch.cat(parts[::-1], dim=1)
 
 
 def _close_all(sessions: list[ServerSession], timeout: float = CLOSE_TIMEOUT) -> None:

@@ -6,7 +6,9 @@ prompts) only, which is what prompt tuning and client-side adapters need.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import uuid
 from typing import Any
 
 import torch
@@ -25,12 +27,23 @@ _NO_PROMPTS = torch.empty(0)
 
 
 async def _call(
-    manager: SequenceManager, span: RouteSpan, method: str, tensors: list[torch.Tensor]
+    manager: SequenceManager,
+    span: RouteSpan,
+    method: str,
+    tensors: list[torch.Tensor],
+    keep_id: str | None = None,
 ) -> list[torch.Tensor]:
-    """One rpc_forward/rpc_backward call, streamed when the payload is large."""
+    """One rpc_forward/rpc_backward call, streamed when the payload is large.
+
+    `keep_id`: on a forward, ask the server to keep its graph under this id for the backward
+    that will follow; on that backward, name it (the server recomputes if it kept nothing).
+    """
     tensors, structure = pack_args(tensors)
     uid = join_chain(block_uids(manager.dht_prefix, span.start, span.end))
-    metadata = dumps_metadata({"args_structure": structure})
+    fields = {"args_structure": structure, "active_adapter": manager.config.active_adapter}
+    if keep_id is not None:
+        fields["keep_for_backward"] = keep_id
+    metadata = dumps_metadata(fields)
     serialized = [serialize(t) for t in tensors]
     stub = manager.stub(span.peer_id)
     timeout = manager.config.request_timeout
@@ -49,11 +62,14 @@ async def _call(
     return deserialize_streamed(chunks)
 
 
-async def _with_retries(manager: SequenceManager, start: int, end: int, run) -> Any:
-    """Run `run(route)` on a route for [start, end), rerouting around failed servers."""
+async def _with_retries(
+    manager: SequenceManager, start: int, end: int, run, first_route: list[RouteSpan] | None = None
+) -> Any:
+    """Run `run(route)` on a route for [start, end) (`first_route` first, if given), rerouting around
+    failed servers."""
     last_error: Exception | None = None
-    for _ in range(manager.config.max_retries + 1):
-        route = await manager.make_route(start, end, mode="throughput")
+    for attempt in range(manager.config.max_retries + 1):
+        route = first_route if attempt == 0 and first_route else await manager.make_route(start, end, "throughput")
         try:
             return await run(route)
         except MissingBlocksError:
@@ -70,20 +86,35 @@ class _SpanFailed(Exception):
         self.span = span
 
 
+@dataclasses.dataclass
+class TracedSpan:
+    """One span a forward pass went through: its input, and the id its server may keep the graph under."""
+
+    span: RouteSpan
+    inputs: torch.Tensor
+    keep_id: str | None
+
+
 async def remote_forward(
-    manager: SequenceManager, hidden: torch.Tensor, prompts: torch.Tensor | None, start: int, end: int
-) -> tuple[torch.Tensor, list[tuple[RouteSpan, torch.Tensor]]]:
-    """Hidden states after blocks [start, end), plus each span's input (kept for backward)."""
+    manager: SequenceManager,
+    hidden: torch.Tensor,
+    prompts: torch.Tensor | None,
+    start: int,
+    end: int,
+    keep_for_backward: bool = False,
+) -> tuple[torch.Tensor, list[TracedSpan]]:
+    """Hidden states after blocks [start, end), plus what each span got (for the backward)."""
 
     async def run(route: list[RouteSpan]):
         x, trace = hidden, []
         for span in route:
             span_prompts = prompts[span.start : span.end] if prompts is not None else _NO_PROMPTS
+            keep_id = uuid.uuid4().hex if keep_for_backward else None
             try:
-                (out,) = (await _call(manager, span, "rpc_forward", [x, span_prompts]))[:1]
+                (out,) = (await _call(manager, span, "rpc_forward", [x, span_prompts], keep_id))[:1]
             except Exception as e:
                 raise _SpanFailed(span) from e
-            trace.append((span, x))
+            trace.append(TracedSpan(span, x, keep_id))
             x = out
         return x, trace
 
@@ -92,14 +123,16 @@ async def remote_forward(
 
 async def remote_backward(
     manager: SequenceManager,
-    trace: list[tuple[RouteSpan, torch.Tensor]],
+    trace: list[TracedSpan],
     grad_output: torch.Tensor,
     prompts: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     grad_prompts = torch.zeros_like(prompts) if prompts is not None else None
-    for span, span_input in reversed(trace):
+    for traced in reversed(trace):
 
-        async def run(route: list[RouteSpan], span_input=span_input, grad=grad_output, span=span):
+        async def run(route: list[RouteSpan], span_input=traced.inputs, grad=grad_output, traced=traced):
+            # The forward's own server first: it may have kept the graph, sparing a recomputation.
+            keep_id = traced.keep_id if route == [traced.span] else None
             # A replacement chain may split the span: recompute its inner inputs first.
             inputs, x = [], span_input
             for sub in route:
@@ -110,27 +143,41 @@ async def remote_backward(
                         x = (await _call(manager, sub, "rpc_forward", [x, sub_prompts]))[0]
                     except Exception as e:
                         raise _SpanFailed(sub) from e
+            # Prompt gradients are kept per attempt: a retry after a later server failed must not
+            # count the spans that had already answered twice.
+            span_grad_prompts = []
             for sub, x, sub_prompts in reversed(inputs):
                 try:
-                    grads = await _call(manager, sub, "rpc_backward", [x, grad, sub_prompts])
+                    grads = await _call(manager, sub, "rpc_backward", [x, grad, sub_prompts], keep_id)
                 except Exception as e:
                     raise _SpanFailed(sub) from e
                 grad = grads[0]
-                if grad_prompts is not None and len(grads) > 1:
-                    grad_prompts[sub.start : sub.end] += grads[1].to(grad_prompts.dtype)
-            return grad
+                if len(grads) > 1:
+                    span_grad_prompts.append((sub, grads[1]))
+            return grad, span_grad_prompts
 
-        grad_output = await _with_retries(manager, span.start, span.end, run)
+        span = traced.span
+        grad_output, span_grad_prompts = await _with_retries(manager, span.start, span.end, run, [span])
+        if grad_prompts is not None:
+            for sub, grad in span_grad_prompts:
+                grad_prompts[sub.start : sub.end] += grad.to(grad_prompts.dtype)
     return grad_output, grad_prompts
 
 
 class _RemoteSequentialFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, prompts: torch.Tensor, manager: SequenceManager, timeout: float):
+    def forward(
+        ctx, hidden: torch.Tensor, prompts: torch.Tensor, manager: SequenceManager, timeout: float, training: bool
+    ):
         has_prompts = prompts.numel() > 0
         output, trace = run_sync(
             remote_forward(
-                manager, hidden.detach().cpu(), prompts.detach().cpu() if has_prompts else None, 0, manager.num_blocks
+                manager,
+                hidden.detach().cpu(),
+                prompts.detach().cpu() if has_prompts else None,
+                0,
+                manager.num_blocks,
+                keep_for_backward=training,
             ),
             timeout,
         )
@@ -146,7 +193,7 @@ class _RemoteSequentialFunction(torch.autograd.Function):
         )
         device, dtype = ctx.devices
         grad_prompts = grad_prompts.to(device) if grad_prompts is not None else None
-        return grad_hidden.to(device, dtype), grad_prompts, None, None
+        return grad_hidden.to(device, dtype), grad_prompts, None, None, None
 
 
 def remote_sequential(
@@ -155,4 +202,5 @@ def remote_sequential(
     """Differentiable: hidden states after all of the model's remote blocks."""
     timeout = manager.config.request_timeout * (manager.config.max_retries + 2) * 4 + 60
     prompts = prompts if prompts is not None else torch.empty(0, device=hidden.device)
-    return _RemoteSequentialFunction.apply(hidden, prompts, manager, timeout)
+    training = torch.is_grad_enabled() and (hidden.requires_grad or prompts.requires_grad)
+    return _RemoteSequentialFunction.apply(hidden, prompts, manager, timeout, training)
