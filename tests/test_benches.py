@@ -22,6 +22,7 @@ BENCHES = {
     "bench_transport.py": (["--rounds", "20"], ["stream_rtt_ms", "hivemind_stream_rtt_ms", "unary_rtt_ms"]),
     "bench_hop.py": (["--steps", "5"], ["step_ms", "compute_ms", "hop_overhead_ms"]),
     "bench_generate.py": (["--tokens", "4", "--rounds", "1"], ["ratio_1server", "ratio_2servers"]),
+    "bench_train.py": (["--rounds", "1", "--steps", "3", "--tokens", "16"], ["ratio_train_step"]),
     "bench_crawl.py": (
         ["--servers", "50", "--blocks", "8", "--repeats", "1"],
         ["crawl_seconds_50", "naive_over_crawl", "status_page_ms_50"],
