@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
@@ -16,6 +18,7 @@ from hivemind.proto import runtime_pb2
 from swarm.server.handler import TransformerConnectionHandler
 
 MAX_ERROR_LENGTH = 300
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,3 +72,30 @@ async def ping_dht_peer(node: DHTNode, peer_id: str, timeout: float) -> PingResu
     if answer is None:
         return PingResult(reachable=False, error="did not answer the DHT ping")
     return PingResult(reachable=True, rtt=time.perf_counter() - began)
+
+
+async def ping_within(
+    peers: Iterable[str], ping: Callable[[str], Awaitable[T]], *, concurrency: int, budget: float
+) -> dict[str, T]:
+    """Ping `peers` in the order given, at most `concurrency` at a time and for at most `budget` seconds in all.
+
+    Peers not answered within the budget are left out of the result (their pings are cancelled), so a
+    flood of announced peers costs a bounded time; the caller pings them again later.
+    """
+    results: dict[str, T] = {}
+    limit = asyncio.Semaphore(max(concurrency, 1))
+
+    async def one(peer: str) -> None:
+        async with limit:
+            results[peer] = await ping(peer)
+
+    tasks = [asyncio.create_task(one(peer)) for peer in dict.fromkeys(peers)]
+    if not tasks:
+        return results
+    try:
+        await asyncio.wait(tasks, timeout=budget)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,3 +52,20 @@ def start_swarm(make_swarm, *spans: str, extra: tuple[str, ...] = ()) -> LocalSw
         swarm.close()
         raise
     return swarm
+
+
+@contextlib.contextmanager
+def client_peer(swarm: LocalSwarm) -> Iterator[tuple]:
+    """A P2P peer of the test's own (client-mode DHT) and the peer id of the swarm's last process."""
+    from hivemind import DHT
+    from hivemind.p2p import PeerID
+
+    from swarm.client.event_loop import run_sync
+
+    dht = DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        p2p = run_sync(dht.replicate_p2p(), timeout=30)
+        yield p2p, PeerID.from_base58(swarm.processes[-1].peer_id)
+        run_sync(p2p.shutdown(), timeout=10)
+    finally:
+        dht.shutdown()

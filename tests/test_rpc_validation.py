@@ -8,8 +8,6 @@ import time
 
 import pytest
 import torch
-from hivemind import DHT
-from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
@@ -19,7 +17,7 @@ from swarm.names import block_uids, join_chain
 from swarm.server.handler import INFERENCE_HANDLE, TransformerConnectionHandler
 from swarm.streams import BlockingStream, RemoteError, close_when_peer_ends, read_message
 from swarm.wire import pack_args, serialize
-from tests.conftest import DEMO_MODEL, start_swarm
+from tests.conftest import DEMO_MODEL, client_peer, start_swarm
 
 pytestmark = pytest.mark.integration
 
@@ -37,14 +35,8 @@ def swarm(make_swarm):
 
 @pytest.fixture(scope="module")
 def client(swarm):
-    """This test's own P2P peer and the server's peer id."""
-    dht = DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    try:
-        p2p = run_sync(dht.replicate_p2p(), timeout=30)
-        yield p2p, PeerID.from_base58(swarm.processes[-1].peer_id)
-        run_sync(p2p.shutdown(), timeout=10)
-    finally:
-        dht.shutdown()
+    with client_peer(swarm) as peer:
+        yield peer
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +203,8 @@ def test_pushed_steps_are_answered_on_the_clients_stream(client, stub):
         assert answer().tensors
         with pytest.raises(Exception, match="shape"):
             call(stub.rpc_push(request(ALL, [torch.randn(1, 1, 7)], {"session_id": "push-test"}), timeout=20))
-        with pytest.raises(Exception, match="no such inference session"):
-            call(stub.rpc_push(step(hidden(1), session_id="someone-else", step_id="b"), timeout=20))
+        ignored = call(stub.rpc_push(step(hidden(1), session_id="someone-else", step_id="b"), timeout=20))
+        assert not ignored.tensors  # as Petals does: a push for an unknown session is dropped quietly
 
         call(stub.rpc_push(step(hidden(1), session_id="push-test", step_id="b"), timeout=20))
         assert answer().tensors  # the pushed step's outputs, before the client sent it

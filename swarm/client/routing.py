@@ -21,13 +21,16 @@ from hivemind.p2p import P2P, PeerID
 from swarm.client.config import ClientConfig
 from swarm.data_structures import RemoteSpanInfo
 from swarm.dht import SwarmView, fetch_swarm
-from swarm.ping import ping_server
+from swarm.ping import ping_server, ping_within
 from swarm.server.handler import TransformerConnectionHandler
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RTT = 0.05  # seconds assumed for a server we have not pinged yet
 HOP_PENALTY = 0.002  # prefer fewer hops when latencies tie
+PING_CONCURRENCY = 32  # servers pinged at once when the swarm is read
+PING_TIMEOUT = 2.0  # seconds for one server's ping
+PING_BUDGET = 3.0  # seconds of pinging per refresh at most; the rest keep DEFAULT_RTT until a later refresh
 
 
 class MissingBlocksError(RuntimeError):
@@ -86,11 +89,16 @@ class SequenceManager:
 
     async def _ping_new_servers(self) -> None:
         # New servers, and unreachable ones again: a server may have been busy starting up.
-        peers = [s.peer_id for s in self.view.online_spans() if self.rtts.get(s.peer_id, float("inf")) == float("inf")]
-        rtts = await asyncio.gather(*(self.ping(peer) for peer in peers))
-        self.rtts.update(zip(peers, rtts))
+        # Bounded in concurrency and time: thousands of fake announcements must not stall every route.
+        # Never-pinged servers first, then the longest spans (the most useful ones).
+        spans = [s for s in self.view.online_spans() if self.rtts.get(s.peer_id, float("inf")) == float("inf")]
+        spans.sort(key=lambda s: (s.peer_id in self.rtts, -(s.end - s.start)))
+        rtts = await ping_within(
+            (s.peer_id for s in spans), self.ping, concurrency=PING_CONCURRENCY, budget=PING_BUDGET
+        )
+        self.rtts.update(rtts)
 
-    async def ping(self, peer_id: str, timeout: float = 3.0) -> float:
+    async def ping(self, peer_id: str, timeout: float = PING_TIMEOUT) -> float:
         return (await ping_server(self.p2p, peer_id, timeout)).round_trip
 
     def stub(self, peer_id: str):

@@ -9,17 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 # hivemind recognises streaming handlers by typing.AsyncIterator hints (not collections.abc's)
-from typing import Any, AsyncIterator, TypeVar  # noqa: UP035
+from typing import Any, AsyncIterator, Iterator, TypeVar  # noqa: UP035
 
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
@@ -31,7 +33,7 @@ from swarm.names import block_uids, join_chain, parse_block_uid, split_chain
 from swarm.server.activations import MAX_KEEP_ID_LENGTH, ActivationStore
 from swarm.server.backend import SessionKVCache, SpanBackend
 from swarm.server.memory_cache import CacheAllocationError, KVCachePool
-from swarm.streams import FrameError, close_when_peer_ends, read_message, write_error, write_message
+from swarm.streams import FrameError, RemoteError, close_when_peer_ends, read_message, write_error, write_message
 from swarm.wire import (
     BadRequest,
     deserialize,
@@ -51,6 +53,10 @@ MAX_SEEN_STEPS = 4096
 MAX_SESSION_ID_LENGTH = 128
 INLINE_TOKENS = 8  # inference steps this small compute on the event loop itself
 INFERENCE_HANDLE = "TransformerConnectionHandler.rpc_inference"  # served on a raw stream, see swarm.streams
+MAX_STREAM_PARTS = 100_000
+# One message of a streamed forward/backward: Petals splits tensors in parts of DEFAULT_MAX_MSG_SIZE
+# (and repeats the metadata in each), we in half that. Larger messages are refused unread.
+MAX_STREAM_MESSAGE_BYTES = 2 * DEFAULT_MAX_MSG_SIZE
 
 
 @dataclasses.dataclass
@@ -72,6 +78,10 @@ class ShuttingDown(RuntimeError):
     """The server refuses new work while it drains before going offline."""
 
 
+class Overloaded(RuntimeError):
+    """The server (or this peer's share of it) is at a limit; the request may be retried later or elsewhere."""
+
+
 class TransformerConnectionHandler(ServicerBase):
     """Serves one span of blocks. The class name is part of the wire protocol's handle names."""
 
@@ -87,6 +97,13 @@ class TransformerConnectionHandler(ServicerBase):
         max_tokens_per_request: int = 8192,
         dht_client_mode: bool = False,
         max_kept_activation_bytes: int = 256 * 2**20,  # forwards kept for their backward (training)
+        session_timeout: float = 3600.0,  # a whole inference session, besides each step's step_timeout
+        max_sessions_per_peer: int = 16,
+        max_active_requests: int = 1024,  # requests and sessions in flight, all peers together
+        max_stream_bytes: int = 2 * 2**30,  # streamed requests being gathered, all peers together
+        max_stream_bytes_per_peer: int = 2**30,
+        max_pushes: int = 64,  # server-to-server pushes in flight; when full, steps are not pushed
+        push_timeout: float = 10.0,
     ):
         self.backend = backend
         self.dht_prefix = dht_prefix
@@ -105,11 +122,28 @@ class TransformerConnectionHandler(ServicerBase):
         self.activations = ActivationStore(max_kept_activation_bytes, max_kept_activation_bytes // 2)
         self.steps_served = 0
         self.tokens_served = 0
+        self.session_timeout = session_timeout
+        self.max_sessions_per_peer = max_sessions_per_peer
+        self.max_active_requests = max_active_requests
+        self.max_stream_bytes = max_stream_bytes
+        self.max_stream_bytes_per_peer = max_stream_bytes_per_peer
+        self.max_pushes = max_pushes
+        self.push_timeout = push_timeout
+        self._open_session_ids: set[str] = set()  # reserved from a session's first request until its end
+        self._sessions_by_peer: Counter[PeerID] = Counter()
+        self._stream_bytes = 0
+        self._stream_bytes_by_peer: Counter[PeerID] = Counter()
 
     async def start(self, p2p: P2P) -> None:
         self.p2p = p2p
         await self.add_p2p_handlers(p2p)
         await p2p.add_binary_stream_handler(INFERENCE_HANDLE, self._serve_inference_stream)
+        # hivemind's stream handlers read each message whole, however large its header says it is:
+        # the streamed forward and backward are served on raw streams instead, with bounded messages.
+        for method in (self.rpc_forward_stream, self.rpc_backward_stream):
+            name = self._get_handle_name(None, method.__name__)
+            await p2p.remove_binary_stream_handler(name)
+            await p2p.add_binary_stream_handler(name, functools.partial(self._serve_request_stream, method, name))
 
     async def drain(self, timeout: float) -> None:
         """Refuse new work and wait (up to `timeout`) for requests in flight to finish."""
@@ -118,11 +152,17 @@ class TransformerConnectionHandler(ServicerBase):
         deadline = asyncio.get_running_loop().time() + timeout
         while self.active_requests and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+        pushes = list(self._pushes)
+        for push in pushes:
+            push.cancel()
+        await asyncio.gather(*pushes, return_exceptions=True)
 
     @contextlib.asynccontextmanager
     async def _request(self) -> AsyncIterator[None]:
         if not self.accepting:
             raise ShuttingDown("this server is shutting down; choose another server")
+        if self.active_requests >= self.max_active_requests:
+            raise Overloaded(f"this server is busy ({self.active_requests} requests in flight); try again later")
         self.active_requests += 1
         try:
             yield
@@ -283,8 +323,7 @@ class TransformerConnectionHandler(ServicerBase):
     async def rpc_forward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async with self._request():
-            request, tensors = await self._gather_stream(requests)
+        async with self._request(), self._gather_stream(requests, context, tensors=1) as (request, tensors):
             output = await self._forward(request, tensors, context)
             for part in split_for_streaming(serialize(output), STREAM_CHUNK_BYTES):
                 yield runtime_pb2.ExpertResponse(tensors=[part])
@@ -297,28 +336,58 @@ class TransformerConnectionHandler(ServicerBase):
     async def rpc_backward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async with self._request():
-            request, tensors = await self._gather_stream(requests)
+        async with self._request(), self._gather_stream(requests, context, tensors=2) as (request, tensors):
             grads = await self._backward(request, tensors, context)
             for grad in grads:
                 for part in split_for_streaming(serialize(grad), STREAM_CHUNK_BYTES):
                     yield runtime_pb2.ExpertResponse(tensors=[part])
 
+    @contextlib.asynccontextmanager
     async def _gather_stream(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], max_parts: int = 100_000
-    ) -> tuple[runtime_pb2.ExpertRequest, list[torch.Tensor]]:
-        """Reassemble a streamed request: uid and metadata from the first part, tensors split in parts."""
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext, *, tensors: int
+    ) -> AsyncIterator[tuple[runtime_pb2.ExpertRequest, list[torch.Tensor]]]:
+        """Reassemble a streamed request: uid and metadata from the first part, tensors split in parts.
+
+        Its bytes count against the in-flight budgets (this peer's and the server's) until the
+        request is answered, and a stream larger than any valid request (`tensors` hidden-state
+        tensors plus prompts) is refused as soon as it grows past that, before more is buffered.
+        """
+        peer = context.remote_id
+        max_bytes = self._max_request_bytes(tensors)
         first: runtime_pb2.ExpertRequest | None = None
         parts: list[runtime_pb2.Tensor] = []
-        async for request in requests:
-            first = first or request
-            parts.extend(request.tensors)
-            if len(parts) > max_parts:
-                raise BadRequest("too many tensor parts in the stream")
-        if first is None:
-            raise BadRequest("empty request stream")
-        tensors = deserialize_streamed(parts)
-        return first, tensors
+        held = 0
+        try:
+            async for request in requests:
+                size = request.ByteSize()
+                if held + size > max_bytes:
+                    raise BadRequest(
+                        f"the streamed request exceeds {max_bytes} bytes, more than any valid request to these blocks"
+                    )
+                if self._stream_bytes_by_peer[peer] + size > self.max_stream_bytes_per_peer:
+                    raise Overloaded(
+                        f"your streamed requests in flight exceed {self.max_stream_bytes_per_peer} bytes; "
+                        "wait for the previous ones"
+                    )
+                if self._stream_bytes + size > self.max_stream_bytes:
+                    raise Overloaded("this server is receiving too many streamed requests; try again later")
+                held += size
+                self._stream_bytes += size
+                self._stream_bytes_by_peer[peer] += size
+                first = first or request
+                parts.extend(request.tensors)
+                if len(parts) > MAX_STREAM_PARTS:
+                    raise BadRequest("too many tensor parts in the stream")
+            if first is None:
+                raise BadRequest("empty request stream")
+            gathered = deserialize_streamed(parts)
+            del parts
+            yield first, gathered
+        finally:
+            self._stream_bytes -= held
+            self._stream_bytes_by_peer[peer] -= held
+            if self._stream_bytes_by_peer[peer] <= 0:
+                del self._stream_bytes_by_peer[peer]
 
     def _adapter(self, metadata: dict[str, Any]) -> str | None:
         """The request's `active_adapter` (Petals' key): a served adapter's name, or None (also for "")."""
@@ -334,19 +403,52 @@ class TransformerConnectionHandler(ServicerBase):
             raise BadRequest(f"adapter {name[:200]!r} is not served here (this server serves: {served})")
         return name
 
+    async def _serve_request_stream(
+        self,
+        method: Callable[[AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[Any]],
+        name: str,
+        stream_info: StreamInfo,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """A hivemind protobuf stream (same bytes), read one bounded message at a time as the method asks."""
+        context = P2PContext(handle_name=name, local_id=self.p2p.peer_id, remote_id=stream_info.peer_id)
+
+        async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+            while True:
+                request = await read_message(reader, runtime_pb2.ExpertRequest, MAX_STREAM_MESSAGE_BYTES)
+                if request is None:
+                    return
+                yield request
+
+        try:
+            async for response in method(requests(), context):
+                await write_message(writer, response)
+        except (asyncio.IncompleteReadError, ConnectionError, RemoteError):
+            writer.close()  # the client went away (or gave up)
+        except Exception as e:
+            if not isinstance(e, (BadRequest, FrameError, ShuttingDown, Overloaded)):
+                logger.warning("%s from %s failed", name, stream_info.peer_id, exc_info=True)
+            await _report(writer, str(e))
+            await close_when_peer_ends(reader, writer, MAX_STREAM_MESSAGE_BYTES)
+        else:
+            writer.close()
+
     # ----- inference -----
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """A step pushed by the previous server of a chain: computed at once, answered on the session's stream."""
-        metadata = loads_metadata(request.metadata)
-        session_id = metadata.get("session_id")
-        session = self._sessions.get(session_id) if isinstance(session_id, str) else None
-        if session is None:
-            raise BadRequest("no such inference session on this server")
-        response = await self._inference_step(session, request, metadata)
-        if response is not None:
-            await write_message(session.writer, response)
-        return runtime_pb2.ExpertResponse()
+        async with self._request():
+            metadata = loads_metadata(request.metadata)
+            session_id = metadata.get("session_id")
+            session = self._sessions.get(session_id) if isinstance(session_id, str) else None
+            if session is None:  # as Petals does: the session may have ended, or never been opened here
+                logger.debug("Ignoring a push from %s for an unknown session", context.remote_id)
+                return runtime_pb2.ExpertResponse()
+            response = await self._inference_step(session, request, metadata)
+            if response is not None:
+                await write_message(session.writer, response)
+            return runtime_pb2.ExpertResponse()
 
     async def _serve_inference_stream(
         self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -356,10 +458,11 @@ class TransformerConnectionHandler(ServicerBase):
         peer_ended = False
         try:
             async with self._request():
-                peer_ended = await self._run_session(reader, writer, max_bytes)
+                with self._peer_session(stream_info.peer_id):
+                    peer_ended = await self._run_session(reader, writer, max_bytes)
         except (asyncio.IncompleteReadError, ConnectionError):
             peer_ended = True  # the client went away; its cache was freed on the way out
-        except (BadRequest, FrameError, CacheAllocationError, ShuttingDown) as e:
+        except (BadRequest, FrameError, CacheAllocationError, ShuttingDown, Overloaded) as e:
             await _report(writer, str(e))
         except Exception as e:
             logger.warning("Inference session from %s failed", stream_info.peer_id, exc_info=True)
@@ -370,9 +473,26 @@ class TransformerConnectionHandler(ServicerBase):
             else:
                 await close_when_peer_ends(reader, writer, max_bytes)
 
+    @contextlib.contextmanager
+    def _peer_session(self, peer: PeerID) -> Iterator[None]:
+        """Count one open inference stream against its peer's limit."""
+        if self._sessions_by_peer[peer] >= self.max_sessions_per_peer:
+            raise Overloaded(
+                f"you have {self._sessions_by_peer[peer]} inference sessions open on this server, the most allowed "
+                f"per peer ({self.max_sessions_per_peer}); close one first"
+            )
+        self._sessions_by_peer[peer] += 1
+        try:
+            yield
+        finally:
+            self._sessions_by_peer[peer] -= 1
+            if self._sessions_by_peer[peer] <= 0:
+                del self._sessions_by_peer[peer]
+
     async def _run_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int) -> bool:
         """Serve one session; True if it ended with the client's end-of-stream (nothing more to read)."""
-        request = await self._next_request(reader, max_bytes)
+        deadline = asyncio.get_running_loop().time() + self.session_timeout
+        request = await self._next_request(reader, max_bytes, deadline)
         if request is None:
             return True
         first, last = self._parse_chain(request.uid)
@@ -390,36 +510,61 @@ class TransformerConnectionHandler(ServicerBase):
         if not request.tensors:
             return False
         batch_size = self._check_hidden(deserialize(request.tensors)[0]).shape[0]
+        if session_id is not None and session_id in self._open_session_ids:
+            raise BadRequest(f"an inference session with session_id {session_id!r} is already open on this server")
 
         nbytes = self.backend.cache_bytes(last - first, batch_size, max_length)
-        async with self.cache_pool.reserve(nbytes, alloc_timeout):
-            cache = await self._compute(self.backend.new_cache, first, last - first, batch_size, max_length)
-            session = _Session(cache, first, last, max_length, batch_size, writer, adapter=adapter)
-            if session_id is not None:
-                self._sessions[session_id] = session  # so that the previous server can push steps here
-            try:
-                while request is not None and request.tensors:  # a request without tensors ends the session
-                    response = await self._inference_step(session, request, metadata)
-                    if response is not None:
-                        await write_message(writer, response)
-                    request = await self._next_request(reader, max_bytes)
-                    metadata = loads_metadata(request.metadata) if request is not None else {}
-            finally:
-                if session_id is not None and self._sessions.get(session_id) is session:
-                    del self._sessions[session_id]
+        with self._session_id_reserved(session_id):
+            async with self.cache_pool.reserve(nbytes, alloc_timeout):
+                cache = await self._compute(self.backend.new_cache, first, last - first, batch_size, max_length)
+                session = _Session(cache, first, last, max_length, batch_size, writer, adapter=adapter)
+                if session_id is not None:
+                    self._sessions[session_id] = session  # so that the previous server can push steps here
+                try:
+                    while request is not None and request.tensors:  # a request without tensors ends the session
+                        response = await self._inference_step(session, request, metadata)
+                        if response is not None:
+                            await write_message(writer, response)
+                        request = await self._next_request(reader, max_bytes, deadline)
+                        metadata = loads_metadata(request.metadata) if request is not None else {}
+                finally:
+                    if session_id is not None and self._sessions.get(session_id) is session:
+                        del self._sessions[session_id]
         return request is None
 
-    async def _next_request(self, reader: asyncio.StreamReader, max_bytes: int) -> runtime_pb2.ExpertRequest | None:
+    @contextlib.contextmanager
+    def _session_id_reserved(self, session_id: str | None) -> Iterator[None]:
+        if session_id is None:
+            yield
+            return
+        self._open_session_ids.add(session_id)
         try:
-            async with asyncio.timeout(self.step_timeout):
+            yield
+        finally:
+            self._open_session_ids.discard(session_id)
+
+    async def _next_request(
+        self, reader: asyncio.StreamReader, max_bytes: int, deadline: float
+    ) -> runtime_pb2.ExpertRequest | None:
+        left = deadline - asyncio.get_running_loop().time()
+        session_over = BadRequest(
+            f"the inference session reached this server's limit of {self.session_timeout:g} s; "
+            "open a new session to continue"
+        )
+        if left <= 0:
+            raise session_over
+        try:
+            async with asyncio.timeout(min(self.step_timeout, left)):
                 return await read_message(reader, runtime_pb2.ExpertRequest, max_bytes)
         except TimeoutError:
+            if left <= self.step_timeout:
+                raise session_over from None
             raise BadRequest(f"no inference step for {self.step_timeout:.0f} s; session closed") from None
 
-    def _max_request_bytes(self) -> int:
-        """The largest frame a session may send: a full request of hidden states plus one prompt per block."""
+    def _max_request_bytes(self, tensors: int = 1) -> int:
+        """The largest valid request: `tensors` full tensors of hidden states plus one prompt per block."""
         hidden_bytes = self.max_tokens_per_request * self.backend.hidden_size * 4
-        return hidden_bytes * (1 + self.backend.end - self.backend.start) + 2**20
+        return hidden_bytes * (tensors + self.backend.end - self.backend.start) + 2**20
 
     async def _inference_step(
         self, session: _Session, request: runtime_pb2.ExpertRequest, metadata: dict[str, Any]
@@ -470,9 +615,12 @@ class TransformerConnectionHandler(ServicerBase):
             self.steps_served += 1
             self.tokens_served += hidden.shape[0] * hidden.shape[1]
             if metadata.get("next_servers") and prompts is None:
-                push = asyncio.create_task(self._push_outputs(output, request, metadata))
-                self._pushes.add(push)
-                push.add_done_callback(self._pushes.discard)
+                if len(self._pushes) < self.max_pushes:
+                    push = asyncio.create_task(self._push_outputs(output, request, metadata))
+                    self._pushes.add(push)
+                    push.add_done_callback(self._pushes.discard)
+                else:  # the client sends the step to the next server itself anyway
+                    logger.debug("Not pushing a step: %d pushes are in flight already", len(self._pushes))
             return runtime_pb2.ExpertResponse(tensors=[serialize(output)])
 
     async def _push_outputs(
@@ -494,7 +642,7 @@ class TransformerConnectionHandler(ServicerBase):
                 ),
             )
             stub = self.get_stub(self.p2p, PeerID.from_base58(peer_id))
-            await stub.rpc_push(pushed, timeout=self.step_timeout)
+            await asyncio.wait_for(stub.rpc_push(pushed, timeout=self.push_timeout), self.push_timeout)
         except Exception as e:  # the client still sends the step itself; a failed push only costs time
             logger.debug("Push to the next server failed: %s", e)
 

@@ -61,6 +61,8 @@ class ServerConfig:
     update_period: float = 120.0
     max_alloc_timeout: float = 600.0
     step_timeout: float = 300.0
+    session_timeout: float = 3600.0  # a whole inference session's lifetime
+    max_sessions_per_peer: int = 16  # inference sessions one peer may hold open at once
     shutdown_timeout: float = 5.0
     revision: str | None = None
     token: str | None = None
@@ -166,6 +168,8 @@ class BlockServer:
                 max_length=self.config.max_length,
                 max_alloc_timeout=self.config.max_alloc_timeout,
                 step_timeout=self.config.step_timeout,
+                session_timeout=self.config.session_timeout,
+                max_sessions_per_peer=self.config.max_sessions_per_peer,
             )
             await self.handler.start(await self.dht.replicate_p2p())
             await self._announce(ServerState.ONLINE)

@@ -1,0 +1,353 @@
+"""A stranger's peer attacks a real block server over the real wire; the server stays up, bounded, and
+keeps serving well-behaved clients. Also: the client's pings of announced servers are bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.streaming import split_for_streaming
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from swarm import AutoDistributedModelForCausalLM
+from swarm.client import routing
+from swarm.client.config import ClientConfig
+from swarm.client.event_loop import run_sync
+from swarm.names import block_uids, join_chain
+from swarm.ping import ping_within
+from swarm.server.handler import INFERENCE_HANDLE, STREAM_CHUNK_BYTES, ShuttingDown, TransformerConnectionHandler
+from swarm.server.server import ServerConfig
+from swarm.streams import BlockingStream, RemoteError, read_message
+from swarm.wire import BadRequest, pack_args, serialize
+from tests.conftest import DEMO_MODEL, client_peer, start_swarm
+
+PREFIX = "demo_model-hf"
+HIDDEN = 256
+ALL = join_chain(block_uids(PREFIX, 0, 8))
+MAX_RSS_GROWTH = 150 * 2**20
+SESSIONS_PER_PEER = ServerConfig.max_sessions_per_peer
+
+
+@pytest.fixture(scope="module")
+def swarm(make_swarm):
+    swarm = start_swarm(make_swarm, "0:8")
+    yield swarm
+    swarm.close()
+
+
+@pytest.fixture(scope="module")
+def server(swarm):
+    return swarm.processes[-1]
+
+
+@pytest.fixture(scope="module")
+def client(swarm):
+    with client_peer(swarm) as peer:
+        yield peer
+
+
+@pytest.fixture(scope="module")
+def stub(client):
+    return TransformerConnectionHandler.get_stub(*client)
+
+
+def call(coro, timeout: float = 120):
+    return run_sync(coro, timeout=timeout)
+
+
+def step(tokens: int, **metadata) -> runtime_pb2.ExpertRequest:
+    tensors, structure = pack_args([torch.randn(1, tokens, HIDDEN), torch.empty(0), torch.empty(0, dtype=torch.int64)])
+    return runtime_pb2.ExpertRequest(
+        uid=ALL,
+        tensors=[serialize(t) for t in tensors],
+        metadata=MSGPackSerializer.dumps({"args_structure": structure, **metadata}),
+    )
+
+
+class Memory:
+    """Peak resident memory of a process over an attack: VmHWM is reset to the current RSS first."""
+
+    def __init__(self, pid: int):
+        self.status = Path(f"/proc/{pid}/status")
+        self.clear_refs = Path(f"/proc/{pid}/clear_refs")
+
+    def _field(self, name: str) -> int:
+        for line in self.status.read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(name)
+
+    def __enter__(self) -> Memory:
+        self.clear_refs.write_text("5")  # resets the peak (VmHWM) to the current RSS
+        self.before = self._field("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.growth = self._field("VmHWM") - self.before
+
+
+def session(client, first: runtime_pb2.ExpertRequest) -> BlockingStream:
+    stream = BlockingStream(*client, INFERENCE_HANDLE, timeout=20)
+    stream.send(first, 20)
+    return stream
+
+
+def answer(stream: BlockingStream) -> runtime_pb2.ExpertResponse | None:
+    return stream.receive(runtime_pb2.ExpertResponse, 1 << 20, 30)
+
+
+def end(stream: BlockingStream) -> None:
+    """End a session the Petals way and wait until the server has closed its side (its slot is free then)."""
+    try:
+        stream.end(10)
+        stream.wait_closed(10)
+    finally:
+        stream.close()
+
+
+@pytest.mark.integration
+def test_an_oversized_forward_stream_is_refused_early(server, stub):
+    parts, part_bytes = 100, 2 * 2**20  # 200 MB, far over the largest valid request to 8 blocks of the demo model
+    chunk = runtime_pb2.Tensor(buffer=bytes(part_bytes), size=[1, 10**6, HIDDEN], dtype="float32", chunks=parts)
+    sent = 0
+
+    async def flood():
+        nonlocal sent
+        for _ in range(parts):
+            sent += 1
+            yield runtime_pb2.ExpertRequest(uid=ALL, tensors=[chunk])
+
+    async def attack():
+        return [response async for response in await stub.rpc_forward_stream(flood())]
+
+    with Memory(server.pid) as memory, pytest.raises(Exception, match="exceeds .* more than any valid request"):
+        call(attack())
+    print(f"oversized rpc_forward_stream ({sent} of {parts} parts sent): RSS grew {memory.growth / 2**20:.1f} MB")
+    assert memory.growth < MAX_RSS_GROWTH
+    assert server.process.poll() is None
+
+    # A legitimate streamed request (over the unary limit) is still served.
+    tokens = 3000
+    tensors, structure = pack_args([torch.randn(1, tokens, HIDDEN), torch.empty(0)])
+    metadata = MSGPackSerializer.dumps({"args_structure": structure})
+
+    async def legit():
+        async def requests():
+            for tensor in tensors:
+                for part in split_for_streaming(serialize(tensor), STREAM_CHUNK_BYTES):
+                    yield runtime_pb2.ExpertRequest(uid=ALL, tensors=[part], metadata=metadata)
+
+        return [response async for response in await stub.rpc_forward_stream(requests())]
+
+    responses = call(legit())
+    assert sum(len(r.tensors) for r in responses) > 1  # the output came back in parts too
+
+
+@pytest.mark.integration
+def test_a_duplicate_session_id_is_refused_and_the_first_session_goes_on(client, server):
+    with Memory(server.pid) as memory:
+        first = session(client, step(2, max_length=16, session_id="taken", step_id="a"))
+        try:
+            assert answer(first).tensors
+            thief = session(client, step(2, max_length=16, session_id="taken", step_id="x"))
+            try:
+                with pytest.raises(RemoteError, match="session_id 'taken' is already open"):
+                    answer(thief)
+            finally:
+                thief.close()
+            first.send(step(1, step_id="b"), 20)
+            assert answer(first).tensors  # the first session still works
+        finally:
+            end(first)
+        again = session(client, step(2, max_length=16, session_id="taken", step_id="a"))
+        try:
+            assert answer(again).tensors  # the id is free once its session ended
+        finally:
+            end(again)
+    print(f"duplicate session_id: server RSS grew {memory.growth / 2**20:.1f} MB")
+
+
+@pytest.mark.integration
+def test_a_push_for_an_unknown_session_is_ignored(stub, server):
+    with Memory(server.pid) as memory:
+        response = call(stub.rpc_push(step(1, session_id="nobody-here", step_id="a", pushed=True), timeout=20))
+    print(f"push to an unknown session: server RSS grew {memory.growth / 2**20:.1f} MB")
+    assert isinstance(response, runtime_pb2.ExpertResponse) and not response.tensors
+
+
+@pytest.mark.integration
+def test_sessions_per_peer_are_capped_and_closing_frees_slots(client, server):
+    streams: list[BlockingStream] = []
+    with Memory(server.pid) as memory:
+        try:
+            for i in range(SESSIONS_PER_PEER):
+                streams.append(session(client, step(1, max_length=4, step_id=f"s{i}")))
+                assert answer(streams[-1]).tensors
+            extra = session(client, step(1, max_length=4))
+            try:
+                with pytest.raises(RemoteError, match=f"the most allowed per peer \\({SESSIONS_PER_PEER}\\)"):
+                    answer(extra)
+            finally:
+                extra.close()
+            end(streams.pop())
+            streams.append(session(client, step(1, max_length=4)))
+            assert answer(streams[-1]).tensors  # the slot freed by the closed session
+        finally:
+            for stream in streams:
+                end(stream)
+    print(f"{SESSIONS_PER_PEER + 1} sessions from one peer: server RSS grew {memory.growth / 2**20:.1f} MB")
+    fresh = [session(client, step(1, max_length=4)) for _ in range(2)]
+    try:
+        assert all(answer(stream).tensors for stream in fresh)  # every slot came back
+    finally:
+        for stream in fresh:
+            end(stream)
+
+
+# ----- the client's pings of announced servers -----
+
+
+class SlowPings:
+    """A ping that takes `seconds` and records how many run at once."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.running = self.most = 0
+        self.pinged: list[str] = []
+
+    async def __call__(self, peer: str, timeout: float = 0.0) -> float:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        self.pinged.append(peer)
+        try:
+            await asyncio.sleep(self.seconds)
+        finally:
+            self.running -= 1
+        return self.seconds
+
+
+def test_pings_are_bounded_in_concurrency_and_time():
+    pings = SlowPings(0.2)
+    peers = [f"peer{i}" for i in range(2000)]
+
+    async def run():
+        began = time.monotonic()
+        results = await ping_within(peers, pings, concurrency=32, budget=1.0)
+        return results, time.monotonic() - began
+
+    results, took = asyncio.run(run())
+    assert took < 1.5  # 2000 pings of 0.2 s, 32 at a time, would take 12.5 s
+    assert pings.most == 32
+    assert pings.running == 0  # the pings still under way when the budget ran out were cancelled
+    assert 0 < len(results) < len(peers)
+    assert set(results) <= set(pings.pinged)
+
+
+def test_a_flood_of_announced_servers_does_not_stall_routing(monkeypatch):
+    monkeypatch.setattr(routing, "PING_BUDGET", 1.0)
+    spans = [SimpleNamespace(peer_id=f"fake{i}", start=0, end=1 + i % 3) for i in range(2000)]
+    manager = routing.SequenceManager(None, None, PREFIX, 8, ClientConfig(), "demo")
+    manager.view = SimpleNamespace(online_spans=lambda: spans)
+    pings = SlowPings(0.2)
+    monkeypatch.setattr(manager, "ping", pings)
+
+    began = time.monotonic()
+    asyncio.run(manager._ping_new_servers())
+    assert time.monotonic() - began < 1.5
+    assert pings.most <= routing.PING_CONCURRENCY
+    first = set(manager.rtts)
+    assert 0 < len(first) < len(spans)  # the rest keep the default estimate for now
+    assert all(span.end == 3 for span in spans if span.peer_id in first)  # the longest spans first
+
+    pings.pinged.clear()
+    asyncio.run(manager._ping_new_servers())
+    assert not first & set(pings.pinged)  # a later refresh goes on with the servers not pinged yet
+    assert len(manager.rtts) > len(first)
+
+
+@pytest.mark.integration
+def test_one_huge_stream_message_is_refused_unread(client, server):
+    """A single message whose header claims a terabyte is refused at once, before any of it is read."""
+
+    async def attack():
+        p2p, peer_id = client
+        handle = TransformerConnectionHandler._get_handle_name(None, "rpc_forward_stream")
+        _, reader, writer = await p2p.call_binary_stream_handler(peer_id, handle)
+        try:
+            writer.write(b"\x00" + (2**40).to_bytes(8, "big") + bytes(2**20))
+            await writer.drain()
+            return await asyncio.wait_for(read_message(reader, runtime_pb2.ExpertResponse, 1 << 20), 20)
+        finally:
+            writer.close()
+
+    with Memory(server.pid) as memory, pytest.raises(RemoteError, match="larger than the limit"):
+        call(attack())
+    print(f"one stream message claiming 1 TB: server RSS grew {memory.growth / 2**20:.1f} MB")
+    assert memory.growth < MAX_RSS_GROWTH
+    assert server.process.poll() is None
+
+
+@pytest.mark.integration
+def test_a_well_behaved_client_still_generates_exactly(swarm, server):
+    """Last in this module: after every attack above, greedy generation matches local transformers."""
+    assert server.process.poll() is None
+    inputs = AutoTokenizer.from_pretrained(DEMO_MODEL)("The server keeps serving", return_tensors="pt").input_ids
+    local = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    expected = local.generate(inputs, max_new_tokens=16, do_sample=False)
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL, initial_peers=swarm.initial_peers)
+    try:
+        actual = model.generate(inputs, max_new_tokens=16, do_sample=False)
+    finally:
+        model.close()
+    assert actual.tolist() == expected.tolist()
+
+
+# ----- limits of the handler that need no swarm -----
+
+
+def bare_handler(**kwargs) -> TransformerConnectionHandler:
+    backend = SimpleNamespace(hidden_size=HIDDEN, start=0, end=8, dtype=torch.float32, adapters=[])
+    return TransformerConnectionHandler(backend, PREFIX, None, max_length=64, **kwargs)
+
+
+def test_a_session_is_closed_at_its_time_limit_before_the_idle_limit():
+    handler = bare_handler(session_timeout=0.3, step_timeout=60)
+
+    async def run():
+        reader = asyncio.StreamReader()
+        deadline = asyncio.get_running_loop().time() + handler.session_timeout
+        began = time.monotonic()
+        with pytest.raises(BadRequest, match="limit of 0.3 s"):  # the idle limit (60 s) is far away
+            await handler._next_request(reader, 1 << 20, deadline)
+        return time.monotonic() - began
+
+    assert asyncio.run(run()) < 5
+
+
+def test_pushes_respect_draining_and_drain_cancels_pushes_in_flight():
+    handler = bare_handler()
+
+    async def run():
+        pushed = asyncio.Event()
+
+        async def slow_push():
+            pushed.set()
+            await asyncio.Event().wait()  # a next server that never answers
+
+        push = asyncio.create_task(slow_push())
+        handler._pushes.add(push)
+        push.add_done_callback(handler._pushes.discard)
+        await pushed.wait()
+        await asyncio.wait_for(handler.drain(timeout=1.0), 10)
+        assert push.cancelled() and not handler._pushes
+        context = SimpleNamespace(remote_id="someone")
+        with pytest.raises(ShuttingDown):
+            await handler.rpc_push(step(1, session_id="any"), context)
+
+    asyncio.run(run())
