@@ -7,6 +7,8 @@ database (e.g. to PostgreSQL).
 
 from __future__ import annotations
 
+import secrets
+import sys
 from pathlib import Path
 
 import dj_database_url
@@ -19,12 +21,22 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(envstr("VAR_DIR", str(BASE_DIR / "var")))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
+# The contributor commands (`manage.py runblockserver`, `rundht`, `tune`, `makedemomodel`) serve no web
+# pages: they run with nothing set. Everything else (runserver, daphne, celery, `check --deploy`...) needs
+# SECRET_KEY unless DEBUG is on.
+ENGINE_COMMANDS = frozenset({"runblockserver", "rundht", "tune", "makedemomodel"})
+_command = sys.argv[2:3] if sys.argv[1:2] == ["help"] else sys.argv[1:2]  # `manage.py help runblockserver` too
+ENGINE_ONLY = Path(sys.argv[0]).name == "manage.py" and bool(_command) and _command[0] in ENGINE_COMMANDS
+
 DEBUG = envbool("DEBUG", False)
 SECRET_KEY = envstr("SECRET_KEY")
 if not SECRET_KEY:
-    if not DEBUG:
+    if ENGINE_ONLY:
+        SECRET_KEY = secrets.token_urlsafe(50)  # signs nothing: these commands serve no web pages
+    elif not DEBUG:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (set DEBUG=1 for development).")
-    SECRET_KEY = "insecure-development-key"  # only ever used with DEBUG on
+    else:
+        SECRET_KEY = "insecure-development-key"  # only ever used with DEBUG on
 
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS")

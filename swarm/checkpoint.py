@@ -99,6 +99,27 @@ class CheckpointFiles:
         return tensors
 
 
+def missing_local_path(name: str) -> str | None:
+    """The first missing part of `name` if it names a local folder that is not there, else None.
+
+    A name is taken for a path when it starts with `/`, `./`, `../` or `~`, or when its first part exists
+    here (`swarm/demo_modl`); a Hub repository name (`owner/name`) is neither.
+    """
+    path = Path(name).expanduser()
+    first = Path(name).parts[0] if Path(name).parts else ""
+    looks_local = (
+        name.startswith(("/", "./", "../", "~"))
+        or name.count("/") > 1
+        or (len(Path(name).parts) > 1 and Path(first).exists())
+    )
+    if not looks_local or path.exists():
+        return None
+    missing = path
+    while not missing.parent.exists() and missing.parent != missing:
+        missing = missing.parent
+    return str(missing)
+
+
 def is_local_checkpoint(name: str) -> bool:
     """Hub names are `owner/name`; anything absolute, relative or with more parts is a local path."""
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).exists()

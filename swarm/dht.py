@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -78,6 +79,20 @@ def create_dht(
     )
     dht.run_coroutine(partial(_exit_when_orphaned, parent_pid=os.getpid()), return_future=True)
     return dht
+
+
+def dht_start_error(error: Exception, initial_peers: Sequence[str], host_maddrs: Sequence[str]) -> str:
+    """One line saying why a DHT peer could not start (p2pd's errors name no option)."""
+    text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    text = re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", text)  # p2pd's timestamp
+    if "address already in use" in text:
+        return f"--host-maddrs {' '.join(host_maddrs)}: the address is already in use ({text})"
+    if "failed to listen" in text:
+        return f"--host-maddrs {' '.join(host_maddrs)}: cannot listen there ({text})"
+    return (
+        f"could not join the swarm through {', '.join(initial_peers) or 'no initial peers'}: {text}. "
+        "Check the addresses (the /p2p/ part too) and that this machine can reach them."
+    )
 
 
 async def _exit_when_orphaned(dht: DHT, node: DHTNode, *, parent_pid: int) -> None:

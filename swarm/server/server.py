@@ -21,9 +21,9 @@ from hivemind.utils import get_dht_time
 from transformers import AutoConfig
 
 from swarm import __version__
-from swarm.checkpoint import CheckpointFiles, is_local_checkpoint
+from swarm.checkpoint import CheckpointFiles, is_local_checkpoint, missing_local_path
 from swarm.data_structures import MAX_ADAPTERS, MAX_STRING_LENGTH, ModelInfo, ServerInfo, ServerState
-from swarm.dht import announce_blocks, announce_model, create_dht, fetch_swarm
+from swarm.dht import announce_blocks, announce_model, create_dht, dht_start_error, fetch_swarm
 from swarm.models.registry import bytes_per_block, dht_prefix_for, family_for, prepare_config
 from swarm.names import is_private_prefix, is_valid_dht_prefix
 from swarm.ping import ping_server
@@ -96,12 +96,28 @@ class BlockServer:
     def __init__(self, config: ServerConfig):
         if not config.new_swarm and not config.initial_peers:
             raise ValueError("give --initial-peers to join a swarm, or --new-swarm to start one")
+        if config.num_blocks is not None and config.num_blocks < 1:
+            raise ValueError(f"--num-blocks must be at least 1, got {config.num_blocks}")
+        if config.block_indices is not None and config.block_indices[0] >= config.block_indices[1]:
+            start, end = config.block_indices
+            raise ValueError(f"--block-indices {start}:{end}: START must be less than END (END is exclusive)")
+        missing = missing_local_path(config.model)
+        if missing is not None:
+            where = "" if Path(missing) == Path(config.model).expanduser() else f": there is no {missing}"
+            raise ValueError(f"the model path {config.model} does not exist{where}")
         self.config = config
         self.model_config = prepare_config(
             AutoConfig.from_pretrained(config.model, revision=config.revision, token=config.token)
         )
         self.family = family_for(self.model_config)
         self.total_blocks = self.family.num_blocks(self.model_config)
+        if config.block_indices is not None:  # checked before joining: nothing to announce OFFLINE
+            start, end = config.block_indices
+            if not 0 <= start < end <= self.total_blocks:
+                raise ValueError(
+                    f"--block-indices {start}:{end} must lie within 0:{self.total_blocks} "
+                    f"(the model has {self.total_blocks} blocks)"
+                )
         self.dht_prefix = config.dht_prefix or dht_prefix_for(config.model, self.model_config.model_type)
         if not is_valid_dht_prefix(self.dht_prefix):
             raise ValueError(f"invalid DHT prefix {self.dht_prefix!r}: it may contain neither '.' nor spaces")
@@ -140,10 +156,7 @@ class BlockServer:
                 identity_path=self.config.identity_path,
             )
         except Exception as e:
-            raise SwarmUnreachableError(
-                f"could not join the swarm through {', '.join(self.config.initial_peers) or 'no initial peers'}: "
-                f"{e}. Check the addresses (the /p2p/ part too) and that this machine can reach them."
-            ) from e
+            raise SwarmUnreachableError(dht_start_error(e, self.config.initial_peers, self.config.host_maddrs)) from e
         try:
             for maddr in self.dht.get_visible_maddrs():
                 logger.info("Server peer: %s", maddr)

@@ -2,49 +2,98 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from config.management.help import ContributorCommand, add_network_arguments
 from swarm.server.server import BlockServer, ServerConfig, SwarmUnreachableError
 
 
 def block_range(text: str) -> tuple[int, int]:
     start, sep, end = text.partition(":")
     if not sep or not start.isdigit() or not end.isdigit():
-        raise ValueError("expected START:END, e.g. 0:4")
+        raise argparse.ArgumentTypeError(f"expected START:END, e.g. 0:4, got {text!r}")
+    if int(start) >= int(end):
+        raise argparse.ArgumentTypeError(f"{text}: START must be less than END (END is exclusive)")
     return int(start), int(end)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def throughput_value(text: str) -> str | float:
-    return text if text == "auto" else float(text)
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of requests/s, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
 
 
-class Command(BaseCommand):
+class Command(ContributorCommand):
     help = "Serve a span of a model's transformer blocks to the swarm (MODEL: local path or Hub repository)."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("model", help="local checkpoint folder or Hugging Face repository name")
         peers = parser.add_mutually_exclusive_group()
-        peers.add_argument("--initial-peers", nargs="+", default=None, help="multiaddrs of swarm peers")
+        peers.add_argument(
+            "--initial-peers",
+            nargs="+",
+            default=None,
+            metavar="MADDR",
+            help="multiaddrs of swarm peers to join through (default: SWARM_INITIAL_PEERS)",
+        )
         peers.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
         blocks = parser.add_mutually_exclusive_group()
-        blocks.add_argument("--block-indices", type=block_range, help="serve blocks START:END (end exclusive)")
-        blocks.add_argument("--num-blocks", type=int, help="serve this many blocks where the swarm needs them")
-        parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-        parser.add_argument("--torch-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-        parser.add_argument("--host-maddrs", nargs="+", default=settings.SWARM_HOST_MADDRS)
-        parser.add_argument("--announce-maddrs", nargs="+", default=settings.SWARM_ANNOUNCE_MADDRS)
-        parser.add_argument("--identity-path", help="private key file; makes the peer id stable across restarts")
-        parser.add_argument("--public-name", help="a name shown on the swarm's status page")
-        parser.add_argument("--dht-prefix", help="override the model's DHT prefix")
-        parser.add_argument("--throughput", type=throughput_value, default="auto", help="auto or requests/s")
-        parser.add_argument("--bandwidth-mbps", type=float, default=100.0, help="uplink for network_rps")
-        parser.add_argument("--max-length", type=int, default=8192, help="token limit of one inference session")
-        parser.add_argument("--cache-tokens", type=int, default=16384, help="attention cache size in tokens")
+        blocks.add_argument(
+            "--block-indices",
+            type=block_range,
+            metavar="START:END",
+            help="serve blocks START to END-1 (default: the blocks the swarm needs most)",
+        )
+        blocks.add_argument(
+            "--num-blocks",
+            type=positive_int,
+            metavar="N",
+            help="serve N blocks where the swarm needs them (default: as many as memory allows)",
+        )
+        parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+        parser.add_argument(
+            "--torch-dtype",
+            default="auto",
+            choices=["auto", "float32", "bfloat16", "float16"],
+            help="weights' dtype; auto: bfloat16 on a GPU, float32 on the CPU",
+        )
+        add_network_arguments(parser)
+        parser.add_argument("--public-name", help="a name shown on the swarm's status page (default: none)")
+        parser.add_argument("--dht-prefix", help="the model's prefix in the DHT (default: derived from MODEL)")
+        parser.add_argument(
+            "--throughput", type=throughput_value, default="auto", help="announced speed: auto (measured) or requests/s"
+        )
+        parser.add_argument(
+            "--bandwidth-mbps", type=float, default=100.0, help="uplink in Mbit/s, for the announced network_rps"
+        )
+        parser.add_argument(
+            "--max-length", type=positive_int, default=8192, help="token limit of one inference session"
+        )
+        parser.add_argument(
+            "--cache-tokens", type=positive_int, default=16384, help="attention cache size in tokens (all sessions)"
+        )
         parser.add_argument("--update-period", type=float, default=120.0, help="seconds between announcements")
-        parser.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+        parser.add_argument("--revision", help="Hub revision: branch, tag or commit (default: main)")
         parser.add_argument("--token", help="Hub token for gated models (default: HF_TOKEN)")
         parser.add_argument(
             "--adapters",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from config.management.help import ContributorCommand
 from swarm.client.ptune import TUNING_MODES
 from swarm.tuning import TuningDataError, TuningJob, run_tuning
 
 
-class Command(BaseCommand):
+class Command(ContributorCommand):
     help = (
         "Train prompts for MODEL on the texts of a JSONL file, through the swarm's servers. The output folder "
         "loads with AutoDistributedModelForCausalLM.from_pretrained(OUTPUT, initial_peers=...)."
@@ -20,13 +21,22 @@ class Command(BaseCommand):
         parser.add_argument("model", help="the base model: local checkpoint folder or Hugging Face repository name")
         parser.add_argument("--data", required=True, help="JSON Lines file, one object with a text field per line")
         parser.add_argument("--output", required=True, help="folder for checkpoints and the tuned prompts")
-        parser.add_argument("--initial-peers", nargs="+", default=None, help="multiaddrs of swarm peers")
-        parser.add_argument("--tuning-mode", choices=TUNING_MODES, default=defaults.tuning_mode)
+        parser.add_argument(
+            "--initial-peers", nargs="+", default=None, help="multiaddrs of swarm peers (default: SWARM_INITIAL_PEERS)"
+        )
+        parser.add_argument(
+            "--tuning-mode",
+            choices=TUNING_MODES,
+            default=defaults.tuning_mode,
+            help="ptune: trainable prompts before the text; deep_ptune: also before every block",
+        )
         parser.add_argument("--pre-seq-len", type=int, default=defaults.pre_seq_len, help="trainable prefix tokens")
         parser.add_argument("--text-field", default=defaults.text_field, help="the field of each line to train on")
-        parser.add_argument("--epochs", type=float, default=defaults.epochs)
-        parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-        parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+        parser.add_argument("--epochs", type=float, default=defaults.epochs, help="passes over the data")
+        parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="texts per training step")
+        parser.add_argument(
+            "--learning-rate", type=float, default=defaults.learning_rate, help="the optimizer's learning rate"
+        )
         parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="longer texts are cut")
         parser.add_argument("--save-steps", type=int, default=defaults.save_steps, help="checkpoint every N steps")
         parser.add_argument("--dht-prefix", help="the model's prefix in the DHT (default: derived from MODEL)")
