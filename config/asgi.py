@@ -1,4 +1,5 @@
-"""ASGI entry point: Django for HTTP, Channels for websockets (status updates, chat)."""
+"""ASGI entry point: Django for HTTP, Channels for websockets (status updates, chat); each app's
+websocket routes carry their own origin check."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from monitor.routing import websocket_urlpatterns as monitor_websockets  # noqa: E402
 from playground.routing import websocket_urlpatterns as playground_websockets  # noqa: E402
@@ -18,6 +18,6 @@ from playground.routing import websocket_urlpatterns as playground_websockets  #
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(URLRouter([*monitor_websockets, *playground_websockets])),
+        "websocket": URLRouter([*monitor_websockets, *playground_websockets]),
     }
 )

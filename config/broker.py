@@ -4,6 +4,10 @@ kombu creates a message file and then writes it; a worker polling the folder can
 in between, read nothing, and die on the JSON error (seen when a crawl's parts and the demo's
 first crawl were queued at once). Here a message is written under a name the readers skip and
 renamed into place, which is atomic within one folder.
+
+A folder has no host either: kombu's virtual transports default to 'localhost' and log "No hostname
+was supplied. Reverting to default 'localhost'" each time a connection is described (every worker
+and beat start); this one has no default hostname.
 """
 
 from __future__ import annotations
@@ -32,3 +36,7 @@ class Channel(filesystem.Channel):
 
 class Transport(filesystem.Transport):
     Channel = Channel
+
+    @property
+    def default_connection_params(self) -> dict:
+        return {"port": self.default_port}  # no 'hostname': nothing to revert to, nothing to warn about

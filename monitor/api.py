@@ -16,6 +16,7 @@ from monitor import charts, conf, swarm_client
 from monitor.crawl import PEER_ID
 from monitor.history import model_history, parse_since
 from monitor.metrics import prometheus_metrics
+from monitor.models import ModelStatus
 from monitor.reports import latest_snapshot, state_json, status_report
 from swarm.ping import PingResult, ping_server
 
@@ -75,5 +76,7 @@ def model_history_api(request: HttpRequest, dht_prefix: str) -> JsonResponse:
         since = parse_since(request.GET.get("since"), now)
     except (ValueError, OverflowError, OSError) as e:
         return JsonResponse({"error": str(e)}, status=400)
+    if not ModelStatus.objects.filter(dht_prefix=dht_prefix).exists():  # as the model's page: 404
+        return JsonResponse({"error": f"no crawl has seen the model {dht_prefix!r}"}, status=404)
     history = model_history(dht_prefix, since, now)
     return JsonResponse({**history, "figures": charts.model_figures(history)})

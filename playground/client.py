@@ -57,7 +57,8 @@ class PlaygroundClient:
 
     @classmethod
     async def connect(cls, url: str, *, origin: str | None = None, timeout: float = 10.0) -> PlaygroundClient:
-        """`origin` defaults to the server's own, as a page served by the site would send."""
+        """`origin` defaults to the server's own, as a page served by the site would send; `""` sends none,
+        as scripts do (the server refuses other sites' origins with an error message and close code 4003)."""
         parts = urlsplit(url)
         secure = parts.scheme == "wss"
         port = parts.port or (443 if secure else 80)
@@ -65,10 +66,12 @@ class PlaygroundClient:
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         key = base64.b64encode(os.urandom(16))
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        origin = origin or f"{'https' if secure else 'http'}://{parts.netloc}"
+        if origin is None:
+            origin = f"{'https' if secure else 'http'}://{parts.netloc}"
+        origin_header = f"Origin: {origin}\r\n" if origin else ""
         writer.write(
             f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n\r\n".encode()
+            f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n{origin_header}\r\n".encode()
         )
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)

@@ -22,6 +22,11 @@ class BadRequest(PlaygroundError):
     pass
 
 
+class Forbidden(PlaygroundError):
+    status = 403
+    code = "forbidden"
+
+
 class UnknownModel(PlaygroundError):
     status = 404
     code = "model_not_found"

@@ -40,7 +40,7 @@ def list_models(request: HttpRequest) -> JsonResponse:
 
 
 @require_POST
-@csrf_protect_browsers
+@csrf_protect_browsers(respond=error_response)
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     try:
         if request.content_type != "application/json":

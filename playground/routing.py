@@ -1,11 +1,12 @@
-"""Websocket routes of this app (config/asgi.py wraps them in AllowedHostsOriginValidator)."""
+"""Websocket routes of this app, each behind its origin check (browsers from this site only, scripts always)."""
 
 from __future__ import annotations
 
 from django.urls import path
 
 from playground.consumers import GenerateConsumer
+from playground.origin import BrowserOriginValidator
 
 websocket_urlpatterns = [
-    path("api/v2/generate", GenerateConsumer.as_asgi()),
+    path("api/v2/generate", BrowserOriginValidator(GenerateConsumer.as_asgi())),
 ]

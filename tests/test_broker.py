@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from kombu import Connection
@@ -28,3 +29,22 @@ def test_embedded_settings_use_it() -> None:
         assert settings.CELERY_BROKER_URL == settings.REDIS_URL
     else:
         assert settings.CELERY_BROKER_TRANSPORT == "config.broker:Transport"
+
+
+def test_connections_log_no_missing_hostname_warning(tmp_path: Path, caplog) -> None:
+    """kombu's virtual transports warn "No hostname was supplied" whenever a worker describes its connection."""
+    from django.conf import settings
+
+    from config.celery import app
+
+    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path), "control_folder": str(tmp_path)}
+    caplog.set_level(logging.DEBUG, logger="kombu")
+    with Connection("filesystem://", transport=Transport, transport_options=options) as connection:
+        connection.info()
+        connection.clone().release()
+    if not settings.REDIS_URL:  # the app as the workers and beat configure it
+        with app.connection_for_write() as connection:
+            assert connection.transport_cls == "config.broker:Transport"
+            connection.info()
+            connection.clone().release()
+    assert not [r for r in caplog.records if "hostname" in r.getMessage()]

@@ -168,7 +168,10 @@ def test_history_api_returns_chart_data_for_the_range(client):
 
     assert client.get(f"/api/v1/models/{MODEL.dht_prefix}/history?since=3h").json()["snapshots"] == 4
     assert client.get(f"/api/v1/models/{MODEL.dht_prefix}/history?since=soon").status_code == 400
-    assert client.get("/api/v1/models/unknown/history").json()["snapshots"] == 0
+    unknown = client.get("/api/v1/models/unknown/history")
+    assert unknown.status_code == 404  # as the model's page
+    assert unknown.json() == {"error": "no crawl has seen the model 'unknown'"}
+    assert client.get("/models/unknown/").status_code == 404
 
 
 @pytest.mark.django_db

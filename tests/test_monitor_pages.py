@@ -180,3 +180,17 @@ def test_each_servers_adapters_are_shown_escaped(client):
     assert '<td class="adapters"></td>' in plain
     page = client.get(reverse("monitor:peer", args=[a])).content.decode()
     assert "adapters org/lora-a, org/&lt;img" in page and "<img" not in page
+
+
+def test_favicon_is_served_and_linked_from_every_page(client):
+    response = client.get("/favicon.ico", follow=True)
+    assert response.status_code == 200
+    assert response.redirect_chain and response.redirect_chain[-1][0].endswith("favicon.ico")
+    icon = b"".join(response.streaming_content) if response.streaming else response.content
+    assert icon.startswith(b"\x00\x00\x01\x00")  # an ICO file
+    svg = client.get("/static/favicon.svg")
+    assert svg.status_code == 200 and svg["Content-Type"].startswith("image/svg+xml")
+    for url in ("/", "/chat/"):
+        html = client.get(url).content.decode()
+        assert '<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">' in html, url
+        assert '<link rel="icon" href="/static/favicon.ico"' in html, url

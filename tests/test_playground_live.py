@@ -25,7 +25,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from playground.client import ConnectionRefused, PlaygroundClient
+from playground.client import PlaygroundClient
 from swarm import AutoDistributedModelForCausalLM
 from swarm.local_swarm import LocalSwarm, SwarmProcess
 from tests.conftest import DEMO_MODEL, ROOT
@@ -320,10 +320,10 @@ def test_http_generate_api(site, reference, tokenizer):
     assert status == 200 and answer["outputs"] == expected and answer["route"][0]["start"] == 0
     status, answer = post(f"{site.url}/api/v1/generate", b'{"model": "demo", "inputs": "x"}', "application/json")
     assert status == 400 and answer == {"ok": False, "traceback": "set `max_new_tokens` or `max_length`"}
-    status, _ = post(
+    status, answer = post(
         f"{site.url}/api/v1/generate", form, "application/x-www-form-urlencoded", {"Origin": "http://evil.example"}
     )
-    assert status == 403  # a cross-site browser form
+    assert status == 403 and answer["traceback"].startswith("cross-site request refused")  # a cross-site browser form
 
 
 def test_openai_client_streams_a_chat_completion(site, reference, tokenizer):
@@ -412,9 +412,22 @@ def test_unserved_blocks_give_a_readable_error_and_the_socket_stays_usable(site)
     assert works[-1]["ok"] and works[-1]["reply_tokens"] == 2
 
 
-def test_websocket_refuses_foreign_origins(site):
-    with pytest.raises(ConnectionRefused):
-        run(PlaygroundClient.connect(site.ws_url, origin="http://evil.example"))
+def test_websocket_refuses_foreign_origins_and_serves_scripts(site):
+    async def scenario():
+        foreign = await PlaygroundClient.connect(site.ws_url, origin="http://evil.example")
+        refusal = await foreign.receive(timeout=10)
+        with pytest.raises(ConnectionError):
+            await foreign.receive(timeout=10)
+        script = await PlaygroundClient.connect(site.ws_url, origin="")  # no Origin header, as scripts send
+        try:
+            return refusal, foreign.close_code, await script.open_session("demo", max_length=32)
+        finally:
+            await script.close()
+
+    refusal, code, opened = run(scenario())
+    assert refusal["ok"] is False and refusal["traceback"].startswith("origin 'http://evil.example' may not use")
+    assert code == 4003
+    assert opened == {"ok": True}
 
 
 # ----- the chat page in a real browser -----

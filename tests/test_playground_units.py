@@ -17,6 +17,7 @@ from playground.admission import Admission
 from playground.catalog import parse_models
 from playground.detokenize import IncrementalDecoder, StopMatcher
 from playground.errors import BadRequest, LimitExceeded, PlaygroundError, UnknownModel, public_message
+from playground.origin import refusal_message
 from playground.prompting import format_from_separators, format_from_template
 from playground.schemas import coerce_form, parse_chat_completion, parse_generate, parse_open
 from tests.conftest import DEMO_MODEL
@@ -241,10 +242,18 @@ def test_cross_site_browser_posts_are_refused_but_api_clients_pass():
         "/v1/chat/completions", body, content_type="application/json", HTTP_ORIGIN="http://evil.example"
     )
     assert forged.status_code == 403
+    error = forged.json()["error"]  # the OpenAI API's error shape
+    assert error["code"] == "forbidden" and error["message"].startswith("cross-site request refused: Origin checking")
+    assert "http://evil.example" in error["message"] and "send neither an Origin header nor cookies" in error["message"]
     forged = browser.post("/api/v1/generate", {"model": "demo", "inputs": "x"}, HTTP_ORIGIN="http://evil.example")
-    assert forged.status_code == 403
+    assert forged.status_code == 403 and forged.json()["ok"] is False  # chat.petals.dev's
+    assert forged.json()["traceback"].startswith("cross-site request refused: Origin checking failed")
     browser.cookies["sessionid"] = "x"  # a cookie but no token: refused, even without an Origin header
-    assert browser.post("/api/v1/generate", {"model": "demo", "inputs": "x"}).status_code == 403
+    forged = browser.post("/api/v1/generate", {"model": "demo", "inputs": "x"})
+    assert forged.status_code == 403 and forged.json()["traceback"].startswith("cross-site request refused: CSRF")
+    same_site = Client(enforce_csrf_checks=True, HTTP_HOST=HOST)  # a page of this site: origin passes, token needed
+    answer = same_site.post("/api/v1/generate", {"model": "demo", "inputs": "x"}, HTTP_ORIGIN=f"http://{HOST}")
+    assert answer.status_code == 403 and "CSRF cookie not set" in answer.json()["traceback"]
 
     api_client = Client(enforce_csrf_checks=True, HTTP_HOST=HOST)
     answer = api_client.post("/v1/chat/completions", body, content_type="application/json")
@@ -280,12 +289,48 @@ async def _connect(headers=(ORIGIN,)) -> tuple[WebsocketCommunicator, bool]:
     return communicator, connected
 
 
-def test_websocket_refuses_foreign_or_missing_origins():
+def test_websocket_refuses_foreign_origins_with_a_reason():
     async def scenario():
-        for headers in [(), ((b"origin", b"http://evil.example"),)]:
-            communicator, connected = await _connect(headers)
-            assert not connected
+        for origin in [b"http://evil.example", b"http://127.0.0.1.evil.example", b"null", b"http://[::1"]:
+            communicator, connected = await _connect([(b"origin", origin)])
+            assert connected  # opened only to say why, then closed: none of the API runs
+            refusal = json.loads(await communicator.receive_from(timeout=5))
+            assert refusal == {"ok": False, "traceback": refusal_message(origin.decode())}
+            assert "may not use this API" in refusal["traceback"] and origin.decode() in refusal["traceback"]
+            assert await communicator.receive_output(timeout=5) == {"type": "websocket.close", "code": 4003}
             await communicator.disconnect()
+        # Two Origin headers: refused too.
+        communicator, _ = await _connect([ORIGIN, (b"origin", b"http://evil.example")])
+        assert json.loads(await communicator.receive_from(timeout=5))["ok"] is False
+        await communicator.disconnect()
+
+    _run(scenario())
+
+
+def test_websocket_serves_scripts_without_an_origin_and_pages_of_this_site():
+    async def scenario():
+        for headers in [(), (ORIGIN,), ((b"origin", b"https://127.0.0.1"),)]:
+            communicator, connected = await _connect(headers)
+            assert connected, headers
+            # The API itself answers: a session for an unknown model is refused as such, not for the origin.
+            await communicator.send_json_to({"type": "open_inference_session", "model": "nope", "max_length": 9})
+            answer = json.loads(await communicator.receive_from(timeout=5))
+            assert answer["ok"] is False and "unknown model 'nope'" in answer["traceback"], (headers, answer)
+            await communicator.disconnect()
+
+    _run(scenario())
+
+
+@override_settings(ALLOWED_HOSTS=["chat.example.org"])
+def test_websocket_origin_check_follows_allowed_hosts():
+    async def scenario():
+        communicator, _ = await _connect([(b"origin", b"https://chat.example.org")])
+        await communicator.send_json_to({"type": "open_inference_session", "model": "nope", "max_length": 9})
+        assert "unknown model" in json.loads(await communicator.receive_from(timeout=5))["traceback"]
+        await communicator.disconnect()
+        communicator, _ = await _connect([ORIGIN])  # 127.0.0.1 is no longer this site
+        assert "may not use this API" in json.loads(await communicator.receive_from(timeout=5))["traceback"]
+        await communicator.disconnect()
 
     _run(scenario())
 
