@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,3 +70,11 @@ def client_peer(swarm: LocalSwarm) -> Iterator[tuple]:
         run_sync(p2p.shutdown(), timeout=10)
     finally:
         dht.shutdown()
+
+
+def unavailable(what: str) -> None:
+    """A service, browser or tool a test needs is missing: a skip on a developer's machine, a failure
+    in CI (`CI=true`), where a skipped test would pass without testing anything."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{what} (CI=true: a missing service is a failure, not a skip)")
+    pytest.skip(what)

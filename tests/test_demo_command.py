@@ -27,7 +27,7 @@ from hivemind import DHT
 
 from playground.client import PlaygroundClient
 from swarm.names import block_uid
-from tests.conftest import ROOT
+from tests.conftest import ROOT, unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def postgres_database() -> Iterator[str]:
     try:
         admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True)
     except psycopg.OperationalError as e:
-        pytest.skip(f"PostgreSQL is not reachable: {e}")
+        unavailable(f"PostgreSQL is not reachable: {e}")
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
         try:
@@ -106,7 +106,7 @@ def redis_url() -> str:
     try:
         redis.Redis.from_url(url).flushdb()
     except redis.ConnectionError as e:
-        pytest.skip(f"Redis is not reachable: {e}")
+        unavailable(f"Redis is not reachable: {e}")
     return url
 
 

@@ -13,6 +13,7 @@ from channels.testing import WebsocketCommunicator
 from config.asgi import application
 from monitor.models import Snapshot
 from monitor.snapshots import write_snapshot
+from tests.conftest import unavailable
 from tests.test_monitor_snapshots import MODEL, REACHABLE, crawl_result, peer, span
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the consumer reads from its own thread
@@ -78,7 +79,7 @@ def _redis_available() -> bool:
 
 def test_push_through_redis(settings):
     if not _redis_available():
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+        unavailable("Redis is not reachable at 127.0.0.1:6379")
     settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",

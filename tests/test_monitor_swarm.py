@@ -31,7 +31,7 @@ from monitor.models import BlockCoverage, ModelStatus, ServerObservation
 from monitor.snapshots import write_snapshot
 from monitor.targets import ModelTarget
 from swarm.local_swarm import ONLINE_MARK, SwarmProcess
-from tests.conftest import DEMO_MODEL, ROOT
+from tests.conftest import DEMO_MODEL, ROOT, unavailable
 from tests.test_monitor_snapshots import peer
 
 # Every test uses the database, so that pytest-django (which runs database tests first) keeps this module's
@@ -224,7 +224,7 @@ def celery_worker(request, swarm, shared_db, tmp_path):
     app = Celery("monitor-tests")
     if request.param == "redis":
         if not _redis_reachable():
-            pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+            unavailable("Redis is not reachable at 127.0.0.1:6379")
         extra["REDIS_URL"] = REDIS_URL
         app.conf.update(broker_url=REDIS_URL, result_backend=REDIS_URL)
     else:
@@ -301,7 +301,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     if not Path("/usr/bin/chromium").exists():
-        pytest.skip("Chromium is not installed at /usr/bin/chromium")
+        unavailable("Chromium is not installed at /usr/bin/chromium")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(
             executable_path="/usr/bin/chromium",

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from playground.client import PlaygroundClient
 from swarm import AutoDistributedModelForCausalLM
 from swarm.local_swarm import LocalSwarm, SwarmProcess
-from tests.conftest import DEMO_MODEL, ROOT
+from tests.conftest import DEMO_MODEL, ROOT, unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -437,7 +437,7 @@ def test_websocket_refuses_foreign_origins_and_serves_scripts(site):
 def test_chat_page_streams_stops_and_continues(site):
     playwright = pytest.importorskip("playwright.sync_api")
     if not os.path.exists("/usr/bin/chromium"):
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
+        unavailable("Chromium is not installed (apt-get install chromium)")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path="/usr/bin/chromium",
