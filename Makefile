@@ -21,8 +21,10 @@ install: $(STAMP)
 migrate: install
 	DEBUG=1 $(BIN)/python manage.py migrate --noinput
 
+# `exec`: the demo replaces the recipe's shell, so on Ctrl-C make sees it stop cleanly (exit 0) instead
+# of a shell killed by SIGINT, which it would report as "make: *** [demo] Interrupt".
 demo: migrate
-	DEBUG=1 $(BIN)/python manage.py demo $(DEMO_ARGS)
+	DEBUG=1 exec $(BIN)/python manage.py demo $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -12,12 +12,16 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from config.proxy import TrustedProxyHeaders  # noqa: E402
 from monitor.routing import websocket_urlpatterns as monitor_websockets  # noqa: E402
 from playground.routing import websocket_urlpatterns as playground_websockets  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": URLRouter([*monitor_websockets, *playground_websockets]),
-    }
+# Behind trusted reverse proxies, every app sees the client's address, not the proxy's (config/proxy.py).
+application = TrustedProxyHeaders(
+    ProtocolTypeRouter(
+        {
+            "http": django_asgi_app,
+            "websocket": URLRouter([*monitor_websockets, *playground_websockets]),
+        }
+    )
 )

@@ -12,29 +12,22 @@ from django.views.decorators.http import require_GET
 from hivemind import DHT
 from hivemind.dht.node import DHTNode
 
+from config.throttle import ProbeLimiter, TooManyProbes
 from monitor import charts, conf, swarm_client
 from monitor.crawl import PEER_ID
 from monitor.history import model_history, parse_since
 from monitor.metrics import prometheus_metrics
 from monitor.models import ModelStatus
-from monitor.reports import latest_snapshot, state_json, status_report
+from monitor.reports import current_report, state_json
 from swarm.ping import PingResult, ping_server
 
 NO_SNAPSHOT = {"error": "no crawl has finished yet"}
-
-
-def _report():
-    snapshot = latest_snapshot()
-    if snapshot is None:
-        return None
-    return status_report(
-        snapshot, update_period=conf.update_period(), public_name_min_blocks=conf.public_name_min_blocks()
-    )
+REACHABILITY_PROBES = ProbeLimiter()  # this process's cache and limits of is_reachable's dials
 
 
 @require_GET
 def state(request: HttpRequest) -> JsonResponse:
-    report = _report()
+    report = current_report()
     if report is None:
         return JsonResponse(NO_SNAPSHOT, status=503)
     return JsonResponse(state_json(report))
@@ -42,7 +35,7 @@ def state(request: HttpRequest) -> JsonResponse:
 
 @require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
-    report = _report()
+    report = current_report()
     if report is None:
         return HttpResponse("# no crawl has finished yet\n", content_type="text/plain; version=0.0.4", status=503)
     return HttpResponse(prometheus_metrics(report), content_type="text/plain; version=0.0.4; charset=utf-8")
@@ -53,19 +46,26 @@ async def _ping_in_dht(dht: DHT, node: DHTNode, *, peer_id: str, timeout: float)
 
 
 async def is_reachable(request: HttpRequest, peer_id: str) -> JsonResponse:
-    """Ping the peer now (no cache): servers call this to learn whether the world can reach them."""
+    """Ping the peer: servers call this to learn whether the world can reach them. Strangers choose the
+    peer, so answers are cached and probes rate-limited per client (config/throttle.py)."""
     your_ip = request.META.get("REMOTE_ADDR")
     if request.method != "GET":
         return JsonResponse({"success": False, "message": "use GET", "your_ip": your_ip}, status=405)
     if not PEER_ID.fullmatch(peer_id):
         return JsonResponse({"success": False, "message": "not a peer id", "your_ip": your_ip}, status=400)
-    try:
+
+    async def probe() -> PingResult:
         # Starting the DHT client blocks for seconds the first time: keep it off the event loop.
         dht = await sync_to_async(swarm_client.get_dht, thread_sensitive=False)(conf.initial_peers())
+        timeout = float(conf.crawl_options().ping_timeout)
+        return await dht.run_coroutine(partial(_ping_in_dht, peer_id=peer_id, timeout=timeout), return_future=True)
+
+    try:
+        result = await REACHABILITY_PROBES.run(peer_id, your_ip or "unknown", probe)
+    except TooManyProbes as e:
+        return JsonResponse({"success": False, "message": str(e), "your_ip": your_ip}, status=429)
     except RuntimeError as e:
         return JsonResponse({"success": False, "message": str(e), "your_ip": your_ip}, status=503)
-    timeout = float(conf.crawl_options().ping_timeout)
-    result = await dht.run_coroutine(partial(_ping_in_dht, peer_id=peer_id, timeout=timeout), return_future=True)
     return JsonResponse({"success": result.reachable, "message": result.error, "your_ip": your_ip})
 
 

@@ -19,8 +19,10 @@ from django.apps import apps
 from django.conf import settings
 from django.db import DatabaseError
 
+from config.formatting import block_ranges
 from playground.catalog import ChatModelSpec, configured_models
 from playground.registry import SwarmIdentity, registry
+from playground.workers import executor
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +44,6 @@ class Availability:
 
 
 def describe(num_blocks: int, missing: list[int], servers: int, source: str, checked_at: float) -> Availability:
-    from swarm.client.routing import describe_blocks
-
     if not missing:
         return Availability(
             "available", f"all {num_blocks} blocks served by {servers} server(s)", (), servers, source, checked_at
@@ -54,7 +54,7 @@ def describe(num_blocks: int, missing: list[int], servers: int, source: str, che
         )
     return Availability(
         "partial",
-        f"blocks {describe_blocks(missing)} are not served right now",
+        f"blocks {block_ranges(missing)} are not served right now",
         tuple(missing),
         servers,
         source,
@@ -122,8 +122,6 @@ def from_swarm(spec: ChatModelSpec, identity: SwarmIdentity) -> Availability:
 
 async def all_models() -> list[dict[str, Any]]:
     """Every configured model with its availability, for the chat page's model picker."""
-    from playground.generation import executor
-
     loop = asyncio.get_running_loop()
     specs = list(configured_models().values())
     identities: dict[str, SwarmIdentity | None] = {}

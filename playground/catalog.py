@@ -29,6 +29,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
+from playground.errors import UnknownModel
 from swarm.client.config import ClientConfig
 
 MODEL_NAME_MAX_CHARS = 128
@@ -160,6 +161,15 @@ def configured_models() -> dict[str, ChatModelSpec]:
 
 def get_spec(name: str) -> ChatModelSpec | None:
     return configured_models().get(name)
+
+
+def model_spec(name: Any) -> ChatModelSpec:
+    """The spec of a model a client asked for by name; UnknownModel (listing the served ones) if none."""
+    models = configured_models()
+    if not isinstance(name, str) or name not in models:
+        shown = repr(name[:100]) if isinstance(name, str) else "that model"
+        raise UnknownModel(f"unknown model {shown}; this site serves: {', '.join(models)}")
+    return models[name]
 
 
 def _reset(setting: str, **kwargs: Any) -> None:

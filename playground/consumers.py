@@ -3,8 +3,10 @@
 One socket, one conversation: `open_inference_session` opens an inference session whose server
 caches live until the socket closes (or the next `open_inference_session`), and each `generate`
 sends only the new tokens. Extensions: `{"type": "stop"}` ends the reply being generated,
-`user_message` sends one chat turn, and the last message of a reply also carries
-`stop_reason`, `tokens_per_second`, `route` (peer ids and block spans) and `tokens_sent`.
+`user_message` sends one chat turn, `regenerate` answers the last one again,
+`open_inference_session` may carry the `system_prompt` and the `history` of a chat the browser
+kept, and the last message of a reply also carries `stop_reason`, `tokens_per_second`, `route`
+(peer ids, public names and block spans) and `tokens_sent`.
 
 Replies run in their own task, so that `stop` is read while tokens stream; every error is
 answered with `{"ok": false, "traceback": "<message>"}` and the socket stays usable.
@@ -95,22 +97,24 @@ class GenerateConsumer(AsyncWebsocketConsumer):
             self.slot = admission.acquire(self.address)
         try:
             chat = await registry.aload(request.model)
+            conversation = Conversation(chat, request.max_length)
+            conversation.resume(request.system_prompt, request.history)
         except Exception:
             self.slot.release()
             self.slot = None
             raise
-        self.conversation = Conversation(chat, request.max_length)
+        self.conversation = conversation
         logger.info(
             "Session opened: model %s, max_length %d, client %s", request.model, request.max_length, self.address
         )
         await self._send({"ok": True})
 
     def _generate(self, message: dict[str, Any]) -> None:
+        request = schemas.parse_generate(message)  # bad parameters are named first, whatever the state
         if self.conversation is None:
             raise BadRequest('open a session first: {"type": "open_inference_session", "model", "max_length"}')
         if self._replying:
             raise BadRequest('a reply is still being generated; wait for it or send {"type": "stop"}')
-        request = schemas.parse_generate(message)
         self.reply_task = asyncio.create_task(self._reply(self.conversation, request))
 
     @property

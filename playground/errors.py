@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import uuid
 
+from config.formatting import block_ranges
+
 logger = logging.getLogger("playground")
 
 
@@ -56,9 +58,7 @@ def public_message(error: BaseException, context: str = "request") -> Playground
     if isinstance(error, MissingBlocksError):
         # The engine's message names the model's local path; say which blocks, not where the model lives.
         logger.warning("%s: %s", context, error)
-        from swarm.client.routing import describe_blocks
-
-        which = f"blocks {describe_blocks(error.blocks)}" if error.blocks else "some blocks of this model"
+        which = f"blocks {block_ranges(error.blocks)}" if error.blocks else "some blocks of this model"
         return SwarmUnavailable(f"{which} are not served right now; try again when more servers are online")
     if isinstance(error, SessionError):
         logger.warning("%s: %s", context, error)

@@ -10,10 +10,8 @@ criterion ends generation on a stop sequence, on cancellation or on the token bu
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import copy
 import dataclasses
-import functools
 import logging
 import threading
 import time
@@ -25,9 +23,11 @@ from django.conf import settings
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from playground.budget import reply_budget
 from playground.detokenize import IncrementalDecoder, StopMatcher
 from playground.errors import BadRequest, StepTimeout, public_message
 from playground.registry import ChatModel
+from playground.workers import executor
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +36,10 @@ logger = logging.getLogger(__name__)
 GREEDY_NEUTRAL = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
-@functools.cache
-def executor() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads for generation and other blocking client calls; never the ASGI loop's thread."""
-    workers = settings.PLAYGROUND_MAX_SESSIONS + 4
-    return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="playground")
-
-
 @dataclasses.dataclass(frozen=True)
 class ReplyOptions:
-    max_new_tokens: int
+    max_new_tokens: int | None = None  # None: the site's cap (playground.budget decides the real number)
+    max_length: int | None = None  # Petals' limit on the whole conversation, prompt included
     do_sample: bool = False
     temperature: float | None = None  # None: the model's generation_config value
     top_k: int | None = None
@@ -70,6 +64,10 @@ class ReplyChunk:
     tokens_sent: int | None = None  # token positions this reply sent to the servers
 
 
+# Public names are peer-supplied text: shown escaped by the page, and cut to a readable length here.
+PUBLIC_NAME_MAX_CHARS = 64
+
+
 class Conversation:
     """A conversation's token ids and the inference session whose server caches hold them."""
 
@@ -77,6 +75,8 @@ class Conversation:
         self.chat = chat
         self.max_length = max_length
         self.ids: list[int] = []
+        self.system_prompt = ""
+        self.last_turn_end: int | None = None  # ids before the last chat reply: where `regenerate` rewinds to
         self._session: Any = None  # opened lazily, in a worker thread
         self._lock = threading.Lock()
         self._running = False
@@ -95,6 +95,26 @@ class Conversation:
             ids = [bos, *ids]
         return ids
 
+    def resume(self, system_prompt: str, history: Sequence[tuple[str, str]]) -> None:
+        """Start from a chat the browser kept (user and assistant texts); nothing is sent until the next reply."""
+        chat_format = self.chat.chat_format
+        self.system_prompt = system_prompt
+        for user, assistant in history:
+            text = chat_format.user_turn(user, first=not self.ids, reply_ended=True, system=system_prompt)
+            self.ids += self.encode(text)
+            self.ids += self.encode(chat_format.closed_reply(assistant))
+        if len(self.ids) >= self.max_length:
+            raise BadRequest(
+                f"this chat already has {len(self.ids)} tokens, but a session holds {self.max_length}; start a new chat"
+            )
+
+    def rewind_to_last_turn(self) -> None:
+        """Forget the last chat reply, keeping the user message it answered (for `regenerate`)."""
+        end = self.last_turn_end
+        if end is None or end > len(self.ids):
+            raise BadRequest("there is no chat reply to regenerate in this session; send a `user_message` first")
+        self.ids = self.ids[:end]
+
     def reply_ended_with(self, stop: str) -> bool:
         tail = self.chat.tokenizer.decode(self.ids[-8:], skip_special_tokens=False)
         return bool(stop) and tail.rstrip().endswith(stop)
@@ -107,13 +127,7 @@ class Conversation:
     async def reply(self, new_ids: Sequence[int], options: ReplyOptions) -> AsyncIterator[ReplyChunk]:
         step_timeout = settings.PLAYGROUND_STEP_TIMEOUT
         await self.wait_idle()
-        total = len(self.ids) + len(new_ids)
-        if total >= self.max_length:
-            raise BadRequest(
-                f"the conversation would hold {total} tokens, but this session allows {self.max_length}; "
-                "start a new chat or open the session with a larger max_length"
-            )
-        budget = min(options.max_new_tokens, self.max_length - total)
+        budget = self.budget(new_ids, options)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[ReplyChunk | BaseException] = asyncio.Queue()
         cancel = self._cancel = threading.Event()
@@ -139,6 +153,13 @@ class Conversation:
                     return
         finally:
             cancel.set()  # the reader is gone (done, failed, closed): the worker must not go on
+
+    def budget(self, new_ids: Sequence[int], options: ReplyOptions) -> int:
+        """Tokens the reply to `new_ids` may have (raises when the conversation has no room left)."""
+        held = len(self.ids) + len(new_ids)
+        return reply_budget(
+            options.max_new_tokens, held=held, session_length=self.max_length, max_length=options.max_length
+        )
 
     async def wait_idle(self) -> None:
         """Until the previous reply's worker has returned (and stop it if it still generates)."""
@@ -340,8 +361,27 @@ class _ReplyStream(BaseStreamer, StoppingCriteria):
                 stop_reason=reason,
                 reply_tokens=self.count,
                 tokens_per_second=round(speed, 2),
-                route=[{"peer_id": s.peer_id, "start": s.start, "end": s.end} for s in self.session.route],
+                route=_route(self.chat, self.session.route),
                 tokens_sent=self.session.tokens_sent - self.sent_before,
             )
         )
         self.held = 0
+
+
+def _route(chat: ChatModel, route: Sequence[Any]) -> list[dict[str, Any]]:
+    """The servers a reply went through, each with its public name when it announces one."""
+    view = getattr(chat.model.manager, "view", None)
+    spans = view.spans if view is not None else {}
+    hops = []
+    for span in route:
+        info = spans.get(span.peer_id)
+        name = info.server_info.public_name if info is not None else None
+        hops.append(
+            {
+                "peer_id": span.peer_id,
+                "public_name": name[:PUBLIC_NAME_MAX_CHARS] if name else None,
+                "start": span.start,
+                "end": span.end,
+            }
+        )
+    return hops

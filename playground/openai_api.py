@@ -17,7 +17,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.views.decorators.http import require_GET, require_POST
 
 from playground import schemas
-from playground.catalog import configured_models
+from playground.catalog import configured_models, model_spec
 from playground.csrf import csrf_protect_browsers
 from playground.errors import BadRequest, LimitExceeded, PlaygroundError, public_message
 from playground.generation import Conversation, ReplyChunk, ReplyOptions
@@ -50,9 +50,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
         except (ValueError, RecursionError):
             raise BadRequest("the request body is not valid JSON") from None
         completion = schemas.parse_chat_completion(body)
-        from playground.registry import registry
-
-        registry.spec(completion.model)  # unknown models fail before any work
+        model_spec(completion.model)  # unknown models fail before any work
     except Exception as e:
         return error_response(public_message(e, "chat completion"))
     address = request.META.get("REMOTE_ADDR") or "unknown"

@@ -17,9 +17,10 @@ from typing import Any
 
 from django.conf import settings
 
-from playground.catalog import ChatModelSpec, configured_models
-from playground.errors import SwarmUnavailable, UnknownModel
+from playground.catalog import ChatModelSpec, model_spec
+from playground.errors import SwarmUnavailable
 from playground.prompting import ChatFormat, default_format, format_from_separators, format_from_template
+from playground.workers import executor
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,7 @@ class ModelRegistry:
 
     # ----- specs -----
 
-    @staticmethod
-    def spec(name: Any) -> ChatModelSpec:
-        models = configured_models()
-        if not isinstance(name, str) or name not in models:
-            shown = repr(name[:100]) if isinstance(name, str) else "that model"
-            raise UnknownModel(f"unknown model {shown}; this site serves: {', '.join(models)}")
-        return models[name]
+    spec = staticmethod(model_spec)
 
     # ----- light parts: tokenizer, chat format, DHT identity -----
 
@@ -151,8 +146,6 @@ class ModelRegistry:
         chat = self._models.get(name)
         if chat is not None:
             return chat
-        from playground.generation import executor
-
         return await asyncio.get_running_loop().run_in_executor(executor(), self.load, name)
 
     def _load(self, spec: ChatModelSpec) -> ChatModel:

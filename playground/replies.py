@@ -7,6 +7,8 @@
   `max_length`) tokens comes back.
 - `user_message` (this site's chat page): one user turn in the model's chat format; the reply ends
   at the end of the assistant's turn, which is cut from the text, or after `max_new_tokens`.
+- `regenerate` (this site's chat page): the last chat reply is forgotten and generated again for
+  the same user message (the servers rewind their caches; nothing is resent).
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
-
-from django.conf import settings
 
 from playground.admission import admission
 from playground.errors import BadRequest
@@ -25,24 +25,34 @@ from playground.schemas import GenerateRequest
 
 
 def plan_reply(conversation: Conversation, request: GenerateRequest) -> tuple[list[int], ReplyOptions]:
+    """The tokens to append and the options of the reply; the reply's length is `playground.budget`'s."""
     chat = conversation.chat
-    cap = settings.PLAYGROUND_MAX_NEW_TOKENS
     sampling = dataclasses.asdict(request.sampling)
-    if request.user_message is not None:
+    if request.user_message is not None or request.regenerate:
         chat_format = chat.chat_format
         stop = chat_format.stop_sequence
-        text = chat_format.user_turn(
-            request.user_message, first=not conversation.ids, reply_ended=conversation.reply_ended_with(stop)
-        )
-        new_ids = conversation.encode(text)
-        budget = request.max_new_tokens or chat.spec.defaults.max_new_tokens
+        if request.regenerate:
+            conversation.rewind_to_last_turn()
+            new_ids = []
+        else:
+            text = chat_format.user_turn(
+                request.user_message,
+                first=not conversation.ids,
+                reply_ended=conversation.reply_ended_with(stop),
+                system=conversation.system_prompt,
+            )
+            new_ids = conversation.encode(text)
         options = ReplyOptions(
-            max_new_tokens=min(budget, cap),
+            max_new_tokens=request.max_new_tokens or chat.spec.defaults.max_new_tokens,
+            max_length=request.max_length,
             stop_sequences=(stop, *request.extra_stop_sequences),
             include_stop=False,
             **sampling,
         )
-        return new_ids, _bounded(conversation, new_ids, options, request.max_length)
+        conversation.budget(new_ids, options)  # refuse now, before the turn counts as the last one
+        conversation.last_turn_end = len(conversation.ids) + len(new_ids)
+        return new_ids, options
+    conversation.last_turn_end = None  # raw text: nothing a chat could regenerate
 
     if request.inputs is not None:
         new_ids = conversation.encode(request.inputs)
@@ -61,28 +71,18 @@ def plan_reply(conversation: Conversation, request: GenerateRequest) -> tuple[li
                 raise BadRequest("`extra_stop_sequences` need a `stop_sequence` that is exactly one token")
             continuation = ids[0]
         options = ReplyOptions(
-            max_new_tokens=cap,
+            max_length=request.max_length,
             stop_sequences=(request.stop_sequence,),
             continue_on=request.extra_stop_sequences,
             continuation_token=continuation,
             **sampling,
         )
-        return new_ids, _bounded(conversation, new_ids, options, request.max_length)
-
-    if request.max_new_tokens is None and request.max_length is None:
-        raise BadRequest("set `max_new_tokens` or `max_length` (or a `stop_sequence` to stream)")
-    options = ReplyOptions(max_new_tokens=request.max_new_tokens or cap, **sampling)
-    return new_ids, _bounded(conversation, new_ids, options, request.max_length)
-
-
-def _bounded(conversation: Conversation, new_ids: list[int], options: ReplyOptions, max_length: int | None):
-    """Apply Petals' `max_length`: the whole conversation, prompt included, in tokens."""
-    if max_length is None:
-        return options
-    length = len(conversation.ids) + len(new_ids)
-    if max_length <= length:
-        raise BadRequest(f"`max_length` is {max_length}, but the conversation already has {length} tokens")
-    return dataclasses.replace(options, max_new_tokens=min(options.max_new_tokens, max_length - length))
+    else:
+        if request.max_new_tokens is None and request.max_length is None:
+            raise BadRequest("set `max_new_tokens` or `max_length` (or a `stop_sequence` to stream)")
+        options = ReplyOptions(max_new_tokens=request.max_new_tokens, max_length=request.max_length, **sampling)
+    conversation.budget(new_ids, options)  # a request that cannot be answered fails before anything runs
+    return new_ids, options
 
 
 @contextlib.asynccontextmanager
@@ -102,4 +102,4 @@ async def temporary_conversation(model: str, address: str) -> AsyncIterator[Conv
 
 def fit_session(conversation: Conversation, new_ids: list[int], options: ReplyOptions) -> None:
     """A one-shot session reserves only what it needs on the servers (not the model's whole cap)."""
-    conversation.max_length = min(conversation.max_length, len(new_ids) + options.max_new_tokens)
+    conversation.max_length = len(new_ids) + conversation.budget(new_ids, options)

@@ -14,9 +14,19 @@ from typing import Any
 
 from django.conf import settings
 
+from playground.catalog import model_spec
 from playground.errors import BadRequest, LimitExceeded
 
 MAX_MESSAGES = 512
+# What the sampling fields accept, here and in the chat page's form (which gets them from the view):
+# (lowest, highest, whether the lowest itself is excluded). Beyond these, text turns to noise.
+SAMPLING_LIMITS: dict[str, tuple[float, float, bool]] = {
+    "temperature": (0.0, 2.0, True),
+    "top_p": (0.0, 1.0, True),
+    "top_k": (0, 1000, False),
+    "repetition_penalty": (0.0, 2.0, True),
+}
+HISTORY_ROLES = ("user", "assistant")
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -24,6 +34,8 @@ OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assi
 class OpenRequest:
     model: str
     max_length: int
+    system_prompt: str = ""
+    history: tuple[tuple[str, str], ...] = ()  # (user, assistant) exchanges a browser kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +56,7 @@ class GenerateRequest:
     sampling: Sampling
     stop_sequence: str | None
     extra_stop_sequences: tuple[str, ...]
+    regenerate: bool = False  # this site's chat page: answer the last user message again
 
     @property
     def streaming(self) -> bool:
@@ -87,8 +100,8 @@ def _number(data: Mapping[str, Any], key: str, low: float, high: float, *, low_o
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise BadRequest(f"`{key}` must be a number")
     if value > high or value < low or (low_open and value == low):
-        bound = f"above {low}" if low_open else f"at least {low}"
-        raise BadRequest(f"`{key}` must be {bound} and at most {high}")
+        bound = f"above {low:g}" if low_open else f"at least {low:g}"
+        raise BadRequest(f"`{key}` must be {bound} and at most {high:g} (got {value:g})")
     return float(value)
 
 
@@ -128,13 +141,19 @@ def _stop_list(data: Mapping[str, Any], key: str) -> tuple[str, ...]:
     return tuple(_text({key: item}, key, limit, allow_empty=False) for item in value)
 
 
+def _limited(data: Mapping[str, Any], key: str) -> float | None:
+    low, high, low_open = SAMPLING_LIMITS[key]
+    return _number(data, key, low, high, low_open=low_open)
+
+
 def _sampling(data: Mapping[str, Any], default_do_sample: bool = False) -> Sampling:
+    low, high, _ = SAMPLING_LIMITS["top_k"]
     return Sampling(
         do_sample=_flag(data, "do_sample", default_do_sample),
-        temperature=_number(data, "temperature", 0.0, 100.0, low_open=True),
-        top_k=_integer(data, "top_k", 0, 1_000_000),
-        top_p=_number(data, "top_p", 0.0, 1.0, low_open=True),
-        repetition_penalty=_number(data, "repetition_penalty", 0.0, 100.0, low_open=True),
+        temperature=_limited(data, "temperature"),
+        top_k=_integer(data, "top_k", int(low), int(high)),
+        top_p=_limited(data, "top_p"),
+        repetition_penalty=_limited(data, "repetition_penalty"),
     )
 
 
@@ -151,16 +170,41 @@ def message_type(message: Any) -> str:
 
 
 def parse_open(message: Mapping[str, Any]) -> OpenRequest:
-    from playground.registry import registry
-
     model = message.get("model")
     if not isinstance(model, str):
         raise BadRequest("`model` must be a string naming one of this site's models")
-    spec = registry.spec(model)
+    spec = model_spec(model)
     max_length = _integer(message, "max_length", 1, spec.session_cap, cap_name="max_length")
     if max_length is None:
         raise BadRequest("`max_length` is required: the most tokens this session will hold")
-    return OpenRequest(model=model, max_length=max_length)
+    system_prompt = _text(message, "system_prompt", settings.PLAYGROUND_MAX_INPUT_CHARS) or ""
+    history = _history(message.get("history"), budget=settings.PLAYGROUND_MAX_INPUT_CHARS * 4 - len(system_prompt))
+    return OpenRequest(model=model, max_length=max_length, system_prompt=system_prompt, history=history)
+
+
+def _history(value: Any, budget: int) -> tuple[tuple[str, str], ...]:
+    """A chat the browser kept: user and assistant messages, alternating, starting with the user's."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BadRequest("`history` must be a list of {role, content} messages")
+    if len(value) > MAX_MESSAGES:
+        raise LimitExceeded(f"`history` has {len(value)} messages; the limit is {MAX_MESSAGES}")
+    if len(value) % 2:
+        raise BadRequest("`history` must hold whole exchanges: a user message, then the assistant's reply")
+    texts, total = [], 0
+    for index, message in enumerate(value):
+        role = HISTORY_ROLES[index % 2]
+        if not isinstance(message, dict) or message.get("role") != role:
+            raise BadRequest(f"`history[{index}]` must be an object with role {role!r} (user and assistant alternate)")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise BadRequest(f"`history[{index}].content` must be a string")
+        total += len(content)
+        texts.append(content)
+    if total > budget:
+        raise LimitExceeded(f"`history` has {total} characters; the limit is {max(budget, 0)}")
+    return tuple(zip(texts[::2], texts[1::2], strict=True))
 
 
 def parse_generate(message: Mapping[str, Any]) -> GenerateRequest:
@@ -174,6 +218,9 @@ def parse_generate(message: Mapping[str, Any]) -> GenerateRequest:
     extra = _stop_list(message, "extra_stop_sequences")
     if extra and stop_sequence is None:
         raise BadRequest("`extra_stop_sequences` need a `stop_sequence` too")
+    regenerate = _flag(message, "regenerate", False)
+    if regenerate and (inputs is not None or user_message is not None):
+        raise BadRequest("`regenerate` answers the last user message again: send no `inputs` or `user_message`")
     return GenerateRequest(
         inputs=inputs,
         user_message=user_message,
@@ -184,6 +231,7 @@ def parse_generate(message: Mapping[str, Any]) -> GenerateRequest:
         sampling=_sampling(message),
         stop_sequence=stop_sequence,
         extra_stop_sequences=extra,
+        regenerate=regenerate,
     )
 
 
@@ -219,15 +267,15 @@ def coerce_form(values: Mapping[str, str]) -> dict[str, Any]:
 
 
 def parse_http_generate(data: Mapping[str, Any]) -> tuple[str, GenerateRequest]:
-    from playground.registry import registry
-
     model = data.get("model")
     if not isinstance(model, str):
         raise BadRequest("`model` must be a string naming one of this site's models")
-    registry.spec(model)
+    model_spec(model)
     request = parse_generate(data)
-    if request.user_message is not None or request.stop_sequence is not None:
-        raise BadRequest("`user_message` and `stop_sequence` are for the websocket API (/api/v2/generate)")
+    if request.user_message is not None or request.stop_sequence is not None or request.regenerate:
+        raise BadRequest(
+            "`user_message`, `regenerate` and `stop_sequence` are for the websocket API (/api/v2/generate)"
+        )
     if request.max_new_tokens is None and request.max_length is None:
         raise BadRequest("set `max_new_tokens` or `max_length`")
     return model, request
@@ -253,7 +301,7 @@ def parse_chat_completion(body: Any) -> ChatCompletionRequest:
         model=model,
         messages=_messages(body.get("messages")),
         max_tokens=_integer(body, max_tokens, 1, settings.PLAYGROUND_MAX_NEW_TOKENS, cap_name=max_tokens),
-        temperature=_number(body, "temperature", 0.0, 2.0),
+        temperature=_number(body, "temperature", 0.0, SAMPLING_LIMITS["temperature"][1]),  # OpenAI's 0: greedy
         top_p=_number(body, "top_p", 0.0, 1.0, low_open=True),
         stop=_stop_list(body, "stop"),
         stream=_flag(body, "stream", False),

@@ -36,6 +36,10 @@ def chat_page(request: HttpRequest) -> HttpResponse:
         "models": models,
         "max_new_tokens": settings.PLAYGROUND_MAX_NEW_TOKENS,
         "max_input_chars": settings.PLAYGROUND_MAX_INPUT_CHARS,
+        "sampling_limits": {
+            key: {"min": low, "max": high, "min_excluded": excluded}
+            for key, (low, high, excluded) in schemas.SAMPLING_LIMITS.items()
+        },
     }
     return render(request, "playground/chat.html", {"config": config, "models": models})
 

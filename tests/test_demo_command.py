@@ -33,6 +33,7 @@ pytestmark = pytest.mark.integration
 
 # Chat model name (settings.PLAYGROUND_MODELS) → the DHT prefix its servers announce.
 MODELS = {"demo": "demo_model-hf", "demo-moe": "demo_moe_model"}
+STOP_SECONDS = 10  # Ctrl-C must stop the whole demo within this (bounded wait, not a benchmark)
 
 
 def free_port() -> int:
@@ -113,15 +114,7 @@ def redis_url() -> str:
 @pytest.mark.parametrize("mode", ["embedded", "full"])
 def test_make_demo(mode, tmp_path, request):
     port, dht_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "VAR_DIR": str(tmp_path / "var"),
-        "DEMO_ARGS": f"--port {port} --dht-port {dht_port}",
-        "MONITOR_UPDATE_PERIOD": "5",
-        "SWARM_CACHE_DIR": str(tmp_path / "cache"),
-    }
-    for name in ("DEBUG", "SECRET_KEY", "REDIS_URL", "DATABASE_URL", "DJANGO_SETTINGS_MODULE"):
-        env.pop(name, None)
+    env = demo_env(tmp_path, port, dht_port)
     if mode == "full":
         env["REDIS_URL"] = redis_url()
         env["DATABASE_URL"] = request.getfixturevalue("postgres_database")
@@ -147,6 +140,8 @@ def test_make_demo(mode, tmp_path, request):
         printed = "".join(lines)
         for prefix in MODELS.values():
             assert f"{base}/models/{prefix}/" in printed, printed[-3000:]
+        for path in ("/", "/chat/", "/api/v1/state", "/metrics", "/v1"):  # every address the README names
+            assert f"{base}{path}\n" in printed, (path, printed[-3000:])
 
         state = {}
         deadline = time.monotonic() + 180
@@ -174,26 +169,13 @@ def test_make_demo(mode, tmp_path, request):
         started = descendants(demo.pid)
         assert len(started) >= 7, started  # make, demo, DHT, 3 servers, worker, beat, web (+ their children)
     finally:
-        os.killpg(demo.pid, signal.SIGINT)
-        try:
-            rest, _ = demo.communicate(timeout=120)
-            lines.append(rest)
-        except subprocess.TimeoutExpired:
-            os.killpg(demo.pid, signal.SIGKILL)
-            for pid in descendants(demo.pid):
-                os.kill(pid, signal.SIGKILL)
-            raise
-        finally:
-            deadline = time.monotonic() + 15  # helpers like torch_shm_manager notice their clients left
-            while any(alive(pid) for pid in started) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            survivors = {pid for pid in started if alive(pid)}
-            names = {pid: command_line(pid) for pid in survivors}
-            for pid in survivors:
-                os.kill(pid, signal.SIGKILL)
+        os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: make and the demo get it
+        rest, survivors, names = stop_within(demo, started, STOP_SECONDS)
+        lines.append(rest)
         try:
             assert not survivors, f"processes left running: {names}"
-            assert "Stopped" in "".join(lines)
+            output = "".join(lines)
+            assert "Stopped" in output and "make: ***" not in output, output[-3000:]
             if dht is not None:
                 for prefix in MODELS.values():
                     for index in (0, 7):
@@ -203,6 +185,70 @@ def test_make_demo(mode, tmp_path, request):
         finally:
             if dht is not None:
                 dht.shutdown()
+
+
+def stop_within(demo: subprocess.Popen, started: set[int], seconds: float) -> tuple[str, set[int], dict]:
+    """Wait (bounded) for the signaled demo to exit; its remaining output, and the processes still alive.
+
+    Fails if `make demo` has not exited after `seconds`: Ctrl-C must stop everything that fast."""
+    try:
+        rest, _ = demo.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(demo.pid, signal.SIGKILL)
+        for pid in descendants(demo.pid):
+            os.kill(pid, signal.SIGKILL)
+        demo.communicate()
+        pytest.fail(f"`make demo` was still running {seconds:g} s after Ctrl-C")
+    finally:
+        deadline = time.monotonic() + 15  # helpers like torch_shm_manager notice their clients left
+        while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        survivors = {pid for pid in started if alive(pid)}
+        names = {pid: command_line(pid) for pid in survivors}
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+    return rest, survivors, names
+
+
+def demo_env(tmp_path: Path, port: int, dht_port: int) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "VAR_DIR": str(tmp_path / "var"),
+        "DEMO_ARGS": f"--port {port} --dht-port {dht_port}",
+        "MONITOR_UPDATE_PERIOD": "5",
+        "SWARM_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    for name in ("DEBUG", "SECRET_KEY", "REDIS_URL", "DATABASE_URL", "DJANGO_SETTINGS_MODULE"):
+        env.pop(name, None)
+    return env
+
+
+def test_ctrl_c_while_starting_stops_everything(tmp_path):
+    """Ctrl-C before the swarm is up: every process started so far stops, fast, and make reports no error."""
+    demo = subprocess.Popen(
+        ["make", "demo"], cwd=ROOT, env=demo_env(tmp_path, free_port(), free_port()), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    started: set[int] = set()
+    try:
+        for line in demo.stdout:  # the last block server is starting; Celery and the site come right after
+            lines.append(line)
+            if "Starting block server demo-moe" in line:
+                break
+        deadline = time.monotonic() + 60
+        while len(started) < 8 and time.monotonic() < deadline:  # demo, DHT, 3 servers, worker, beat, web
+            started = descendants(demo.pid)
+            time.sleep(0.2)
+        assert len(started) >= 8, ("".join(lines)[-3000:], [command_line(pid) for pid in started])
+    finally:
+        os.killpg(demo.pid, signal.SIGINT)
+        rest, survivors, names = stop_within(demo, started, STOP_SECONDS)
+        lines.append(rest)
+    output = "".join(lines)
+    assert not survivors, f"processes left running: {names}"
+    assert "Press Ctrl-C" not in output and "Stopped" in output, output[-3000:]
+    assert "make: ***" not in output and "Traceback" not in output, output[-3000:]
 
 
 async def chat_once(url: str, model: str) -> dict:

@@ -1,14 +1,22 @@
-"""docker-compose.yml describes the full stack: checked with `docker compose config` where the client
-can, and always by reading the YAML (services, commands, ports, volumes, the GPU reservation)."""
+"""docker-compose.yml describes the full stack: checked with `docker compose config` (which also
+resolves the public address and ports from .env) and by reading the YAML (services, commands,
+volumes, the GPU reservation); the image's static files; the client address behind a proxy; and
+the cache and limits of is_reachable's probes."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
 
+from config.proxy import TrustedProxyHeaders, client_address, parse_networks
+from config.throttle import ProbeLimiter, TooManyProbes
 from tests.conftest import ROOT, unavailable
 
 SERVICES = {"redis", "postgres", "migrate", "web", "worker", "beat", "bootstrap", "blockserver"}
@@ -34,8 +42,8 @@ def test_services_and_their_commands(compose):
     assert "migrate" in command(services["migrate"])
     bootstrap = command(services["bootstrap"])
     assert "rundht" in bootstrap and "--identity-path /var/lib/swarm/" in bootstrap  # identity on a volume
-    assert "31337:31337" in services["bootstrap"]["ports"]
     assert "runblockserver" in command(services["blockserver"])
+    assert "--proxy-headers" not in command(services["web"])  # daphne's believes anyone: config/proxy.py decides
 
 
 def test_block_server_reserves_a_gpu_and_caches_models(compose):
@@ -67,7 +75,7 @@ def test_dependencies_and_volumes_exist(compose):
 
 def test_env_example_names_the_required_settings():
     example = (ROOT / ".env.example").read_text()
-    for name in ("SECRET_KEY=", "ALLOWED_HOSTS=", "POSTGRES_PASSWORD=", "BLOCK_SERVER_MODEL="):
+    for name in ("SECRET_KEY=", "ALLOWED_HOSTS=", "POSTGRES_PASSWORD=", "BLOCK_SERVER_MODEL=", "SWARM_PUBLIC_HOST="):
         assert name in example
 
 
@@ -81,15 +89,131 @@ def compose_command() -> list[str] | None:
     return [standalone] if standalone else None
 
 
-def test_docker_compose_config_accepts_it(tmp_path):
+def compose_config(tmp_path, env_text: str, *extra: str) -> subprocess.CompletedProcess:
+    """`docker compose config` of our file with this .env (the client reads it for `${...}`)."""
     compose = compose_command()
     if compose is None:
         unavailable("no docker compose client is installed here (.ci/run installs Debian's docker-compose)")
-    (tmp_path / ".env").write_text((ROOT / ".env.example").read_text())
+    (tmp_path / ".env").write_text(env_text)
     compose_file = str(ROOT / "docker-compose.yml")
-    result = subprocess.run(
-        [*compose, "-f", compose_file, "--project-directory", str(tmp_path), "config", "-q"],
+    return subprocess.run(
+        [*compose, "-f", compose_file, "--project-directory", str(tmp_path), "config", *extra],
         capture_output=True,
         text=True,
     )
+
+
+def test_docker_compose_config_accepts_it(tmp_path):
+    result = compose_config(tmp_path, (ROOT / ".env.example").read_text(), "-q")
     assert result.returncode == 0, result.stderr
+
+
+def published(service: dict) -> set[tuple[str, int]]:
+    """(published, target) pairs, whatever syntax the client prints them in."""
+    pairs = set()
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            pairs.add((str(port["published"]), int(port["target"])))
+        else:
+            outside, inside = str(port).split("/")[0].rsplit(":", 2)[-2:]
+            pairs.add((outside, int(inside)))
+    return pairs
+
+
+def test_public_address_and_fixed_ports_come_from_the_environment(tmp_path):
+    env = (ROOT / ".env.example").read_text()
+    env += "\nSWARM_PUBLIC_HOST=198.51.100.7\nSWARM_BOOTSTRAP_PORT=4001\nBLOCK_SERVER_PORT=4002\n"
+    result = compose_config(tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+
+    bootstrap, server = services["bootstrap"], services["blockserver"]
+    assert published(bootstrap) == {("4001", 4001)} and published(server) == {("4002", 4002)}
+    assert "--host-maddrs /ip4/0.0.0.0/tcp/4001 --announce-maddrs /ip4/198.51.100.7/tcp/4001" in command(bootstrap)
+    assert "--host-maddrs /ip4/0.0.0.0/tcp/4002 --announce-maddrs /ip4/198.51.100.7/tcp/4002" in command(server)
+    for name, service in services.items():
+        assert "/tcp/0" not in command(service), f"{name} listens on a random port"
+
+
+def test_compose_refuses_to_run_without_a_public_address(tmp_path):
+    env = "\n".join(
+        line for line in (ROOT / ".env.example").read_text().splitlines() if not line.startswith("SWARM_PUBLIC_HOST=")
+    )
+    result = compose_config(tmp_path, env, "-q")
+    assert result.returncode != 0 and "set SWARM_PUBLIC_HOST to this machine's public IP" in result.stderr
+
+
+def test_the_image_builds_the_static_manifest_without_debug(tmp_path):
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    collect = next(line for line in dockerfile.splitlines() if "collectstatic" in line)
+    assert "DEBUG" not in collect, collect
+    env = {**os.environ, "SECRET_KEY": "collectstatic-only", "STATIC_ROOT": str(tmp_path / "static")}
+    env["VAR_DIR"] = str(tmp_path / "var")
+    env.pop("DEBUG", None)
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    subprocess.run(
+        [sys.executable, "manage.py", "collectstatic", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True
+    )
+    manifest = json.loads((tmp_path / "static" / "staticfiles.json").read_text())
+    assert "playground/chat.js" in manifest["paths"] and "js/format.js" in manifest["paths"]
+
+
+# ----- behind a reverse proxy -----
+
+
+def test_x_forwarded_for_is_believed_only_from_trusted_proxies():
+    networks = parse_networks(["172.16.0.0/12", "10.0.0.5"])
+    assert client_address("203.0.113.9", "1.2.3.4", networks) == "203.0.113.9"  # not a proxy: ignored
+    assert client_address("172.18.0.1", "198.51.100.20", networks) == "198.51.100.20"
+    # A client's own X-Forwarded-For comes first; the proxies append what they saw: the right-most
+    # address that is not one of our proxies is the client.
+    assert client_address("172.18.0.1", "6.6.6.6, 198.51.100.20, 10.0.0.5", networks) == "198.51.100.20"
+    assert client_address("172.18.0.1", "garbage", networks) == "172.18.0.1"
+    assert client_address("172.18.0.1", None, networks) == "172.18.0.1"
+    with pytest.raises(ValueError, match="'nonsense' is not an IP address"):
+        parse_networks(["nonsense"])
+
+
+def test_the_middleware_gives_apps_the_clients_address():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["client"])
+
+    middleware = TrustedProxyHeaders(app, trusted=["127.0.0.1"])
+    headers = [(b"x-forwarded-for", b"198.51.100.20")]
+    for kind, client in [("http", ("127.0.0.1", 5000)), ("websocket", ("127.0.0.1", 5001)), ("http", ("8.8.8.8", 1))]:
+        asyncio.run(middleware({"type": kind, "client": client, "headers": headers}, None, None))
+    assert seen == [("198.51.100.20", 5000), ("198.51.100.20", 5001), ("8.8.8.8", 1)]
+
+
+# ----- is_reachable's probes -----
+
+
+def test_reachability_probes_are_cached_and_rate_limited():
+    async def scenario():
+        limiter = ProbeLimiter(ttl=60, per_client=3, window=60, concurrency=2)
+        release = asyncio.Event()
+
+        async def probe():
+            await release.wait()
+            return "reachable"
+
+        # Concurrent askers for one peer share one probe; a cached answer costs nothing.
+        first = [asyncio.create_task(limiter.run("peer-a", "client-1", probe)) for _ in range(5)]
+        await asyncio.sleep(0)
+        second = asyncio.create_task(limiter.run("peer-b", "client-1", probe))
+        await asyncio.sleep(0)
+        with pytest.raises(TooManyProbes, match="too many reachability checks are running"):
+            await limiter.run("peer-c", "client-2", probe)  # two probes run already
+        release.set()
+        answers = await asyncio.gather(*first, second)
+        assert answers == ["reachable"] * 6 and limiter.probes == 2
+        assert await limiter.run("peer-a", "client-9", probe) == "reachable" and limiter.probes == 2
+
+        assert await limiter.run("peer-d", "client-1", probe) == "reachable"  # client-1's third probe
+        with pytest.raises(TooManyProbes, match="at most 3 checks per 60 s"):
+            await limiter.run("peer-e", "client-1", probe)
+        assert await limiter.run("peer-e", "client-2", probe) == "reachable"  # others are not limited by it
+
+    asyncio.run(scenario())

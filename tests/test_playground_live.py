@@ -407,7 +407,7 @@ def test_unserved_blocks_give_a_readable_error_and_the_socket_stays_usable(site)
 
     failed, works = run(scenario())
     assert failed == [
-        {"ok": False, "traceback": "blocks 0–7 are not served right now; try again when more servers are online"}
+        {"ok": False, "traceback": "blocks 0:8 are not served right now; try again when more servers are online"}
     ]
     assert works[-1]["ok"] and works[-1]["reply_tokens"] == 2
 
@@ -489,7 +489,7 @@ def test_chat_page_streams_stops_and_continues(site):
             )
             second = page.locator(".message.assistant").last
             meta = second.locator(".meta").inner_text()
-            assert re.search(r"\d+ tokens · [\d.]+ tokens/s · route: \S+ blocks 0–7", meta), meta
+            assert re.search(r"\d+ tokens · [\d.]+ tokens/s · route: \S+ blocks 0:8", meta), meta
             assert len(second.locator(".text").inner_text()) > 0
             assert page.locator(".message.user").count() == 2
 
@@ -502,7 +502,7 @@ def test_chat_page_streams_stops_and_continues(site):
             page.click("#send")
             page.wait_for_selector("#chat-error:not([hidden])", timeout=30000)
             assert page.inner_text("#chat-error") == (
-                "blocks 0–7 are not served right now; try again when more servers are online"
+                "blocks 0:8 are not served right now; try again when more servers are online"
             )
             assert page.locator(".message.assistant").last.get_attribute("data-state") == "error"
             assert errors == []
@@ -595,9 +595,9 @@ def test_killing_a_server_mid_reply(site, swarm, reference, tokenizer):
 
     victim, messages, after = run(scenario())
     final = messages[-1]
-    if final["ok"]:  # the engine replayed the session on the other server and carried on
-        assert "".join(m["outputs"] for m in messages) == expected
-        assert victim not in [span["peer_id"] for span in final["route"]]
-    else:  # or the reply ended with a clear message
-        assert "internal error" not in final["traceback"] and "Traceback" not in final["traceback"]
+    # The other server holds all 8 blocks too: the engine must replay the session there and carry on, with
+    # the very reply an undisturbed swarm gives (an error message here would be a failed failover).
+    assert all(m["ok"] for m in messages), messages[-1]
+    assert "".join(m["outputs"] for m in messages) == expected
+    assert victim not in [span["peer_id"] for span in final["route"]]
     assert after[-1]["ok"] and after[-1]["stop"], after

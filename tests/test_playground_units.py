@@ -145,6 +145,9 @@ def test_websocket_requests_are_validated_against_the_limits():
         ({"max_new_tokens": 65}, "limit of 64"),
         ({"max_new_tokens": True}, "integer"),
         ({"temperature": 0}, "`temperature` must be above 0"),
+        ({"temperature": 5}, r"`temperature` must be above 0 and at most 2 \(got 5\)"),
+        ({"top_k": 5000}, "`top_k` must be an integer between 0 and 1000"),
+        ({"regenerate": True, "user_message": "x"}, "send no `inputs` or `user_message`"),
         ({"top_p": 1.5}, "`top_p`"),
         ({"do_sample": "yes"}, "`do_sample`"),
         ({"stop_sequence": "x" * 10_000}, "10000 characters; the limit is 20"),
@@ -210,7 +213,7 @@ def test_missing_blocks_message_names_blocks_not_paths():
             blocks=[4, 5, 6, 7],
         )
     )
-    assert str(error).startswith("blocks 4–7 are not served right now") and "/srv" not in str(error)
+    assert str(error).startswith("blocks 4:8 are not served right now") and "/srv" not in str(error)
 
 
 # ----- limits -----
@@ -419,4 +422,163 @@ def test_availability_comes_from_the_monitor_snapshot_when_there_is_one():
         )
     found = from_monitor(["demo_model-hf"])["demo_model-hf"]
     assert found.state == "partial" and found.source == "monitor"
-    assert found.missing_blocks == (4, 5, 6, 7) and found.message == "blocks 4–7 are not served right now"
+    assert found.missing_blocks == (4, 5, 6, 7) and found.message == "blocks 4:8 are not served right now"
+
+
+# ----- chats the browser keeps: system prompt, history, regenerate, reply budget -----
+
+
+def test_system_prompt_becomes_the_templates_system_turn(tokenizer):
+    chat = format_from_template(tokenizer)
+    messages = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}]
+    whole = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    turn = chat.user_turn("Hi", first=True, reply_ended=False, system="Answer in French.")
+    assert turn == whole == chat.render(messages)
+    assert "Answer in French." not in chat.user_turn("Hi", first=True, reply_ended=False)
+    # Only the first turn carries it.
+    assert chat.user_turn("More", first=False, reply_ended=True, system="Answer in French.") == chat.user_turn(
+        "More", first=False, reply_ended=True
+    )
+
+
+def test_system_prompt_opens_the_first_message_without_a_system_turn():
+    chat = format_from_separators({"user_start": "###Human: ", "user_end": "\n", "assistant_start": "###Assistant:"})
+    assert chat.user_turn("Hi", first=True, reply_ended=False, system="Be brief.") == (
+        "###Human: Be brief.\n\nHi\n###Assistant:"
+    )
+
+
+def test_open_requests_carry_a_system_prompt_and_whole_exchanges():
+    request = parse_open(
+        {
+            "model": "demo",
+            "max_length": 64,
+            "system_prompt": "Be brief.",
+            "history": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        }
+    )
+    assert request.system_prompt == "Be brief." and request.history == (("Hi", "Hello"),)
+    base = {"model": "demo", "max_length": 64}
+    for history, problem in [
+        ("Hi", "must be a list"),
+        ([{"role": "user", "content": "Hi"}], "whole exchanges"),
+        ([{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}], r"history\[0\]"),
+        ([{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}], "must be a string"),
+    ]:
+        with pytest.raises(PlaygroundError, match=problem):
+            parse_open({**base, "history": history})
+    with override_settings(PLAYGROUND_MAX_INPUT_CHARS=10):
+        long = [{"role": "user", "content": "x" * 30}, {"role": "assistant", "content": "y" * 11}]
+        with pytest.raises(LimitExceeded, match="41 characters"):
+            parse_open({**base, "history": long})
+
+
+@override_settings(PLAYGROUND_MAX_NEW_TOKENS=100)
+def test_reply_budget_is_the_smallest_limit():
+    from playground.budget import reply_budget
+
+    assert reply_budget(None, held=10, session_length=1000) == 100  # the site's cap
+    assert reply_budget(500, held=10, session_length=1000) == 100
+    assert reply_budget(20, held=10, session_length=1000) == 20
+    assert reply_budget(50, held=990, session_length=1000) == 10  # room left in the session
+    assert reply_budget(50, held=10, session_length=1000, max_length=15) == 5  # Petals' max_length
+    with pytest.raises(BadRequest, match="already has 15 tokens"):
+        reply_budget(50, held=15, session_length=1000, max_length=15)
+    with pytest.raises(BadRequest, match="this session allows 1000"):
+        reply_budget(50, held=1000, session_length=1000)
+
+
+class _Chat:
+    """The parts of a loaded chat model a Conversation uses before anything runs on the swarm."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.chat_format = format_from_template(tokenizer)
+
+
+def test_resumed_chat_is_the_templates_conversation_and_regenerate_rewinds_to_the_user_message(tokenizer):
+    from playground.generation import Conversation, ReplyOptions
+    from playground.replies import plan_reply
+
+    conversation = Conversation(_Chat(tokenizer), max_length=512)
+    conversation.resume("Be brief.", [("Hi", "Hello there")])
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+    ]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(conversation.ids) == expected
+
+    conversation.chat.spec = type("Spec", (), {"defaults": type("D", (), {"max_new_tokens": 16})})()
+    new_ids, options = plan_reply(conversation, parse_generate({"user_message": "And lists?"}))
+    prompt = conversation.ids + new_ids
+    assert isinstance(options, ReplyOptions) and options.max_new_tokens == 16 and not options.include_stop
+    conversation.ids = prompt + [1, 2, 3]  # as if the model replied
+    again_ids, _ = plan_reply(conversation, parse_generate({"regenerate": True}))
+    assert again_ids == [] and conversation.ids == prompt
+
+    fresh = Conversation(_Chat(tokenizer), max_length=512)
+    with pytest.raises(BadRequest, match="no chat reply to regenerate"):
+        plan_reply(fresh, parse_generate({"regenerate": True}))
+    with pytest.raises(BadRequest, match="a session holds 8"):
+        Conversation(_Chat(tokenizer), max_length=8).resume("", [("Hi " * 10, "Hello")])
+
+
+def test_temperature_5_is_refused_by_the_http_api():
+    response = Client(HTTP_HOST=HOST).post(
+        "/api/v1/generate",
+        {"model": "demo", "inputs": "Hi", "max_new_tokens": 4, "temperature": 5, "do_sample": 1},
+        content_type="application/json",
+    )
+    assert response.status_code == 400
+    assert response.json() == {"ok": False, "traceback": "`temperature` must be above 0 and at most 2 (got 5)"}
+
+
+def test_websocket_refuses_temperature_5_with_a_clear_message():
+    async def scenario():
+        communicator, connected = await _connect()
+        assert connected
+        try:
+            message = {"type": "generate", "user_message": "x", "do_sample": 1, "temperature": 5}
+            await communicator.send_to(text_data=json.dumps(message))
+            refused = json.loads(await communicator.receive_from())
+            await communicator.send_to(text_data=json.dumps({**message, "temperature": 0.7}))
+            return refused, json.loads(await communicator.receive_from())
+        finally:
+            await communicator.disconnect()
+
+    refused, valid = _run(scenario())
+    assert refused == {"ok": False, "traceback": "`temperature` must be above 0 and at most 2 (got 5)"}
+    assert valid == {
+        "ok": False,
+        "traceback": 'open a session first: {"type": "open_inference_session", "model", "max_length"}',
+    }
+
+
+def test_chat_page_gets_the_servers_sampling_limits():
+    page = Client(HTTP_HOST=HOST).get("/chat/")
+    config = json.loads(page.content.decode().split('id="playground-config" type="application/json">')[1].split("<")[0])
+    assert config["sampling_limits"]["temperature"] == {"min": 0.0, "max": 2.0, "min_excluded": True}
+    assert 'id="system-prompt"' in page.content.decode() and 'id="chat-list"' in page.content.decode()
+
+
+def test_playground_imports_run_one_way():
+    """No import cycle among the playground's modules, even through imports inside functions."""
+    import ast
+    import graphlib
+
+    from tests.conftest import ROOT
+
+    graph = {}
+    for path in (ROOT / "playground").glob("*.py"):
+        module = f"playground.{path.stem}"
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("playground"):
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+                imported |= {n for n in names if (ROOT / (n.replace(".", "/") + ".py")).exists()} or {node.module}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names if alias.name.startswith("playground.")}
+        graph[module] = imported - {module}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
