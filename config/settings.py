@@ -15,6 +15,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from config.env import envbool, envfloat, envint, envlist, envstr
+from monitor import conf as monitor_conf  # the monitor's defaults (it reads settings only when called)
 from swarm.demo_models import DEMO_MODEL_PATH, DEMO_MOE_MODEL_PATH
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -106,18 +107,24 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = VAR_DIR / "staticfiles"
+STATIC_ROOT = Path(envstr("STATIC_ROOT", str(VAR_DIR / "staticfiles")))  # the image sets its own (not a volume)
 # Whitenoise serves static files from the ASGI app: from the source folders in development, from
-# `collectstatic`'s hashed, compressed copies in production.
+# `collectstatic`'s hashed, compressed copies in production. `collectstatic` without DEBUG builds them
+# (and the manifest); the site uses them once the manifest exists.
+_MANIFEST = not DEBUG and ((STATIC_ROOT / "staticfiles.json").exists() or _command == ["collectstatic"])
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
-        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
-        if DEBUG or not (STATIC_ROOT / "staticfiles.json").exists()
-        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if _MANIFEST
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
     },
 }
-WHITENOISE_USE_FINDERS = envbool("WHITENOISE_USE_FINDERS", DEBUG or not (STATIC_ROOT / "staticfiles.json").exists())
+WHITENOISE_USE_FINDERS = envbool("WHITENOISE_USE_FINDERS", not _MANIFEST)
+
+# Reverse proxies whose X-Forwarded-For names the client (addresses or networks, e.g. 172.16.0.0/12):
+# per-client limits then count clients, not the proxy. Nobody's header is believed by default.
+TRUSTED_PROXIES = envlist("TRUSTED_PROXIES")
 
 # Behind a TLS-terminating proxy (SECURE_PROXY=1): trust its scheme header, secure cookies, HSTS.
 if envbool("SECURE_PROXY", False):
@@ -178,16 +185,28 @@ PLAYGROUND_IDLE_TIMEOUT = envfloat("PLAYGROUND_IDLE_TIMEOUT", 600.0)  # seconds 
 PLAYGROUND_MISSING_BLOCKS_TIMEOUT = envfloat("PLAYGROUND_MISSING_BLOCKS_TIMEOUT", 10.0)
 PLAYGROUND_AVAILABILITY_TTL = envfloat("PLAYGROUND_AVAILABILITY_TTL", 15.0)  # cache of live availability
 
-# Monitor: the swarm health monitor (monitor/conf.py lists every MONITOR_* setting and its default).
+# Monitor: the swarm health monitor. monitor/conf.py is the home of every MONITOR_* setting and its
+# default; here the environment may override them (same names).
 # MONITOR_MODELS: models always listed, besides those found in the DHT's model index. JSON, a list of
 # {"dht_prefix", "num_blocks", "repository", "name"}, or compact "prefix:num_blocks[:repository[:name]]"
 # entries separated by ";", e.g. "Meta-Llama-3-1-405B-Instruct-hf:126:meta-llama/Meta-Llama-3.1-405B-Instruct".
-MONITOR_MODELS = envstr("MONITOR_MODELS", "demo_model-hf:8::Demo model;demo_moe_model:8::Demo MoE model")
-MONITOR_UPDATE_PERIOD = envint("MONITOR_UPDATE_PERIOD", 60)  # seconds between crawls
-MONITOR_RETENTION = envint("MONITOR_RETENTION", 7 * 24 * 3600)  # seconds of history kept
-MONITOR_PING_TIMEOUT = envfloat("MONITOR_PING_TIMEOUT", 5.0)  # seconds per rpc_info ping
-MONITOR_PING_CACHE_SECONDS = envfloat("MONITOR_PING_CACHE_SECONDS", 300.0)  # how long a ping result is reused
-MONITOR_BLOCKS_PER_TASK = envint("MONITOR_BLOCKS_PER_TASK", 32)  # larger models are crawled in block ranges
+MONITOR_MODELS = envstr("MONITOR_MODELS", monitor_conf.MODELS)
+MONITOR_UPDATE_PERIOD = envint("MONITOR_UPDATE_PERIOD", monitor_conf.UPDATE_PERIOD)  # seconds between crawls
+MONITOR_RETENTION = envint("MONITOR_RETENTION", monitor_conf.RETENTION)  # seconds of history kept
+MONITOR_PING_TIMEOUT = envfloat("MONITOR_PING_TIMEOUT", monitor_conf.PING_TIMEOUT)  # seconds per rpc_info ping
+MONITOR_PING_CACHE_SECONDS = envfloat("MONITOR_PING_CACHE_SECONDS", monitor_conf.PING_CACHE_SECONDS)
+MONITOR_DHT_TIMEOUT = envfloat("MONITOR_DHT_TIMEOUT", monitor_conf.DHT_TIMEOUT)  # seconds per call into the DHT
+MONITOR_TASK_SOFT_TIME_LIMIT = envint("MONITOR_TASK_SOFT_TIME_LIMIT", monitor_conf.TASK_SOFT_TIME_LIMIT)
+MONITOR_TASK_TIME_LIMIT = envint("MONITOR_TASK_TIME_LIMIT", monitor_conf.TASK_TIME_LIMIT)  # then killed
+MONITOR_BLOCKS_PER_TASK = envint("MONITOR_BLOCKS_PER_TASK", monitor_conf.BLOCKS_PER_TASK)
+MONITOR_PING_PARALLEL = envint("MONITOR_PING_PARALLEL", monitor_conf.PING_PARALLEL)
+MONITOR_MAX_PINGS = envint("MONITOR_MAX_PINGS", monitor_conf.MAX_PINGS)
+MONITOR_MAX_CUSTOM_MODELS = envint("MONITOR_MAX_CUSTOM_MODELS", monitor_conf.MAX_CUSTOM_MODELS)
+MONITOR_MAX_NUM_BLOCKS = envint("MONITOR_MAX_NUM_BLOCKS", monitor_conf.MAX_NUM_BLOCKS)
+MONITOR_MAX_SERVERS_PER_MODEL = envint("MONITOR_MAX_SERVERS_PER_MODEL", monitor_conf.MAX_SERVERS_PER_MODEL)
+MONITOR_PUBLIC_NAME_MIN_BLOCKS = envint("MONITOR_PUBLIC_NAME_MIN_BLOCKS", monitor_conf.PUBLIC_NAME_MIN_BLOCKS)
+MONITOR_PUSH_POLL_SECONDS = envfloat("MONITOR_PUSH_POLL_SECONDS", monitor_conf.PUSH_POLL_SECONDS)
+MONITOR_GAP_PERIODS = envfloat("MONITOR_GAP_PERIODS", monitor_conf.GAP_PERIODS)
 CELERY_BEAT_SCHEDULE = {
     **globals().get("CELERY_BEAT_SCHEDULE", {}),
     "monitor-crawl": {

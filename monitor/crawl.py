@@ -1,5 +1,5 @@
-"""One crawl of the swarm, independent of Celery and Django: read block announcements, build per-server
-spans, ping servers and bootstrap peers.
+"""One crawl of the swarm, independent of Celery and of Django's settings (`CrawlOptions` carries them):
+read block announcements, build per-server spans, ping servers and bootstrap peers.
 
 A crawl is split into parts (a model, or a block range of a large model) so Celery can fan it out;
 `run_crawl` runs every part in this process. Coroutines named `_..._in_dht` run inside the DHT
@@ -22,6 +22,7 @@ from typing import Any
 from hivemind import DHT
 from hivemind.dht.node import DHTNode
 
+from monitor.conf import CrawlOptions  # (also importable from here, as before)
 from monitor.gcpause import paused_gc
 from monitor.targets import ModelTarget, choose_targets
 from swarm.data_structures import RemoteSpanInfo, ServerInfo, ServerState
@@ -34,18 +35,6 @@ PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{20,128}")  # base58
 # Peer ids per call into the DHT process: hivemind's pipe into it breaks on messages over ~60 KB
 # (uvloop makes it non-blocking), and that kills the DHT process.
 PING_BATCH = 200
-
-
-@dataclasses.dataclass(frozen=True)
-class CrawlOptions:
-    ping: bool = True
-    ping_timeout: float = 5.0
-    ping_parallel: int = 128
-    max_pings: int = 5000  # per crawl (per part when Celery fans it out); the rest are recorded as not checked
-    blocks_per_part: int = 32
-    max_custom_models: int = 20
-    max_num_blocks: int = 1000
-    max_servers_per_model: int = 5000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,11 +171,24 @@ def bootstrap_peer_ids(initial_peers: Iterable[str]) -> list[str]:
 # ----- DHT work -----
 
 
-def fetch_parts(dht: DHT, parts: list[FetchPart]) -> list[PartResult]:
+class DHTTimeoutError(TimeoutError):
+    """The DHT process did not answer in time (it may be wedged: the caller should start a new one)."""
+
+
+def dht_result(future: Any, timeout: float, what: str) -> Any:
+    """The result of a call into the DHT process, waited for at most `timeout` seconds."""
+    try:
+        return future.result(timeout=max(timeout, 0.0))
+    except TimeoutError:
+        future.cancel()
+        raise DHTTimeoutError(f"the DHT did not answer within {timeout:g} s ({what})") from None
+
+
+def fetch_parts(dht: DHT, parts: list[FetchPart], timeout: float) -> list[PartResult]:
     """Read every part's blocks concurrently, in one call into the DHT process."""
     future = dht.run_coroutine(partial(_fetch_parts_in_dht, parts=parts), return_future=True)
     with paused_gc():  # unpickling thousands of spans
-        return future.result()
+        return dht_result(future, timeout, f"reading {len(parts)} parts")
 
 
 async def _fetch_parts_in_dht(dht: DHT, node: DHTNode, *, parts: list[FetchPart]) -> list[PartResult]:
@@ -213,7 +215,7 @@ def _without_bad_peer_ids(result: PartResult) -> PartResult:
 
 def fetch_part_and_ping(dht: DHT, part: FetchPart, options: CrawlOptions, cache: PingCache | None) -> PartResult:
     """One fan-out task's work: read a block range, then ping the online servers whose span starts in it."""
-    result = fetch_parts(dht, [part])[0]
+    result = fetch_parts(dht, [part], options.dht_timeout)[0]
     if options.ping:
         peers = [s.peer_id for s in ping_order(result.spans.values()) if part.start <= s.start < part.end]
         result.pings, _ = ping_peers(dht, peers[: options.max_pings], [], options, cache)
@@ -230,6 +232,7 @@ def ping_peers(
     if not missing and not bootstrap:
         return cached, {}
     batches = [missing[i : i + PING_BATCH] for i in range(0, len(missing), PING_BATCH)] or [[]]
+    deadline = time.monotonic() + options.dht_timeout  # for all batches: they run concurrently
     futures = [
         dht.run_coroutine(
             partial(
@@ -246,7 +249,7 @@ def ping_peers(
     fresh: dict[str, PingResult] = {}
     boot: dict[str, PingResult] = {}
     for future in futures:
-        batch_pings, batch_boot = future.result()
+        batch_pings, batch_boot = dht_result(future, deadline - time.monotonic(), f"pinging {len(missing)} servers")
         fresh.update(batch_pings)
         boot.update(batch_boot)
     if cache:
@@ -361,7 +364,7 @@ def discover_targets(
     dht: DHT, configured: list[ModelTarget], options: CrawlOptions
 ) -> tuple[list[ModelTarget], int, int]:
     """Configured models plus the indexed ones: (targets, invalid index entries, skipped models)."""
-    index, invalid = fetch_model_index(dht)
+    index, invalid = dht_result(fetch_model_index(dht, wait=False), options.dht_timeout, "reading the model index")
     targets, skipped = choose_targets(
         configured, index, max_custom_models=options.max_custom_models, max_num_blocks=options.max_num_blocks
     )
@@ -378,7 +381,7 @@ def run_crawl(
     """A whole crawl in this process: model index, every model's blocks, pings."""
     started_at = time.time()
     targets, invalid_index, skipped = discover_targets(dht, configured, options)
-    results = fetch_parts(dht, plan_parts(targets, options.blocks_per_part))
+    results = fetch_parts(dht, plan_parts(targets, options.blocks_per_part), options.dht_timeout)
     return finish_crawl(
         dht,
         started_at,

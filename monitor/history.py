@@ -15,6 +15,7 @@ from typing import Any
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from monitor import conf
 from monitor.models import BlockCoverage, ModelStatus, ServerObservation, ServerState
 from monitor.snapshots import server_counts_as_online
 
@@ -55,23 +56,38 @@ def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat()
 
 
-def model_history(dht_prefix: str, since: dt.datetime, until: dt.datetime) -> dict[str, Any]:
+def model_history(
+    dht_prefix: str, since: dt.datetime, until: dt.datetime, *, period: float | None = None, gap: float | None = None
+) -> dict[str, Any]:
+    """Chart data of one model. Crawls further apart than `gap` seconds (default: MONITOR_GAP_PERIODS update
+    periods) leave a gap: nothing ran then, so the series break there and availability leaves it out."""
+    period = float(conf.update_period() if period is None else period)
+    gap = conf.gap_seconds() if gap is None else gap
     statuses = list(
         ModelStatus.objects.filter(dht_prefix=dht_prefix, created_at__gte=since, created_at__lte=until)
         .order_by("created_at")
         .values_list("id", "created_at", "healthy", "num_blocks")
     )
     sampled = _sample(statuses, MAX_POINTS)
-    times = [_iso(created_at) for _, created_at, _, _ in sampled]
+    gaps = find_gaps([created_at for _, created_at, _, _ in statuses], gap)
+    # Columns of the time series: the sampled snapshots, and blank columns (None) where gaps are.
+    timeline = sorted(
+        [(created_at, i) for i, (_, created_at, _, _) in enumerate(sampled)]
+        + [(moment, None) for moment in gap_marks(gaps, period)],
+        key=lambda item: item[0],
+    )
+    times = [_iso(moment) for moment, _ in timeline]
+    positions = [i for _, i in timeline]
     num_blocks = max((n for *_, n in sampled), default=0)
     column = {status_id: i for i, (status_id, *_) in enumerate(sampled)}
 
-    online = [[None] * len(sampled) for _ in range(num_blocks)]
+    online_sampled = [[None] * len(sampled) for _ in range(num_blocks)]
     for model_id, block, count in BlockCoverage.objects.filter(model_id__in=column).values_list(
         "model_id", "block", "online_servers"
     ):
         if block < num_blocks:
-            online[block][column[model_id]] = count
+            online_sampled[block][column[model_id]] = count
+    online = [_spread(row, positions) for row in online_sampled]
 
     latest_id = statuses[-1][0] if statuses else None
     current = list(
@@ -82,37 +98,93 @@ def model_history(dht_prefix: str, since: dt.datetime, until: dt.datetime) -> di
         "since": _iso(since),
         "until": _iso(until),
         "snapshots": len(statuses),
+        "gaps": [{"from": _iso(a), "to": _iso(b)} for a, b in gaps],
         "coverage": {"times": times, "blocks": list(range(num_blocks)), "online_servers": online},
         "current": {
             "blocks": list(range(len(current))),
             "online_servers": [count for count, _ in current],
             "throughput": [rate for _, rate in current],
         },
-        "availability": _availability(statuses, since, until),
-        "peers": _peer_series(latest_id, column, times),
+        "availability": _availability(statuses, since, until, period, gap),
+        "peers": _peer_series(latest_id, column, times, positions),
     }
 
 
-def _availability(statuses: list[tuple], since: dt.datetime, until: dt.datetime) -> dict[str, Any]:
-    """Share of snapshots in which every block was covered, overall and per time bucket."""
+def find_gaps(moments: list[dt.datetime], gap: float) -> list[tuple[dt.datetime, dt.datetime]]:
+    """(last crawl before, first crawl after) of each stretch longer than `gap` seconds without a crawl."""
+    return [(a, b) for a, b in zip(moments, moments[1:]) if (b - a).total_seconds() > gap]
+
+
+def gap_marks(gaps: list[tuple[dt.datetime, dt.datetime]], period: float) -> list[dt.datetime]:
+    """Where blank points go: one period after the last crawl and one before the next, so that a heatmap's
+    cells and a line's segments stop about where the crawls stopped."""
+    step = dt.timedelta(seconds=period)
+    marks = []
+    for a, b in gaps:
+        marks += [a + step, b - step] if b - step > a + step else [a + (b - a) / 2]
+    return marks
+
+
+def _spread(values: list, positions: list[int | None]) -> list:
+    return [None if i is None else values[i] for i in positions]
+
+
+def _availability(
+    statuses: list[tuple], since: dt.datetime, until: dt.datetime, period: float, gap: float
+) -> dict[str, Any]:
+    """Share of the observed time in which every block was covered, overall and per time bucket.
+
+    A crawl stands for the time until the next one, or for one update period when the next comes after
+    a gap (or has not come yet): time when nothing ran is not counted either way. Each bucket's point
+    sits at its first crawl, the series breaks (None) at gaps, and each run of crawls ends with a point
+    at its end, so a step line covers exactly the observed time."""
     width = max((until - since) / AVAILABILITY_BUCKETS, dt.timedelta(seconds=1))
-    healthy = defaultdict(int)
-    total = defaultdict(int)
-    for _, created_at, is_healthy, _ in statuses:
-        bucket = min(int((created_at - since) / width), AVAILABILITY_BUCKETS - 1)
-        total[bucket] += 1
-        healthy[bucket] += is_healthy
-    buckets = sorted(total)
-    overall = sum(healthy.values()) / len(statuses) if statuses else None
+    # Keyed by (run of crawls without a gap, time bucket): chronological, and a gap never hides in a bucket.
+    healthy: dict[tuple[int, int], float] = defaultdict(float)
+    observed: dict[tuple[int, int], float] = defaultdict(float)
+    count: dict[tuple[int, int], int] = defaultdict(int)
+    first: dict[tuple[int, int], dt.datetime] = {}
+    run_ends: dict[tuple[int, int], dt.datetime] = {}  # the key of a run's last crawl → the run's end
+    run = 0
+    for index, (_, created_at, is_healthy, _) in enumerate(statuses):
+        following = statuses[index + 1][1] if index + 1 < len(statuses) else None
+        continues = following is not None and (following - created_at).total_seconds() <= gap
+        seconds = (following - created_at).total_seconds() if continues else period
+        key = (run, min(max(int((created_at - since) / width), 0), AVAILABILITY_BUCKETS - 1))
+        observed[key] += seconds
+        healthy[key] += seconds if is_healthy else 0.0
+        count[key] += 1
+        first.setdefault(key, created_at)
+        if not continues:
+            run_ends[key] = created_at + dt.timedelta(seconds=seconds)
+            run += 1
+    times: list[str] = []
+    share: list[float | None] = []
+    snapshots: list[int | None] = []
+    for key in sorted(observed):
+        value = healthy[key] / observed[key] if observed[key] else 0.0
+        times.append(_iso(first[key]))
+        share.append(value)
+        snapshots.append(count[key])
+        if key in run_ends:
+            times += [_iso(run_ends[key]), _iso(run_ends[key])]
+            share += [value, None]  # the run's end, then a break
+            snapshots += [count[key], None]
+    if share and share[-1] is None:  # nothing to break from after the last run
+        del times[-1], share[-1], snapshots[-1]
+    total = sum(observed.values())
     return {
-        "times": [_iso(since + width * (b + 0.5)) for b in buckets],
-        "share": [healthy[b] / total[b] for b in buckets],
-        "snapshots": [total[b] for b in buckets],
-        "overall": overall,
+        "times": times,
+        "share": share,
+        "snapshots": snapshots,
+        "observed_seconds": total,
+        "overall": sum(healthy.values()) / total if total else None,
     }
 
 
-def _peer_series(latest_id: int | None, column: dict[int, int], times: list[str]) -> list[dict[str, Any]]:
+def _peer_series(
+    latest_id: int | None, column: dict[int, int], times: list[str], positions: list[int | None]
+) -> list[dict[str, Any]]:
     """Throughput over time of the peers with the most throughput in the latest snapshot."""
     if latest_id is None:
         return []
@@ -121,17 +193,24 @@ def _peer_series(latest_id: int | None, column: dict[int, int], times: list[str]
         .order_by("-throughput", "peer_id")
         .values_list("peer_id", "public_name")[:TOP_PEERS]
     )
-    series = {peer: {"peer_id": peer, "public_name": name, "throughput": [None] * len(times)} for peer, name in top}
+    series = {peer: {"peer_id": peer, "public_name": name, "throughput": [None] * len(column)} for peer, name in top}
     rows = ServerObservation.objects.filter(model_id__in=column, peer_id__in=series).values_list(
         "model_id", "peer_id", "throughput", "state", "reachable"
     )
     for model_id, peer, throughput, state, reachable in rows:
         if server_counts_as_online(state, reachable):
             series[peer]["throughput"][column[model_id]] = throughput
-    return [{**entry, "times": times} for entry in series.values()]
+    return [
+        {**entry, "throughput": _spread(entry["throughput"], positions), "times": times} for entry in series.values()
+    ]
 
 
-def peer_history(peer_id: str, since: dt.datetime, until: dt.datetime) -> dict[str, Any]:
+def peer_history(
+    peer_id: str, since: dt.datetime, until: dt.datetime, *, period: float | None = None, gap: float | None = None
+) -> dict[str, Any]:
+    """A peer's observations; `gap_marks` are where its lines break (no crawl saw it for `gap` seconds)."""
+    period = float(conf.update_period() if period is None else period)
+    gap = conf.gap_seconds() if gap is None else gap
     rows = list(
         ServerObservation.objects.filter(peer_id=peer_id, created_at__gte=since, created_at__lte=until)
         .order_by("created_at")
@@ -174,6 +253,9 @@ def peer_history(peer_id: str, since: dt.datetime, until: dt.datetime) -> dict[s
         "until": _iso(until),
         "observations": len(rows),
         "points": points,
+        "gap_marks": [
+            _iso(mark) for mark in gap_marks(find_gaps(sorted({r["created_at"] for r in rows}), gap), period)
+        ],
         "spans": sorted(spans.values(), key=lambda s: s["last_seen"], reverse=True)[:MAX_LISTED],
         "more_spans": max(len(spans) - MAX_LISTED, 0),
         "versions": sorted(versions.values(), key=lambda v: v["last_seen"], reverse=True)[:MAX_LISTED],

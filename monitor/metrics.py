@@ -67,6 +67,8 @@ def prometheus_metrics(report: StatusReport) -> str:
     out.add("update_duration", snapshot.duration, help_text="seconds the last crawl took")
     out.add("crawl_duration_seconds", snapshot.duration, help_text="seconds the last crawl took")
     out.add("crawl_timestamp_seconds", snapshot.created_at.timestamp(), help_text="when the last crawl started")
+    out.add("crawl_age_seconds", report.age_seconds, help_text="seconds since the last crawl finished")
+    out.add("crawl_stale", int(report.stale), help_text="1 when crawls stopped and the last snapshot is old")
     out.add("crawl_invalid_entries", snapshot.invalid_entries, help_text="malformed block announcements skipped")
     out.add("crawl_invalid_index_entries", snapshot.invalid_index_entries, help_text="malformed model index entries")
     out.add("crawl_skipped_models", snapshot.skipped_models, help_text="indexed models over the caps")

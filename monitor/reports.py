@@ -12,6 +12,10 @@ import math
 from collections import Counter, defaultdict
 from typing import Any
 
+from django.utils import timezone
+
+from config.formatting import block_range, block_ranges
+from monitor import conf
 from monitor.models import BlockCoverage, BootstrapObservation, ModelStatus, ServerObservation, ServerState, Snapshot
 
 SERVER_FIELDS = (
@@ -46,7 +50,7 @@ class ModelReport:
     status: ModelStatus
     rows: list[dict[str, Any]]
     state_counts: dict[str, int]
-    missing_blocks: str = ""  # e.g. "0–6, 120–125": blocks no online server holds
+    missing_blocks: str = ""  # e.g. "0:7, 120:126": blocks no online server holds
 
     @property
     def state(self) -> str:
@@ -58,17 +62,42 @@ class StatusReport:
     snapshot: Snapshot
     models: list[ModelReport]
     top_contributors: list[tuple[str, int]]  # (public name, blocks served), most first
-    reachability_issues: list[dict[str, str]]
+    reachability_issues: list[dict[str, Any]]
     bootstrap: list[BootstrapObservation]
     update_period: int
+    age_seconds: float = 0.0  # since the crawl finished
+    stale: bool = False  # no crawl finished for longer than crawls should take: this is not now
 
     @property
     def finished_at(self) -> dt.datetime:
         return self.snapshot.created_at + dt.timedelta(seconds=self.snapshot.duration)
 
+    @property
+    def age_text(self) -> str:
+        """'2 d 3 h', '5 h 12 min', '7 min'."""
+        minutes = int(self.age_seconds // 60)
+        days, hours, minutes = minutes // 1440, minutes // 60 % 24, minutes % 60
+        if days:
+            return f"{days} d {hours} h"
+        return f"{hours} h {minutes} min" if hours else f"{minutes} min"
+
 
 def latest_snapshot() -> Snapshot | None:
     return Snapshot.objects.order_by("-created_at", "-pk").first()
+
+
+def current_report(now: dt.datetime | None = None) -> StatusReport | None:
+    """The latest snapshot's report with the configured settings (None before the first crawl)."""
+    snapshot = latest_snapshot()
+    if snapshot is None:
+        return None
+    return status_report(
+        snapshot,
+        update_period=conf.update_period(),
+        public_name_min_blocks=conf.public_name_min_blocks(),
+        stale_after=conf.gap_seconds(),
+        now=now,
+    )
 
 
 def public_url(name: str) -> str | None:
@@ -76,7 +105,16 @@ def public_url(name: str) -> str | None:
     return name if name.startswith(("https://", "http://")) and " " not in name else None
 
 
-def status_report(snapshot: Snapshot, *, update_period: int, public_name_min_blocks: int = 10) -> StatusReport:
+def status_report(
+    snapshot: Snapshot,
+    *,
+    update_period: int,
+    public_name_min_blocks: int = 10,
+    stale_after: float = math.inf,
+    now: dt.datetime | None = None,
+) -> StatusReport:
+    """The snapshot for the pages and APIs; it is `stale` when it finished more than `stale_after` seconds
+    before `now` (the crawls stopped, e.g. the site restarted without its workers)."""
     statuses = list(snapshot.models.order_by("position"))
     rows_by_model: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for row in ServerObservation.objects.filter(snapshot=snapshot).values(*SERVER_FIELDS):
@@ -89,7 +127,7 @@ def status_report(snapshot: Snapshot, *, update_period: int, public_name_min_blo
         missing[model_id].append(block)
 
     contributors: Counter[str] = Counter()
-    issues: dict[str, str] = {}
+    issues: dict[str, dict[str, Any]] = {}
     models = []
     for status in statuses:
         rows = sorted(rows_by_model.get(status.pk, []), key=lambda r: (r["start"], r["end"], r["peer_id"]))
@@ -101,33 +139,57 @@ def status_report(snapshot: Snapshot, *, update_period: int, public_name_min_blo
             counts[row["display_state"]] += 1
             if status.official and row["show_public_name"]:
                 contributors[row["public_name"]] += row["end"] - row["start"]
-            if row["reachable"] is False:
-                issues.setdefault(row["peer_id"], row["error"] or "unreachable")
-        models.append(ModelReport(status, rows, counts, describe_blocks(sorted(missing.get(status.pk, [])))))
+        _note_reachability(issues, status, rows)
+        models.append(ModelReport(status, rows, counts, block_ranges(missing.get(status.pk, []))))
 
     bootstrap = list(snapshot.bootstrap.order_by("position"))
     for peer in bootstrap:
         if not peer.reachable:
-            issues.setdefault(peer.peer_id, peer.error or "unreachable")
+            issues.setdefault(peer.peer_id, _issue(peer.peer_id, "bootstrap peer", peer.error or "unreachable"))
+    finished_at = snapshot.created_at + dt.timedelta(seconds=snapshot.duration)
+    age = max(((now or timezone.now()) - finished_at).total_seconds(), 0.0)
     return StatusReport(
         snapshot=snapshot,
         models=models,
         top_contributors=contributors.most_common(),
-        reachability_issues=[{"peer_id": peer, "err": err} for peer, err in sorted(issues.items())],
+        reachability_issues=[issues[peer] for peer in sorted(issues)],
         bootstrap=bootstrap,
         update_period=update_period,
+        age_seconds=age,
+        stale=age > stale_after,
     )
 
 
-def describe_blocks(blocks: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] → '0–2, 5, 7–8'."""
-    runs: list[list[int]] = []
-    for block in blocks:
-        if runs and block == runs[-1][1] + 1:
-            runs[-1][1] = block
+def _issue(peer_id: str, kind: str, err: str) -> dict[str, Any]:
+    return {"peer_id": peer_id, "short_peer_id": "…" + peer_id[-6:], "kind": kind, "err": err, "where": []}
+
+
+def _note_reachability(issues: dict[str, dict[str, Any]], status: ModelStatus, rows: list[dict[str, Any]]) -> None:
+    """What the crawl saw of each server's announced addresses: the monitor's own ping failed, or other
+    servers of the model report that they cannot reach it (an unreachable next server in their pings)."""
+    failed_from: Counter[str] = Counter()
+    tried_from: Counter[str] = Counter()
+    for row in rows:
+        for target, rtt in (row["next_pings"] or {}).items():
+            tried_from[target] += 1
+            failed_from[target] += rtt is None
+    for row in rows:
+        peer = row["peer_id"]
+        where = f"{status.dht_prefix} {block_range(row['start'], row['end'])}"
+        if row["reachable"] is False:
+            issue = issues.setdefault(peer, _issue(peer, "server", row["error"] or "unreachable"))
+        elif failed_from[peer] and row["display_state"] == "online":
+            err = f"{failed_from[peer]} of {tried_from[peer]} servers that ping it cannot reach it"
+            issue = issues.setdefault(peer, _issue(peer, "server", err))
         else:
-            runs.append([block, block])
-    return ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in runs)
+            continue
+        if len(issue["where"]) < 5:
+            issue["where"].append(where)
+
+
+def describe_blocks(blocks: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] → '0:3, 5:6, 7:9' (the site's block notation: end exclusive)."""
+    return block_ranges(blocks)
 
 
 def _decorate(row: dict[str, Any], num_blocks: int, public_name_min_blocks: int) -> None:
@@ -174,6 +236,8 @@ def state_json(report: StatusReport) -> dict[str, Any]:
         "model_reports": [_model_json(model) for model in report.models],
         "reachability_issues": report.reachability_issues[:MAX_LISTED_ISSUES],
         "last_updated": report.finished_at.timestamp(),
+        "age_seconds": round(report.age_seconds, 3),
+        "stale": report.stale,  # true: the crawls stopped; this is the last thing seen, not now
         "update_period": report.update_period,
         "update_duration": snapshot.duration,
         "invalid_entries": snapshot.invalid_entries,

@@ -17,6 +17,7 @@ from hivemind import DHT
 from hivemind.dht.node import DHTNode
 
 from monitor.crawl import PingCache
+from swarm.dht import DHT_START_TIMEOUT, OwnedDHT
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +47,24 @@ def get_dht(initial_peers: list[str]) -> DHT:
         return _dht
 
 
-def start_dht(initial_peers: list[str]) -> DHT:
+def start_dht(initial_peers: list[str], timeout: float = DHT_START_TIMEOUT) -> DHT:
     """A DHT client tuned for crawling (also used by `crawlswarm`, the benchmark and tests).
 
     A crawler wants the latest values from the network every time, and must not write as a side effect
     of reading: no local cache of what it read, no caching of it on other nodes."""
-    dht = DHT(
-        initial_peers=initial_peers, client_mode=True, start=True, num_workers=32, cache_locally=False, cache_nearest=0
+    dht = OwnedDHT(  # exits with this process, even a SIGKILLed one (a Celery task past its hard time limit)
+        initial_peers=initial_peers,
+        client_mode=True,
+        num_workers=32,
+        cache_locally=False,
+        cache_nearest=0,
+        start_timeout=timeout,
     )
-    dht.run_coroutine(_skip_empty_record_validator)
+    try:
+        dht.run_coroutine(_skip_empty_record_validator, return_future=True).result(timeout)
+    except BaseException:
+        dht.shutdown()
+        raise
     return dht
 
 
@@ -68,7 +78,7 @@ async def _skip_empty_record_validator(dht: DHT, node: DHTNode) -> None:
 def _allow_children() -> None:
     """Celery's prefork pool runs tasks in daemonic processes, which multiprocessing forbids to start
     children, and the DHT is a child process. It is safe to lift: the DHT is stopped with this process
-    (worker_process_shutdown, atexit), and exits on its own when its pipe to us breaks."""
+    (worker_process_shutdown, atexit), and exits on its own when this process is gone (OwnedDHT)."""
     process = multiprocessing.current_process()
     if process.daemon:
         process.daemon = False
@@ -83,6 +93,7 @@ def ping_cache(ttl: float) -> PingCache:
 
 
 def shutdown() -> None:
+    """Leave the swarm (also to start afresh after the DHT stopped answering)."""
     global _dht
     with _lock:
         if _dht is not None and _dht_pid == os.getpid():

@@ -4,24 +4,61 @@
 large model); a chord runs `crawl_part` for each on any worker and then `save_crawl` once, which
 pings what is left and writes the snapshot in one transaction. More workers crawl faster. A worker
 that dies mid-crawl leaves the chord unfinished, so nothing is written.
+
+A wedged DHT must not wedge a worker: every call into it has a timeout (MONITOR_DHT_TIMEOUT), after
+which the task fails and the process starts a new DHT client for its next task; every task has soft and
+hard time limits (MONITOR_TASK_SOFT_TIME_LIMIT, MONITOR_TASK_TIME_LIMIT). A worker process killed at its
+hard limit takes its DHT process and p2pd with it (swarm.dht.OwnedDHT).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import chord, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown
 
 from monitor import conf, swarm_client
-from monitor.crawl import FetchPart, PartResult, discover_targets, fetch_part_and_ping, finish_crawl, plan_parts
+from monitor.crawl import (
+    DHTTimeoutError,
+    FetchPart,
+    PartResult,
+    discover_targets,
+    fetch_part_and_ping,
+    finish_crawl,
+    plan_parts,
+)
 from monitor.snapshots import prune_history as prune_snapshots
 from monitor.snapshots import write_snapshot
 from monitor.targets import ModelTarget
 
 logger = logging.getLogger(__name__)
+
+
+SOFT_TIME_LIMIT, TIME_LIMIT = conf.task_time_limits()
+
+
+def _monitor_task(name: str) -> Callable:
+    """A Celery task with the monitor's time limits, which leaves the swarm when the DHT stopped answering."""
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except (DHTTimeoutError, SoftTimeLimitExceeded):
+                logger.warning("%s: the DHT client of this process is dropped; the next task starts a new one", name)
+                swarm_client.shutdown()
+                raise
+
+        return shared_task(name=name, soft_time_limit=SOFT_TIME_LIMIT, time_limit=TIME_LIMIT)(run)
+
+    return decorate
 
 
 def _dht():
@@ -32,7 +69,7 @@ def _ping_cache():
     return swarm_client.ping_cache(conf.ping_cache_seconds())
 
 
-@shared_task(name="monitor.tasks.crawl_swarm")
+@_monitor_task("monitor.tasks.crawl_swarm")
 def crawl_swarm() -> str:
     """Start a crawl; returns the id of the task that will save it (its result: the snapshot's summary)."""
     started_at = time.time()
@@ -51,13 +88,13 @@ def crawl_swarm() -> str:
     return chord(crawl_part.s(part.to_json()) for part in parts)(save).id
 
 
-@shared_task(name="monitor.tasks.crawl_part")
+@_monitor_task("monitor.tasks.crawl_part")
 def crawl_part(part: list[Any]) -> dict[str, Any]:
     result = fetch_part_and_ping(_dht(), FetchPart.from_json(part), conf.crawl_options(), _ping_cache())
     return result.to_json()
 
 
-@shared_task(name="monitor.tasks.save_crawl")
+@_monitor_task("monitor.tasks.save_crawl")
 def save_crawl(
     part_results: list[dict[str, Any]],
     *,
@@ -88,7 +125,7 @@ def save_crawl(
     }
 
 
-@shared_task(name="monitor.tasks.prune_history")
+@_monitor_task("monitor.tasks.prune_history")
 def prune_history() -> int:
     deleted = prune_snapshots(conf.retention_seconds())
     logger.info("Pruned %d snapshots older than %d s", deleted, conf.retention_seconds())

@@ -8,24 +8,24 @@ from django.urls import reverse
 from django.utils import timezone
 
 from monitor import charts, conf
+from monitor.contribute import contributions
 from monitor.crawl import PEER_ID
 from monitor.gcpause import paused_gc
 from monitor.history import DEFAULT_RANGE, RANGES, model_history, parse_since, peer_history
 from monitor.models import ModelStatus, ServerObservation
-from monitor.reports import latest_snapshot, status_report
+from monitor.reports import current_report
 
 
 def status(request: HttpRequest) -> HttpResponse:
     """The swarm now; `?fragment=1` returns only the part that the page swaps in when a crawl lands."""
     template = "monitor/_status.html" if request.GET.get("fragment") else "monitor/status.html"
     with paused_gc():  # thousands of row dicts at once
-        snapshot = latest_snapshot()
-        report = None
-        if snapshot is not None:
-            report = status_report(
-                snapshot, update_period=conf.update_period(), public_name_min_blocks=conf.public_name_min_blocks()
-            )
-        return render(request, template, {"report": report, "update_period": conf.update_period()})
+        report = current_report()
+        context = {"report": report, "update_period": conf.update_period(), "contributions": []}
+        if report is not None:
+            statuses = [model.status for model in report.models]
+            context["contributions"] = contributions(statuses, conf.local_models(), conf.initial_peers())
+        return render(request, template, context)
 
 
 def _range(request: HttpRequest) -> str:
@@ -51,8 +51,14 @@ def model_detail(request: HttpRequest, dht_prefix: str) -> HttpResponse:
         },
         "snapshots": history["snapshots"],
         "availability": history["availability"]["overall"],
+        "availability_percent": _percent(history["availability"]["overall"]),
+        "stale": (now - status.created_at).total_seconds() > conf.gap_seconds(),
     }
     return render(request, "monitor/model.html", context)
+
+
+def _percent(share: float | None) -> str:
+    return "" if share is None else f"{share * 100:.1f}"
 
 
 def peer_detail(request: HttpRequest, peer_id: str) -> HttpResponse:

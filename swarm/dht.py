@@ -6,12 +6,15 @@ large raw answers are parsed where they arrive and only validated results cross 
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import re
+import signal
+import threading
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -28,6 +31,9 @@ logger = logging.getLogger(__name__)
 # A stranger can announce any number of fake peers; beyond this many per model we stop reading.
 MAX_PEERS_PER_MODEL = 20_000
 MAX_INDEXED_MODELS = 1_000
+DHT_START_TIMEOUT = 120.0  # seconds for a DHT peer to start and join; p2pd has its own, shorter startup timeout
+ORPHAN_POLL_SECONDS = 0.5  # how often a DHT process checks that its owner is alive
+ORPHAN_GRACE_SECONDS = 5.0  # after its owner is gone, how long a DHT process may take to stop before SIGKILL
 
 
 @dataclasses.dataclass
@@ -64,21 +70,74 @@ def create_dht(
     announce_maddrs: Sequence[str] | None = None,
     identity_path: str | None = None,
 ) -> DHT:
-    """Start a hivemind DHT peer (a child process with its own p2pd) that exits with its parent.
-
-    hivemind's DHT process would outlive a parent killed with SIGKILL; a watcher inside it
-    notices the orphaning and shuts it down, so no stale peer lingers on the machine.
-    """
-    dht = DHT(
+    """Start a hivemind DHT peer (a child process with its own p2pd) that exits with its parent."""
+    return OwnedDHT(
         initial_peers=list(initial_peers),
-        start=True,
         client_mode=client_mode,
         host_maddrs=list(host_maddrs),
         announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
         identity_path=identity_path,
     )
-    dht.run_coroutine(partial(_exit_when_orphaned, parent_pid=os.getpid()), return_future=True)
-    return dht
+
+
+class OwnedDHT(DHT):
+    """hivemind's DHT process, owned by the process that starts it: only the owner stops it, and it never
+    outlives the owner.
+
+    - It runs in a session of its own, with its p2pd. A signal to the owner's process group (Ctrl-C,
+      systemd, `timeout`, `kill -TERM -- -PGID`) reaches the owner alone, which can still use the DHT to
+      say goodbye (a server announces OFFLINE) before shutting it down. Were p2pd in the owner's group,
+      it would die first and the DHT's own shutdown would hang on it.
+    - SIGTERM (hivemind's "hard way", multiprocessing's exit handler) stops it together with its p2pd.
+      Without this it would run the handler inherited from its owner (fork copies them) and ignore SIGTERM.
+    - A thread notices when the owner is gone (even SIGKILLed) and stops it together with its p2pd.
+    """
+
+    def __init__(self, *args: Any, start_timeout: float = DHT_START_TIMEOUT, **kwargs: Any):
+        self._owner_pid = os.getpid()
+        super().__init__(*args, start=False, **kwargs)
+        try:
+            self.run_in_background(await_ready=True, timeout=start_timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        """hivemind's shutdown, and a SIGKILL to the process and its p2pd if they are still there after it
+        (a wedged event loop never runs the SIGTERM handler)."""
+        super().shutdown()
+        if self.pid is None:  # never started
+            return
+        self.join(ORPHAN_GRACE_SECONDS)
+        if self.is_alive():
+            logger.warning("The DHT process did not stop; killing it and its p2pd")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)  # its session's group: itself and its p2pd
+            self.kill()  # in case it had not made its own group yet
+            self.join(ORPHAN_GRACE_SECONDS)
+
+    def run(self) -> None:
+        os.setsid()
+        signal.set_wakeup_fd(-1)  # the owner's event loop may have set it: its pipe is not ours to write to
+        signal.signal(signal.SIGTERM, _stop_own_group)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        threading.Thread(target=_stop_when_orphaned, args=(self._owner_pid,), name="owner-watch", daemon=True).start()
+        super().run()
+
+
+def _stop_own_group(*_: Any) -> None:
+    """SIGTERM: stop this process and everything it started (p2pd), which share its process group."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.killpg(0, signal.SIGTERM)
+
+
+def _stop_when_orphaned(owner_pid: int) -> None:
+    while os.getppid() == owner_pid:
+        time.sleep(ORPHAN_POLL_SECONDS)
+    logger.warning("The process that started this DHT peer is gone; shutting the peer down")
+    os.killpg(0, signal.SIGTERM)
+    time.sleep(ORPHAN_GRACE_SECONDS)  # the SIGTERM handler runs on the main thread, unless it is stuck
+    os.killpg(0, signal.SIGKILL)
 
 
 def dht_start_error(error: Exception, initial_peers: Sequence[str], host_maddrs: Sequence[str]) -> str:
@@ -93,16 +152,6 @@ def dht_start_error(error: Exception, initial_peers: Sequence[str], host_maddrs:
         f"could not join the swarm through {', '.join(initial_peers) or 'no initial peers'}: {text}. "
         "Check the addresses (the /p2p/ part too) and that this machine can reach them."
     )
-
-
-async def _exit_when_orphaned(dht: DHT, node: DHTNode, *, parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        await asyncio.sleep(1.0)
-    logger.warning("The process that started this DHT peer is gone; shutting the peer down")
-    try:
-        await asyncio.wait_for(node.shutdown(), timeout=5)
-    finally:
-        os._exit(0)
 
 
 def announce_blocks(

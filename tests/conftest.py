@@ -78,3 +78,17 @@ def unavailable(what: str) -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{what} (CI=true: a missing service is a failure, not a skip)")
     pytest.skip(what)
+
+
+def still_running(processes: list) -> list[str]:
+    """Those of the psutil processes that are still alive (not zombies), each as 'pid command line'."""
+    import psutil
+
+    left = []
+    for proc in processes:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{proc.pid} {' '.join(proc.cmdline())[:160]}")
+        except psutil.NoSuchProcess:
+            pass
+    return left

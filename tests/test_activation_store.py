@@ -4,7 +4,6 @@ reusing a kept forward only for the same peer and inputs."""
 from __future__ import annotations
 
 import asyncio
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -47,11 +46,16 @@ def test_budgets_drop_the_oldest_first_and_refuse_what_never_fits():
     assert store.bytes_used <= 100 and store.pop("bob", "b") is not None
 
 
-def test_entries_expire():
-    store = ActivationStore(max_bytes=100, max_bytes_per_peer=100, ttl=0.0)
+def test_entries_expire(monkeypatch):
+    now = [1000.0]  # the store's clock, moved by the test
+    monkeypatch.setattr("swarm.server.activations.time.monotonic", lambda: now[0])
+    store = ActivationStore(max_bytes=100, max_bytes_per_peer=100, ttl=60.0)
     store.put("alice", "a", _kept(), 10)
-    time.sleep(0.001)
-    assert store.pop("alice", "a") is None and store.bytes_used == 0
+    store.put("alice", "b", _kept(), 10)
+    now[0] += 59.0
+    assert store.pop("alice", "a") is not None  # still there before its time
+    now[0] += 1.5
+    assert store.pop("alice", "b") is None and store.bytes_used == 0
 
 
 def test_a_backward_matches_only_the_same_blocks_and_inputs():

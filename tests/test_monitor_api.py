@@ -35,7 +35,7 @@ def test_parse_since(value, expected):
 
 
 def test_describe_blocks():
-    assert describe_blocks([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8"
+    assert describe_blocks([0, 1, 2, 5, 7, 8]) == "0:3, 5:6, 7:9"  # end exclusive, as --block-indices
     assert describe_blocks([]) == ""
 
 
@@ -74,7 +74,11 @@ def test_state_api_has_the_health_petals_dev_shape(client):
         "update_duration",
     }
     assert state["bootstrap_states"] == ["online"]
-    assert state["reachability_issues"] == [{"peer_id": b, "err": "routing: not found"}]
+    (issue,) = state["reachability_issues"]
+    assert (
+        issue["peer_id"] == b and issue["err"] == "routing: not found" and issue["where"] == [f"{MODEL.dht_prefix} 4:8"]
+    )
+    assert state["stale"] is False and 0 <= state["age_seconds"] < 3600
     (model,) = state["model_reports"]
     assert model["dht_prefix"] == MODEL.dht_prefix and model["num_blocks"] == 8 and model["state"] == "broken"
     rows = {row["peer_id"]: row for row in model["server_rows"]}
@@ -148,7 +152,8 @@ def test_metrics_keep_health_petals_dev_names_in_valid_exposition_format(client)
 
 
 @pytest.mark.django_db
-def test_history_api_returns_chart_data_for_the_range(client):
+def test_history_api_returns_chart_data_for_the_range(client, settings):
+    settings.MONITOR_UPDATE_PERIOD = 600  # the crawls below are one period apart: no gaps
     now = time.time()
     a = peer("a")
     for age, end in ((7200, 8), (1800, 8), (1200, 7), (600, 8)):
@@ -191,3 +196,45 @@ def test_is_reachable_refuses_what_is_not_a_peer_id(client):
     response = client.get("/api/v1/is_reachable/not-a-peer!")
     assert response.status_code == 400
     assert response.json()["success"] is False
+
+
+@pytest.mark.django_db
+def test_history_leaves_gaps_where_no_crawl_ran_and_counts_only_observed_time(client, settings):
+    """The site was down between two runs of crawls: no coverage, no availability, broken lines there."""
+    settings.MONITOR_UPDATE_PERIOD = 60  # gaps: crawls more than 150 s apart
+    now = time.time()
+    a = peer("a")
+    for age, end in ((3000, 8), (2900, 8), (2800, 8), (600, 6)):  # healthy thrice, then broken after the gap
+        write_snapshot(crawl_result({MODEL: [span(a, 0, end)]}, {a: REACHABLE}, started_at=now - age))
+    data = client.get(f"/api/v1/models/{MODEL.dht_prefix}/history?since=1h").json()
+    assert len(data["gaps"]) == 1
+    assert data["coverage"]["online_servers"][0] == [1, 1, 1, None, None, 1]  # two blank columns in the gap
+    assert data["coverage"]["online_servers"][7] == [1, 1, 1, None, None, 0]
+    assert data["coverage"]["times"] == sorted(data["coverage"]["times"])
+    assert data["peers"][0]["throughput"] == [10.0, 10.0, 10.0, None, None, 10.0]
+    availability = data["availability"]
+    # Healthy for 100 + 100 + 60 s (the last crawl before the gap stands for one period), broken for 60 s:
+    # by time, not by crawls (3 of 4), and the hour without crawls counts neither way.
+    assert availability["observed_seconds"] == pytest.approx(320)
+    assert availability["overall"] == pytest.approx(260 / 320)
+    assert None in availability["share"]  # the line breaks at the gap
+    shown = [share for share in availability["share"] if share is not None]
+    assert shown[0] == 1.0 and shown[-1] == 0.0
+    before, after = data["figures"]["availability"]["data"]  # one filled trace per run of crawls
+    assert before["y"] == [100] * 4 and after["y"] == [0, 0]  # a point per bucket (75 s wide here), then the end
+
+
+@pytest.mark.django_db
+def test_a_stale_snapshot_says_so(client):
+    """After a restart without workers, the last crawl is served with its age and a staleness flag."""
+    a = peer("a")
+    write_snapshot(crawl_result({MODEL: [span(a, 0, 8)]}, {a: REACHABLE}, started_at=time.time() - 3 * 3600 - 30))
+    state = client.get("/api/v1/state").json()
+    assert state["stale"] is True and 3 * 3600 < state["age_seconds"] < 3 * 3600 + 600
+    metrics = client.get("/metrics").content.decode()
+    assert "\ncrawl_stale 1\n" in metrics
+    html = client.get("/").content.decode()
+    assert 'data-stale="true"' in html and "Stale: this is the last crawl" in html and "(3 h 0 min ago)" in html
+    write_snapshot(crawl_result({MODEL: [span(a, 0, 8)]}, {a: REACHABLE}))
+    assert client.get("/api/v1/state").json()["stale"] is False
+    assert "Stale" not in client.get("/").content.decode()

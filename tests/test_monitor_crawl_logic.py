@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 from monitor.crawl import (
     FetchPart,
@@ -105,11 +104,15 @@ def test_ping_order_puts_useful_online_servers_first():
     assert [s.peer_id for s in ping_order(spans)] == [peer(3), peer(2), peer(1)]
 
 
-def test_ping_cache_reuses_results_until_they_expire():
-    cache = PingCache(ttl=0.3)
+def test_ping_cache_reuses_results_until_they_expire(monkeypatch):
+    now = [1000.0]  # the cache's clock, moved by the test
+    monkeypatch.setattr("monitor.crawl.time.monotonic", lambda: now[0])
+    cache = PingCache(ttl=300)
     cache.store({peer(1): PingResult(True, 0.01)})
     assert cache.fresh([peer(1), peer(2)]) == {peer(1): PingResult(True, 0.01)}
-    time.sleep(0.35)
+    now[0] += 299.9
+    assert cache.fresh([peer(1)]) == {peer(1): PingResult(True, 0.01)}
+    now[0] += 0.1
     assert cache.fresh([peer(1)]) == {}
     off = PingCache(ttl=0)
     off.store({peer(1): PingResult(True, 0.01)})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import math
 import re
 import time
 
@@ -59,7 +61,7 @@ def test_status_page_shows_every_server_by_state(client):
     demo = html.split(f'data-dht-prefix="{MODEL.dht_prefix}"', 1)[1].split("</section>", 1)[0]
     broken = html.split(f'data-dht-prefix="{BIG.dht_prefix}"', 1)[1].split("</section>", 1)[0]
     assert 'class="badge healthy"' in demo and 'class="badge broken"' in broken
-    assert "No online server holds blocks 35–69." in broken and "No online server" not in demo
+    assert "No online server holds blocks 35:70." in broken and "No online server" not in demo
     # The span bar is drawn across the model's blocks.
     assert 'class="bar joining" style="left:25.000%;width:12.500%"' in demo
     for state in ("online", "joining", "unreachable", "offline"):
@@ -137,7 +139,8 @@ def test_model_page_embeds_chart_figures(client):
     assert set(data["figures"]) == {"coverage", "servers", "throughput", "availability", "peers"}
     heatmap = data["figures"]["coverage"]["data"][0]
     assert heatmap["type"] == "heatmap"
-    assert heatmap["z"] == [[1, 1]] * 6 + [[1, 0]] * 2  # blocks × crawls
+    # Blocks × crawls; the crawls are 20 minutes apart, so two blank columns mark the gap between them.
+    assert heatmap["z"] == [[1, None, None, 1]] * 6 + [[1, None, None, 0]] * 2
     assert data["history_url"] == f"/api/v1/models/{MODEL.dht_prefix}/history"
     assert client.get("/models/never-seen/").status_code == 404
 
@@ -160,6 +163,9 @@ def test_peer_page_shows_its_history(client):
     assert "routing: not found" in html  # failed pings
     data = json.loads(re.search(r'<script id="chart-data" type="application/json">(.*?)</script>', html, re.S)[1])
     assert set(data["figures"]) == {"states", "spans", "throughput", "pings"}
+    # No crawl saw the peer for 14 minutes: its lines break there instead of bridging the gap.
+    assert data["figures"]["throughput"]["data"][0]["y"] == [10.0, None, None, 10.0]
+    assert "<td>2:8</td>" in html and re.search(r"<td>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC</td>", html)
     assert client.get(reverse("monitor:peer", args=[peer("nobody")])).status_code == 404
     assert client.get("/peers/not-a-peer-id/").status_code == 404
 
@@ -194,3 +200,96 @@ def test_favicon_is_served_and_linked_from_every_page(client):
         html = client.get(url).content.decode()
         assert '<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">' in html, url
         assert '<link rel="icon" href="/static/favicon.ico"' in html, url
+
+
+def _chart_data(html: str) -> dict:
+    return json.loads(re.search(r'<script id="chart-data" type="application/json">(.*?)</script>', html, re.S)[1])
+
+
+def test_charts_read_right_from_the_first_crawl(client):
+    """One crawl of a new swarm: whole-server colour bar from 0, a visible dot per peer, minute ticks over
+    the data's own time span (not the whole day before the swarm started)."""
+    a, b = peer("a"), peer("b")
+    write_snapshot(crawl_result({MODEL: [span(a, 0, 8), span(b, 0, 8)]}, {a: REACHABLE, b: REACHABLE}))
+    figures = _chart_data(client.get(reverse("monitor:model", args=[MODEL.dht_prefix])).content.decode())["figures"]
+    heatmap = figures["coverage"]["data"][0]
+    assert heatmap["z"] == [[2]] * 8
+    assert (heatmap["zmin"], heatmap["zmax"]) == (0, 2) and heatmap["colorbar"]["dtick"] == 1
+    assert heatmap["colorbar"]["tickformat"] == "d"
+    peers = figures["peers"]["data"]
+    assert len(peers) == 2 and all(trace["mode"] == "lines+markers" and trace["y"] == [10.0] for trace in peers)
+    availability = figures["availability"]
+    (first, *_) = availability["data"][0]["x"]
+    axis = availability["layout"]["xaxis"]
+    assert axis["tickformat"] == "%H:%M" and axis["type"] == "date"
+    start, end = (dt.datetime.fromisoformat(t) for t in axis["range"])
+    assert dt.timedelta(minutes=9) < end - start <= dt.timedelta(minutes=11)  # around the data, not the whole day
+    assert start < dt.datetime.fromisoformat(first).replace(tzinfo=None) < end
+    assert availability["data"][0]["y"] == [100, 100]  # one crawl: a step over its period, not a lone dot
+    assert "UTC" in availability["data"][0]["hovertemplate"]
+
+
+def test_each_server_row_expands_to_its_details(client):
+    a, b = peer("a"), peer("b")
+    evil = "<img src=x onerror=alert(1)>"
+    write_snapshot(
+        crawl_result(
+            {
+                MODEL: [
+                    span(
+                        a, 0, 4, public_name="alice", version="2.3.0", cache_tokens_left=8000, quant_type="nf4",
+                        adapters=("org/lora-a",), next_pings={b: 0.012, evil: math.inf}, inference_rps=120.0,
+                    ),
+                    span(b, 4, 8),
+                ]
+            },
+            {a: REACHABLE, b: REACHABLE},
+        )
+    )  # fmt: skip
+    html = client.get("/").content.decode()
+    row = html.split(f'data-peer-id="{a}"', 1)[1].split("</tr>", 2)
+    server, detail = row[0], row[1]
+    assert '<button type="button" class="expand" aria-expanded="false"' in server
+    assert '<tr class="server-detail" hidden>' in detail
+    for text in ("alice", "2.3.0", "8,000 tokens (1000 per block)", "nf4", "org/lora-a", "inference 120.0"):
+        assert text in detail, text
+    assert f'href="/peers/{b}/" title="{b}">…{b[-6:]}</a> 12 ms' in detail  # pings to next servers
+    assert "&lt;img src=x onerror=alert(1)&gt;" in detail and "unreachable" in detail and "<img" not in html
+
+
+def test_reachability_issues_list_what_the_crawl_saw(client):
+    a, b, c = peer("a"), peer("b"), peer("c")
+    write_snapshot(
+        crawl_result(
+            {MODEL: [span(a, 0, 4, next_pings={b: math.inf}), span(b, 4, 8), span(c, 0, 8)]},
+            {a: REACHABLE, b: REACHABLE, c: PingResult(False, error="<b>dial failed</b>")},
+            bootstrap={peer("boot"): PingResult(False, error="timed out")},
+        )
+    )
+    html = client.get("/").content.decode()
+    section = html.split('id="reachability"', 1)[1].split("</section>", 1)[0]
+    assert f'href="/peers/{c}/"' in section and "&lt;b&gt;dial failed&lt;/b&gt;" in section and "<b>" not in section
+    assert f"{MODEL.dht_prefix} 0:8" in section
+    assert "1 of 1 servers that ping it cannot reach it" in section  # b: the monitor reached it, a could not
+    assert "bootstrap peer" in section and "timed out" in section
+    state = client.get("/api/v1/state").json()
+    assert {issue["peer_id"] for issue in state["reachability_issues"]} == {b, c, peer("boot")}
+
+
+def test_contribute_call_shows_the_exact_command_for_this_swarm(client, settings):
+    maddr = "/ip4/127.0.0.1/tcp/31337/p2p/" + peer("boot")
+    settings.SWARM_INITIAL_PEERS = [maddr]
+    demo = ModelTarget("demo_model-hf", 8, "Demo model")
+    custom = ModelTarget("x<b>y</b>-hf", 8, "Custom", official=True)
+    write_snapshot(crawl_result({demo: [span(peer(1), 0, 8)], BIG: [], custom: []}, {peer(1): REACHABLE}))
+    html = client.get("/").content.decode()
+    section = html.split('id="contribute"', 1)[1].split("</section>", 1)[0]
+    commands = re.findall(r'<pre class="command"><code>(.*?)</code></pre>', section)
+    assert f".venv/bin/python manage.py runblockserver bigscience/bloom --initial-peers {maddr}" in commands
+    assert f".venv/bin/python manage.py runblockserver swarm/demo_model --initial-peers {maddr}" in commands
+    # An unknown model: a placeholder and its prefix, shell-quoted and HTML-escaped.
+    assert (
+        ".venv/bin/python manage.py runblockserver MODEL --dht-prefix &#x27;x&lt;b&gt;y&lt;/b&gt;-hf&#x27; "
+        f"--initial-peers {maddr}"
+    ) in commands
+    assert commands.index(commands[0]) == 0 and "bigscience/bloom" in commands[0]  # a broken model first

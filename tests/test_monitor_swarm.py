@@ -247,8 +247,8 @@ def celery_worker(request, swarm, shared_db, tmp_path):
         worker.wait_for_line(lambda line: " ready." in line, timeout=120)
         yield app, worker
     finally:
-        # Its tasks are done; a warm shutdown would spend ~7 s in Celery itself. The worker, its pool, their
-        # DHT processes and p2p daemons share one process group, and all go at once.
+        # Its tasks are done; a warm shutdown would spend ~7 s in Celery itself. The worker and its pool share
+        # one process group and go at once; their DHT processes and p2p daemons follow (swarm.dht.OwnedDHT).
         worker.kill()
         if request.param == "redis":
             with app.connection_for_write() as connection:

@@ -5,7 +5,8 @@
   const source = document.getElementById("chart-data");
   if (!source || !window.Plotly) return;
   const data = JSON.parse(source.textContent);
-  const config = { responsive: true, displaylogo: false };
+  // No mode bar: on a phone it covers the titles, and the charts need no zoom tools to be read.
+  const config = { responsive: true, displaylogo: false, displayModeBar: false };
 
   function draw(figures) {
     document.querySelectorAll("[data-chart]").forEach(function (element) {
@@ -31,7 +32,7 @@
       if (summary) {
         const overall = history.availability.overall;
         summary.textContent = history.snapshots + " crawls" +
-          (overall === null ? "" : ", available " + Math.round(overall * 100) + "% of the time");
+          (overall === null ? "" : ", available " + (overall * 100).toFixed(1) + "% of the observed time");
       }
       window.history.replaceState(null, "", "?range=" + encodeURIComponent(range));
     });
