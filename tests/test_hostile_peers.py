@@ -293,6 +293,51 @@ def test_one_huge_stream_message_is_refused_unread(client, server):
     assert server.process.poll() is None
 
 
+# ----- pinning the attention cache -----
+
+
+@pytest.mark.integration
+def test_empty_steps_cannot_keep_a_session_alive(client, server):
+    """One empty step may open a session (Petals' clients do); any later one is refused."""
+    for first in (step(0, max_length=8, step_id="open"), step(2, max_length=8, step_id="a")):
+        stream = session(client, first)
+        try:
+            assert answer(stream).tensors
+            stream.send(step(0, step_id="idle"), 20)
+            with pytest.raises(RemoteError, match="at least one token"):
+                answer(stream)
+        finally:
+            stream.close()
+
+
+@pytest.mark.integration
+def test_one_peer_cannot_hold_the_whole_cache(client, swarm, server):
+    """Sessions of one peer hold at most 3/4 of the cache; another peer still gets a session."""
+    half = ServerConfig.cache_tokens // 2  # the server's cache, in tokens of its span: two halves fill it
+    first = session(client, step(1, max_length=half, step_id="a"))
+    try:
+        assert answer(first).tensors
+        greedy = session(client, step(1, max_length=half, step_id="b"))
+        try:
+            with pytest.raises(RemoteError, match="more than one peer's share"):
+                answer(greedy)
+        finally:
+            greedy.close()
+        with client_peer(swarm) as other:
+            stream = session(other, step(1, max_length=half, step_id="c"))
+            try:
+                assert answer(stream).tensors
+            finally:
+                end(stream)
+    finally:
+        end(first)
+    again = session(client, step(1, max_length=half, step_id="d"))
+    try:
+        assert answer(again).tensors  # the peer's share came back when its session ended
+    finally:
+        end(again)
+
+
 @pytest.mark.integration
 def test_a_well_behaved_client_still_generates_exactly(swarm, server):
     """Last in this module: after every attack above, greedy generation matches local transformers."""

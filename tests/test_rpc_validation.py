@@ -16,7 +16,7 @@ from swarm.client.event_loop import run_sync
 from swarm.names import block_uids, join_chain
 from swarm.server.handler import INFERENCE_HANDLE, TransformerConnectionHandler
 from swarm.streams import BlockingStream, RemoteError, close_when_peer_ends, read_message
-from swarm.wire import pack_args, serialize
+from swarm.wire import deserialize, pack_args, serialize
 from tests.conftest import DEMO_MODEL, client_peer, start_swarm
 
 pytestmark = pytest.mark.integration
@@ -131,11 +131,31 @@ def test_inference_rejects_bad_rewind_and_hypo_ids(client):
 
 
 def test_repeated_step_ids_are_computed_once(client):
-    first = step(hidden(2), max_length=8, step_id="one")
-    again = step(hidden(1), step_id="one")
-    second = step(hidden(1), step_id="two")
-    responses = call(inference(client, [first, again, second]))
-    assert len(responses) == 2
+    """A step whose id was seen is skipped: not answered, and neither written to the cache nor moving its
+    position (a push and the client's own copy of a step carry one id)."""
+    first, repeated, second = hidden(2), hidden(1), hidden(1)
+    fill = hidden(8 - 3)  # exactly up to max_length from position 3: refused at position 4
+    with_repeat = call(
+        inference(
+            client,
+            [
+                step(first, max_length=8, step_id="one"),
+                step(repeated, step_id="one"),
+                step(second, step_id="two"),
+                step(fill, step_id="three"),
+            ],
+        )
+    )
+    reference = call(
+        inference(
+            client,
+            [step(first, max_length=8, step_id="one"), step(second, step_id="two"), step(fill, step_id="three")],
+        )
+    )
+    assert len(with_repeat) == 3  # the repeat got no answer, and the fill fit: the position was 3, not 4
+    for got, expected in zip(with_repeat, reference):
+        # The same values as without the repeat: it left nothing in the cache the later steps attend to.
+        torch.testing.assert_close(deserialize(got.tensors)[0], deserialize(expected.tensors)[0], atol=1e-5, rtol=0)
 
 
 def test_rpc_info_describes_the_server_and_a_block(stub):

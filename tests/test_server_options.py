@@ -30,12 +30,18 @@ def test_servers_fill_the_gaps_and_bfloat16_works(make_swarm):
             dht.shutdown()
 
         whole.stop()
+        first = swarm.processes[1]  # the float32 server of blocks 0:4
         model = AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL, initial_peers=swarm.initial_peers)
         try:
             model.manager.config.routing_refresh = 0.0
-            output = model.generate(torch.tensor([[1, 60, 61, 62]]), max_new_tokens=8, min_new_tokens=8)
-            assert output.shape == (1, 12)  # through the float32 server and the bfloat16 one
-            assert {span.peer_id for span in model.manager.view.online_spans()} >= {gap_filler.peer_id}
+            with model.inference_session(max_length=32) as session:
+                output = model.generate(
+                    torch.tensor([[1, 60, 61, 62]]), max_new_tokens=8, min_new_tokens=8, session=session
+                )
+                route = [(s.span.peer_id, s.span.start, s.span.end) for s in session.sessions]
+            assert output.shape == (1, 12)
+            # Through the float32 server and then the bfloat16 one: the only route once `whole` is gone.
+            assert route == [(first.peer_id, 0, 4), (gap_filler.peer_id, 4, 8)]
         finally:
             model.close()
     finally:

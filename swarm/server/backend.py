@@ -8,6 +8,8 @@ uses with its own caches.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -16,7 +18,8 @@ from swarm.checkpoint import CheckpointFiles
 from swarm.models.family import BlockInputs, CacheLayout, ModelFamily
 from swarm.server.activations import KeptForward
 from swarm.server.adapters import LoraHook, LoraWeights, attach_adapter, using_adapter
-from swarm.server.attention_masks import attention_mask, needs_mask
+from swarm.server.attention_masks import attention_mask, needs_mask, stacked_attention_mask
+from swarm.server.quantization import quantize_block
 
 
 def span_cache_layout(family: ModelFamily, config: PretrainedConfig, start: int, end: int) -> CacheLayout:
@@ -47,6 +50,7 @@ class SessionKVCache:
     ):
         self.first_block = first_block
         self.num_blocks = num_blocks
+        self.batch_size = batch_size
         self.max_length = max_length
         key_shape = (num_blocks, batch_size, layout.key_heads, max_length, layout.key_dim)
         value_shape = (num_blocks, batch_size, layout.value_heads, max_length, layout.value_dim)
@@ -68,6 +72,41 @@ class SessionKVCache:
         self.values[:, :, :, : self.position] = self.values[:, hypo_ids, :, : self.position]
 
 
+class StackedCaches:
+    """The caches of sessions stepping together, behind the one `update()` that attention calls.
+
+    Each session's rows write their new keys and values into its own cache at its own position;
+    attention gets every row's cached keys and values padded on the right to `kv_length`.
+    """
+
+    def __init__(self, caches: list[SessionKVCache], kv_length: int):
+        self.caches = caches
+        self.kv_length = kv_length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        rows, key_heads, _, key_dim = key_states.shape
+        keys = key_states.new_zeros(rows, key_heads, self.kv_length, key_dim)
+        values = value_states.new_zeros(rows, value_states.shape[1], self.kv_length, value_states.shape[3])
+        row = 0
+        for cache in self.caches:
+            end_row = row + cache.batch_size
+            session_keys, session_values = cache.update(key_states[row:end_row], value_states[row:end_row], layer_idx)
+            keys[row:end_row, :, : session_keys.shape[2]] = session_keys
+            values[row:end_row, :, : session_values.shape[2]] = session_values
+            row = end_row
+        return keys, values
+
+
+@dataclasses.dataclass
+class QueuedStep:
+    """One session's inference step, as the step batcher hands it to the backend."""
+
+    hidden: torch.Tensor
+    cache: SessionKVCache
+    prompts: torch.Tensor | None = None
+    hypo_ids: torch.Tensor | None = None
+
+
 class SpanBackend:
     """The blocks [start, end) of one model, on one device, in one dtype."""
 
@@ -80,6 +119,7 @@ class SpanBackend:
         block_weights: list[dict[str, torch.Tensor]],
         dtype: torch.dtype,
         device: torch.device,
+        quant_type: str = "none",
     ):
         """`block_weights[i]` holds block start + i's tensors, named as in the checkpoint without the block prefix."""
         self.family, self.config = family, config
@@ -96,6 +136,7 @@ class SpanBackend:
             with torch.device("meta"):
                 block = family.make_block(config, index)
             block.load_state_dict(family.convert_block_weights(weights, config), strict=True, assign=True)
+            block = quantize_block(block, quant_type, dtype)  # quantized as .to() moves it to the device
             self.blocks.append(block.to(device=device, dtype=dtype).eval().requires_grad_(False))
         self.rotary = family.make_rotary(config).to(device) if family.make_rotary else None
         self.adapters: list[str] = []  # served LoRA adapters, by name
@@ -121,11 +162,12 @@ class SpanBackend:
         last: int,
         offset: int,
         prompts: torch.Tensor | None,
-        cache: SessionKVCache | None,
+        cache: SessionKVCache | StackedCaches | None,
         adapter: str | None = None,
+        row_offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         with using_adapter(adapter):  # read by the adapted layers' hooks, on this thread only
-            return self._run_blocks(hidden, first, last, offset, prompts, cache)
+            return self._run_blocks(hidden, first, last, offset, prompts, cache, row_offsets)
 
     def _run_blocks(
         self,
@@ -134,25 +176,33 @@ class SpanBackend:
         last: int,
         offset: int,
         prompts: torch.Tensor | None,
-        cache: SessionKVCache | None,
+        cache: SessionKVCache | StackedCaches | None,
+        row_offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Blocks [first, last) on `length` new tokens per row after `offset` cached ones.
+
+        `row_offsets` instead gives each row its own number of cached tokens (sessions stepping
+        together): positions, masks and ALiBi then follow each row's own prefix.
+        """
         family = self.family
         batch, length, _ = hidden.shape
-        positions = torch.arange(offset, offset + length, device=self.device).unsqueeze(0).expand(batch, -1)
+        new_tokens = torch.arange(length, device=self.device)
+        if row_offsets is None:
+            positions = (new_tokens + offset).unsqueeze(0).expand(batch, -1)
+            kv_length = offset + length
+        else:
+            positions = row_offsets[:, None] + new_tokens
+            kv_length = int(row_offsets.max()) + length
         alibi = None
-        if family.make_alibi is not None:
-            alibi = family.make_alibi(self.config, batch, offset + length, hidden.dtype, self.device)
+        if family.make_alibi is not None:  # biases by absolute key position: rows padded on the right share them
+            alibi = family.make_alibi(self.config, batch, kv_length, hidden.dtype, self.device)
         masks: dict[int | None, torch.Tensor | None] = {}  # by sliding window, built once per step
         position_embeddings: dict[str, object] = {}  # by rope kind
         for i in range(first - self.start, last - self.start):
             attention = self.attention[i]
             window = attention.sliding_window
             if window not in masks:
-                masks[window] = None
-                if needs_mask(offset, length, window, additive=self._additive_masks, always=family.always_mask):
-                    masks[window] = attention_mask(
-                        offset, length, window, additive=self._additive_masks, dtype=hidden.dtype, device=self.device
-                    )
+                masks[window] = self._mask(offset, length, window, row_offsets, hidden.dtype)
             if attention.rope not in position_embeddings:
                 rotary = self.rotary
                 embeddings = family.rotary_for(rotary, hidden, positions, attention.rope) if rotary else None
@@ -160,8 +210,18 @@ class SpanBackend:
             if prompts is not None:
                 hidden = _add_prompt(hidden, prompts[i - (first - self.start)])
             inputs = BlockInputs(masks[window], positions, position_embeddings[attention.rope], alibi, cache)
-            hidden = family.call_block(self.blocks[i], hidden, inputs)
+            hidden = self.family.call_block(self.blocks[i], hidden, inputs)
         return hidden
+
+    def _mask(
+        self, offset: int, length: int, window: int | None, row_offsets: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        options = {"additive": self._additive_masks, "dtype": dtype, "device": self.device}
+        if row_offsets is not None:  # rows of different lengths: always masked (the padding)
+            return stacked_attention_mask(row_offsets, length, window, **options)
+        if not needs_mask(offset, length, window, additive=self._additive_masks, always=self.family.always_mask):
+            return None
+        return attention_mask(offset, length, window, **options)
 
     @torch.inference_mode()
     def forward(
@@ -193,6 +253,37 @@ class SpanBackend:
         output = self._run(hidden, first, last, cache.position, _cast(prompts, self), cache, adapter)
         cache.position += hidden.shape[1]
         return output
+
+    @torch.inference_mode()
+    def inference_steps(self, steps: list[QueuedStep], adapter: str | None = None) -> list[torch.Tensor]:
+        """One step of each of several sessions, computed as one batch; each gets what it would alone.
+
+        The sessions share blocks, adapter and new tokens per row (and carry no deep prompts); each
+        keeps its own cache and position. Rows are stacked; attention reads each session's cache
+        padded on the right to the longest, with the padding masked.
+        """
+        if len(steps) == 1:
+            step = steps[0]
+            return [self.inference_step(step.hidden, step.cache, step.prompts, step.hypo_ids, adapter)]
+        caches = [step.cache for step in steps]
+        for step in steps:
+            if step.prompts is not None and step.cache.position == 0:
+                raise ValueError("a session's first step with deep prompts is computed alone")
+            if step.hypo_ids is not None:
+                step.cache.reorder(step.hypo_ids.to(self.device))
+        length = steps[0].hidden.shape[1]
+        first = caches[0].first_block
+        if any(c.first_block != first or c.num_blocks != caches[0].num_blocks for c in caches):
+            raise ValueError("sessions stepping together must cover the same blocks")
+        hidden = torch.cat([step.hidden.to(self.device, self.dtype) for step in steps])
+        row_offsets = torch.tensor(
+            [cache.position for cache in caches for _ in range(cache.batch_size)], device=self.device
+        )
+        stacked = StackedCaches(caches, int(row_offsets.max()) + length)
+        output = self._run(hidden, first, first + caches[0].num_blocks, 0, None, stacked, adapter, row_offsets)
+        for cache in caches:
+            cache.position += length
+        return list(output.split([cache.batch_size for cache in caches]))
 
     def backward(
         self,
@@ -247,6 +338,7 @@ def load_span(
     device: torch.device,
     *,
     progress: bool = False,
+    quant_type: str = "none",
 ) -> SpanBackend:
     """Read only blocks [start, end) from a checkpoint (only the shards that hold them) and build their backend."""
     names = family.checkpoint.resolve(files.tensor_names())
@@ -261,7 +353,7 @@ def load_span(
         {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
         for prefix in prefixes
     ]
-    return SpanBackend(family, config, start, end, block_weights, dtype, device)
+    return SpanBackend(family, config, start, end, block_weights, dtype, device, quant_type)
 
 
 def _add_prompt(hidden: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from swarm import __version__
 from swarm.names import block_uids, join_chain, parse_block_uid, split_chain
 from swarm.server.activations import MAX_KEEP_ID_LENGTH, ActivationStore
 from swarm.server.backend import SessionKVCache, SpanBackend
+from swarm.server.batching import StepBatcher
 from swarm.server.memory_cache import CacheAllocationError, KVCachePool
 from swarm.streams import FrameError, RemoteError, close_when_peer_ends, read_message, write_error, write_message
 from swarm.wire import (
@@ -51,7 +52,6 @@ STREAM_CHUNK_BYTES = 2 * 1024**2  # half the daemon's 4 MiB message limit
 MAX_BATCH_SIZE = 64
 MAX_SEEN_STEPS = 4096
 MAX_SESSION_ID_LENGTH = 128
-INLINE_TOKENS = 8  # inference steps this small compute on the event loop itself
 INFERENCE_HANDLE = "TransformerConnectionHandler.rpc_inference"  # served on a raw stream, see swarm.streams
 MAX_STREAM_PARTS = 100_000
 # One message of a streamed forward/backward: Petals splits tensors in parts of DEFAULT_MAX_MSG_SIZE
@@ -70,6 +70,8 @@ class _Session:
     batch_size: int
     writer: asyncio.StreamWriter
     adapter: str | None = None  # chosen by the first request, kept for the whole session
+    steps_computed: int = 0  # steps with tokens
+    empty_step_seen: bool = False  # one empty step may open a session (Petals' clients), no more
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     seen_steps: OrderedDict[Any, None] = dataclasses.field(default_factory=OrderedDict)
 
@@ -98,12 +100,13 @@ class TransformerConnectionHandler(ServicerBase):
         dht_client_mode: bool = False,
         max_kept_activation_bytes: int = 256 * 2**20,  # forwards kept for their backward (training)
         session_timeout: float = 3600.0,  # a whole inference session, besides each step's step_timeout
-        max_sessions_per_peer: int = 16,
+        max_sessions_per_peer: int = 64,  # a chat site serves all its users from one peer
         max_active_requests: int = 1024,  # requests and sessions in flight, all peers together
         max_stream_bytes: int = 2 * 2**30,  # streamed requests being gathered, all peers together
         max_stream_bytes_per_peer: int = 2**30,
         max_pushes: int = 64,  # server-to-server pushes in flight; when full, steps are not pushed
         push_timeout: float = 10.0,
+        max_cache_share_per_peer: float = 0.75,  # of the cache pool for one peer (a chat site is one peer)
     ):
         self.backend = backend
         self.dht_prefix = dht_prefix
@@ -114,6 +117,7 @@ class TransformerConnectionHandler(ServicerBase):
         self.max_tokens_per_request = max_tokens_per_request
         self.dht_client_mode = dht_client_mode
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.batcher = StepBatcher(backend, self.executor)  # all torch work goes through it
         self.accepting = True
         self.active_requests = 0
         self.p2p: P2P | None = None
@@ -122,6 +126,7 @@ class TransformerConnectionHandler(ServicerBase):
         self.activations = ActivationStore(max_kept_activation_bytes, max_kept_activation_bytes // 2)
         self.steps_served = 0
         self.tokens_served = 0
+        self.pushes_received = 0  # pushed steps computed here (a duplicate of a step seen already is not counted)
         self.session_timeout = session_timeout
         self.max_sessions_per_peer = max_sessions_per_peer
         self.max_active_requests = max_active_requests
@@ -131,6 +136,8 @@ class TransformerConnectionHandler(ServicerBase):
         self.push_timeout = push_timeout
         self._open_session_ids: set[str] = set()  # reserved from a session's first request until its end
         self._sessions_by_peer: Counter[PeerID] = Counter()
+        self.max_cache_share_per_peer = max_cache_share_per_peer
+        self._cache_bytes_by_peer: Counter[PeerID] = Counter()
         self._stream_bytes = 0
         self._stream_bytes_by_peer: Counter[PeerID] = Counter()
 
@@ -156,6 +163,7 @@ class TransformerConnectionHandler(ServicerBase):
         for push in pushes:
             push.cancel()
         await asyncio.gather(*pushes, return_exceptions=True)
+        await self.batcher.close()
 
     @contextlib.asynccontextmanager
     async def _request(self) -> AsyncIterator[None]:
@@ -169,11 +177,9 @@ class TransformerConnectionHandler(ServicerBase):
         finally:
             self.active_requests -= 1
 
-    async def _compute(self, fn: Callable[..., T], *args: Any, tokens: int | None = None) -> T:
-        """Run torch work. Decode-sized steps run inline: a thread hand-off costs more than they do."""
-        if tokens is not None and tokens <= INLINE_TOKENS:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def _compute(self, fn: Callable[..., T], *args: Any, kind: Any = None, size: int = 1) -> T:
+        """Run torch work where its measured cost says (see swarm.server.batching); `kind` None: the compute thread."""
+        return await self.batcher.run(fn, *args, kind=kind, rows=size)
 
     # ----- validation -----
 
@@ -240,6 +246,8 @@ class TransformerConnectionHandler(ServicerBase):
             "version": __version__,
             "dht_client_mode": self.dht_client_mode,
             "cache_tokens_available": self.cache_tokens_left(),
+            "pushes_received": self.pushes_received,  # ours, not Petals': lets a client see pushes arrive
+            "stacked_steps": self.batcher.stacked_steps,  # ours: steps computed in a batch with other sessions'
         }
         if request.uid:
             first, last = self._parse_chain(request.uid)
@@ -288,7 +296,9 @@ class TransformerConnectionHandler(ServicerBase):
         hidden = self._check_hidden(args[0])
         prompts = self._check_prompts(args[1] if len(args) > 1 else None, hidden, last - first)
         if keep_id is None or not self.activations.max_bytes:
-            return await self._compute(self.backend.forward, hidden, first, last, prompts, adapter)
+            kind, size = ("forward", first, last, prompts is not None), hidden.shape[0] * hidden.shape[1]
+            forward = self.backend.forward
+            return await self._compute(forward, hidden, first, last, prompts, adapter, kind=kind, size=size)
         # A training client will ask for this forward's backward: keep its graph if the budget allows.
         kept = await self._compute(self.backend.forward_for_backward, hidden, first, last, prompts, adapter)
         self.activations.put(str(context.remote_id), keep_id, kept)
@@ -447,6 +457,7 @@ class TransformerConnectionHandler(ServicerBase):
                 return runtime_pb2.ExpertResponse()
             response = await self._inference_step(session, request, metadata)
             if response is not None:
+                self.pushes_received += 1
                 await write_message(session.writer, response)
             return runtime_pb2.ExpertResponse()
 
@@ -459,7 +470,7 @@ class TransformerConnectionHandler(ServicerBase):
         try:
             async with self._request():
                 with self._peer_session(stream_info.peer_id):
-                    peer_ended = await self._run_session(reader, writer, max_bytes)
+                    peer_ended = await self._run_session(stream_info.peer_id, reader, writer, max_bytes)
         except (asyncio.IncompleteReadError, ConnectionError):
             peer_ended = True  # the client went away; its cache was freed on the way out
         except (BadRequest, FrameError, CacheAllocationError, ShuttingDown, Overloaded) as e:
@@ -489,7 +500,9 @@ class TransformerConnectionHandler(ServicerBase):
             if self._sessions_by_peer[peer] <= 0:
                 del self._sessions_by_peer[peer]
 
-    async def _run_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int) -> bool:
+    async def _run_session(
+        self, peer: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int
+    ) -> bool:
         """Serve one session; True if it ended with the client's end-of-stream (nothing more to read)."""
         deadline = asyncio.get_running_loop().time() + self.session_timeout
         request = await self._next_request(reader, max_bytes, deadline)
@@ -514,12 +527,13 @@ class TransformerConnectionHandler(ServicerBase):
             raise BadRequest(f"an inference session with session_id {session_id!r} is already open on this server")
 
         nbytes = self.backend.cache_bytes(last - first, batch_size, max_length)
-        with self._session_id_reserved(session_id):
+        with self._session_id_reserved(session_id), self._peer_cache(peer, nbytes):
             async with self.cache_pool.reserve(nbytes, alloc_timeout):
                 cache = await self._compute(self.backend.new_cache, first, last - first, batch_size, max_length)
                 session = _Session(cache, first, last, max_length, batch_size, writer, adapter=adapter)
                 if session_id is not None:
                     self._sessions[session_id] = session  # so that the previous server can push steps here
+                self.batcher.open_sessions += 1
                 try:
                     while request is not None and request.tensors:  # a request without tensors ends the session
                         response = await self._inference_step(session, request, metadata)
@@ -528,9 +542,28 @@ class TransformerConnectionHandler(ServicerBase):
                         request = await self._next_request(reader, max_bytes, deadline)
                         metadata = loads_metadata(request.metadata) if request is not None else {}
                 finally:
+                    self.batcher.open_sessions -= 1
                     if session_id is not None and self._sessions.get(session_id) is session:
                         del self._sessions[session_id]
         return request is None
+
+    @contextlib.contextmanager
+    def _peer_cache(self, peer: PeerID, nbytes: int) -> Iterator[None]:
+        """Count a session's cache against its peer's share of the pool, so one peer cannot hold all of it."""
+        share = int(self.cache_pool.capacity_bytes * self.max_cache_share_per_peer)
+        if self._cache_bytes_by_peer[peer] + nbytes > share:
+            unit = max(self.backend.cache_bytes(self.backend.end - self.backend.start, 1, 1), 1)
+            raise Overloaded(
+                f"your sessions here would hold {(self._cache_bytes_by_peer[peer] + nbytes) // unit} tokens of "
+                f"attention cache, more than one peer's share ({share // unit}); close a session first"
+            )
+        self._cache_bytes_by_peer[peer] += nbytes
+        try:
+            yield
+        finally:
+            self._cache_bytes_by_peer[peer] -= nbytes
+            if self._cache_bytes_by_peer[peer] <= 0:
+                del self._cache_bytes_by_peer[peer]
 
     @contextlib.contextmanager
     def _session_id_reserved(self, session_id: str | None) -> Iterator[None]:
@@ -595,19 +628,18 @@ class TransformerConnectionHandler(ServicerBase):
                     f"this step would reach {position + hidden.shape[1]} tokens, "
                     f"past the session's max_length={session.max_length}"
                 )
-            cache.position = position
-            if hidden.shape[1] == 0:  # Petals clients may send an empty step to reserve the cache early
+            if hidden.shape[1] == 0:
+                # Petals clients may open a session with an empty step; later ones would only keep an idle
+                # session (and its cache) alive past the step timeout.
+                if session.steps_computed or session.empty_step_seen:
+                    raise BadRequest("inference steps must carry at least one token")
+                session.empty_step_seen = True
+                cache.position = position
                 output = hidden
             else:
-                output = await self._compute(
-                    self.backend.inference_step,
-                    hidden,
-                    cache,
-                    prompts,
-                    hypo_ids,
-                    session.adapter,
-                    tokens=hidden.shape[0] * hidden.shape[1],
-                )
+                cache.position = position
+                output = await self.batcher.step(hidden, cache, prompts, hypo_ids, session.adapter)
+                session.steps_computed += 1
             if step_id is not None:  # only now: a step that failed may still come again
                 session.seen_steps[step_id] = None
                 if len(session.seen_steps) > MAX_SEEN_STEPS:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
+import math
+import random
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from hivemind import DHT
@@ -24,20 +27,22 @@ from swarm import __version__
 from swarm.checkpoint import CheckpointFiles, is_local_checkpoint, missing_local_path
 from swarm.data_structures import MAX_ADAPTERS, MAX_STRING_LENGTH, ModelInfo, ServerInfo, ServerState
 from swarm.dht import announce_blocks, announce_model, create_dht, dht_start_error, fetch_swarm
-from swarm.models.registry import bytes_per_block, dht_prefix_for, family_for, prepare_config
+from swarm.models.registry import dht_prefix_for, family_for, prepare_config
 from swarm.names import is_private_prefix, is_valid_dht_prefix
 from swarm.ping import ping_server
 from swarm.server.adapters import AdapterError, adapter_folder, load_block_loras, read_lora_config
 from swarm.server.backend import SpanBackend, kv_cache_bytes, load_span, span_cache_layout
-from swarm.server.block_selection import block_throughputs, blocks_that_fit, choose_best_start
-from swarm.server.handler import TransformerConnectionHandler
+from swarm.server.block_selection import block_throughputs, blocks_that_fit, choose_best_start, choose_rebalance
+from swarm.server.handler import INFERENCE_HANDLE, TransformerConnectionHandler
 from swarm.server.memory_cache import KVCachePool
+from swarm.server.quantization import block_bytes, log_quantization, resolve_quant_type
 from swarm.server.reachability import check_reachability
-from swarm.server.throughput import DEFAULT_BANDWIDTH_MBPS, measure_throughput
+from swarm.server.throughput import DEFAULT_BANDWIDTH_MBPS, loading_weights, measure_throughput
 
 logger = logging.getLogger(__name__)
 
 MAX_NEXT_PINGS = 8
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -49,6 +54,7 @@ class ServerConfig:
     num_blocks: int | None = None
     device: str = "auto"
     torch_dtype: str = "auto"
+    quant_type: str = "auto"  # none, int8, nf4; auto: nf4 on a GPU, none on the CPU (as Petals)
     host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)
     announce_maddrs: Sequence[str] = ()
     identity_path: str | None = None
@@ -62,12 +68,14 @@ class ServerConfig:
     max_alloc_timeout: float = 600.0
     step_timeout: float = 300.0
     session_timeout: float = 3600.0  # a whole inference session's lifetime
-    max_sessions_per_peer: int = 16  # inference sessions one peer may hold open at once
+    max_sessions_per_peer: int = 64  # inference sessions one peer may hold open (a chat gateway is one peer)
     shutdown_timeout: float = 5.0
     revision: str | None = None
     token: str | None = None
     health_url: str | None = None  # a swarm monitor that checks we are reachable from outside
     adapters: Sequence[str] = ()  # LoRA adapters (local folders or Hub repositories) requests may choose
+    balance_quality: float = 0.75  # move when the swarm's weakest block would gain past 1/this; 0: never move
+    balance_check_period: float = 120.0  # mean seconds between balance checks (jittered)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,6 +109,10 @@ class BlockServer:
         if config.block_indices is not None and config.block_indices[0] >= config.block_indices[1]:
             start, end = config.block_indices
             raise ValueError(f"--block-indices {start}:{end}: START must be less than END (END is exclusive)")
+        if not 0.0 <= config.balance_quality <= 1.0:
+            raise ValueError(f"--balance-quality must be between 0 and 1 (0: never move), got {config.balance_quality}")
+        if not config.balance_check_period > 0:
+            raise ValueError(f"--balance-check-period must be positive, got {config.balance_check_period}")
         missing = missing_local_path(config.model)
         if missing is not None:
             where = "" if Path(missing) == Path(config.model).expanduser() else f": there is no {missing}"
@@ -123,6 +135,7 @@ class BlockServer:
             raise ValueError(f"invalid DHT prefix {self.dht_prefix!r}: it may contain neither '.' nor spaces")
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.torch_dtype, self.device)
+        self.quant_type = resolve_quant_type(config.quant_type, self.device)
         self.repository = None if is_local_checkpoint(config.model) else config.model  # a Hub repository name
         self.adapters = self._find_adapters()  # before joining: a bad adapter fails fast
         self.dht: DHT | None = None
@@ -173,18 +186,8 @@ class BlockServer:
             await self._announce(ServerState.JOINING)
             backend = await loop.run_in_executor(None, self._load_backend)
             self.rates = await loop.run_in_executor(None, self._throughput, backend)
-            pool = KVCachePool(backend.cache_bytes(self.end - self.start, 1, self.config.cache_tokens))
-            self.handler = TransformerConnectionHandler(
-                backend,
-                self.dht_prefix,
-                pool,
-                max_length=self.config.max_length,
-                max_alloc_timeout=self.config.max_alloc_timeout,
-                step_timeout=self.config.step_timeout,
-                session_timeout=self.config.session_timeout,
-                max_sessions_per_peer=self.config.max_sessions_per_peer,
-            )
-            await self.handler.start(await self.dht.replicate_p2p())
+            await self._start_handler(backend, await self.dht.replicate_p2p())
+            del backend  # the handler holds it: a move to other blocks must be able to free it
             await self._announce(ServerState.ONLINE)
             logger.info("Server is ONLINE: blocks %d:%d, peer id %s", self.start, self.end, self.dht.peer_id)
             if self.config.health_url:
@@ -193,13 +196,39 @@ class BlockServer:
         finally:
             await self._shutdown()
 
+    async def _start_handler(self, backend: SpanBackend, p2p: Any) -> None:
+        pool = KVCachePool(backend.cache_bytes(self.end - self.start, 1, self.config.cache_tokens))
+        self.handler = TransformerConnectionHandler(
+            backend,
+            self.dht_prefix,
+            pool,
+            max_length=self.config.max_length,
+            max_alloc_timeout=self.config.max_alloc_timeout,
+            step_timeout=self.config.step_timeout,
+            session_timeout=self.config.session_timeout,
+            max_sessions_per_peer=self.config.max_sessions_per_peer,
+        )
+        await self.handler.start(p2p)
+
     async def _announce_until_stopped(self) -> None:
+        """Re-announce ONLINE every `update_period`; between, check the swarm's balance and move if it pays."""
+        loop = asyncio.get_running_loop()
+        next_announce = loop.time() + self.config.update_period
+        next_check = self._next_balance_check() if self._may_move() else math.inf
         while not self._stopping.is_set():
             try:
-                await asyncio.wait_for(self._stopping.wait(), self.config.update_period)
+                await asyncio.wait_for(self._stopping.wait(), max(min(next_announce, next_check) - loop.time(), 0.0))
+                break
             except TimeoutError:
+                pass
+            if loop.time() >= next_check:
+                if await self._check_balance():
+                    next_announce = loop.time() + self.config.update_period  # the move announced ONLINE
+                next_check = self._next_balance_check()
+            if loop.time() >= next_announce:
                 await self._measure_next_pings()
                 await self._announce(ServerState.ONLINE)
+                next_announce = loop.time() + self.config.update_period
 
     async def _shutdown(self) -> None:
         logger.info("Shutting down: finishing requests in flight, then announcing OFFLINE")
@@ -209,6 +238,7 @@ class BlockServer:
             try:
                 if self.end > self.start:
                     await self._announce(ServerState.OFFLINE)
+                    logger.info("Announced OFFLINE: blocks %d:%d", self.start, self.end)
             except Exception as e:
                 logger.warning("Could not announce OFFLINE: %s", e)
             if self.handler is not None:
@@ -228,12 +258,107 @@ class BlockServer:
         if count is None:
             layout = span_cache_layout(self.family, self.model_config, 0, 1)
             cache = kv_cache_bytes(layout, self.total_blocks, 1, self.config.cache_tokens, self.dtype)
-            block = bytes_per_block(self.model_config, self.dtype)
+            block = block_bytes(self.model_config, self.dtype, self.quant_type)
             count = blocks_that_fit(block, cache, self.device, self.total_blocks)
         count = max(1, min(count, self.total_blocks))
         view = fetch_swarm(self.dht, self.dht_prefix, self.total_blocks)
         start = choose_best_start(block_throughputs(view), count)
         return start, start + count
+
+    # ----- rebalancing -----
+
+    def _may_move(self) -> bool:
+        """A span pinned with --block-indices stays; --balance-quality 0 turns moving off."""
+        return self.config.block_indices is None and self.config.balance_quality > 0
+
+    def _next_balance_check(self) -> float:
+        # Jitter, so that servers started together do not check (and all move) at the same moment.
+        return asyncio.get_running_loop().time() + self.config.balance_check_period * random.uniform(0.5, 1.5)
+
+    async def _check_balance(self) -> bool:
+        """Read the swarm and move to other blocks if that helps its weakest block enough; True if moved."""
+        try:
+            view = await fetch_swarm(self.dht, self.dht_prefix, self.total_blocks, wait=False)
+        except Exception as e:
+            logger.warning("Balance check: could not read the swarm: %s", e)
+            return False
+        others = block_throughputs(view, exclude=self.dht.peer_id.to_base58())
+        throughput = float(self.rates.get("throughput", 0.0))
+        decision = choose_rebalance(others, self.start, self.end, throughput, self.config.balance_quality)
+        if not decision.move:
+            logger.info("Balance check: staying on blocks %d:%d (%s)", self.start, self.end, decision.reason)
+            return False
+        return await self._move(decision.start, decision.reason)
+
+    async def _move(self, new_start: int, reason: str) -> bool:
+        """Serve the same number of blocks from `new_start` on, as the same peer; False if a rival got there first.
+
+        Announcements stay consistent for readers, who keep each server's best state over its blocks:
+        OFFLINE where we leave and JOINING where we go, ONLINE there once the new blocks are served.
+        """
+        old_start, old_end = self.start, self.end
+        new_end = new_start + old_end - old_start
+        logger.info(
+            "Balance check: moving from blocks %d:%d to %d:%d: %s", old_start, old_end, new_start, new_end, reason
+        )
+        left = [i for i in range(old_start, old_end) if not new_start <= i < new_end]
+        await self._announce(ServerState.OFFLINE, blocks=left)
+        self.start, self.end = new_start, new_end
+        await self._announce(ServerState.JOINING)
+        # Our claim is stored; one that raced with ours is now visible to at least one of the two servers.
+        # Whoever sees a rival backs off (maybe both: they try again at their next, jittered, check).
+        rivals = await self._rivals_joining(new_start, new_end)
+        if rivals is None or rivals:
+            why = "could not read the swarm" if rivals is None else f"{', '.join(rivals)} is joining there too"
+            logger.info("Balance check: staying on blocks %d:%d after all (%s)", old_start, old_end, why)
+            self.start, self.end = old_start, old_end
+            await self._announce(ServerState.ONLINE)
+            gained = [i for i in range(new_start, new_end) if not old_start <= i < old_end]
+            await self._announce(ServerState.OFFLINE, blocks=gained)
+            return False
+        await self._stop_handler()
+        backend = await self._announcing_while(ServerState.JOINING, self._load_backend)
+        await self._start_handler(backend, await self.dht.replicate_p2p())
+        await self._measure_next_pings()
+        await self._announce(ServerState.ONLINE)
+        logger.info("Server is ONLINE again (moved): blocks %d:%d, peer id %s", self.start, self.end, self.dht.peer_id)
+        return True
+
+    async def _rivals_joining(self, start: int, end: int) -> list[str] | None:
+        """Other servers joining blocks that overlap [start, end); None if the swarm could not be read."""
+        try:
+            view = await fetch_swarm(self.dht, self.dht_prefix, self.total_blocks, wait=False)
+        except Exception as e:
+            logger.warning("Balance check: could not read the swarm: %s", e)
+            return None
+        me = self.dht.peer_id.to_base58()
+        return [
+            peer
+            for peer, span in view.spans.items()
+            if peer != me and span.state == ServerState.JOINING and span.start < end and start < span.end
+        ]
+
+    async def _stop_handler(self) -> None:
+        """Finish requests in flight (up to `shutdown_timeout`), stop serving, and free the old blocks."""
+        handler, self.handler = self.handler, None
+        if handler is None:
+            return
+        await handler.drain(self.config.shutdown_timeout)
+        await handler.remove_p2p_handlers(handler.p2p)
+        await handler.p2p.remove_binary_stream_handler(INFERENCE_HANDLE)
+        # Sessions still open after the drain fail on their next step that needs the compute thread.
+        handler.executor.shutdown(wait=False, cancel_futures=True)
+        del handler
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    async def _announcing_while(self, state: ServerState, work: Callable[[], T]) -> T:
+        """Run blocking `work` in a thread, re-announcing `state` every `update_period` until it is done."""
+        task = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(None, work))
+        while not (await asyncio.wait({task}, timeout=self.config.update_period))[0]:
+            await self._announce(state)
+        return task.result()
 
     def _find_adapters(self) -> dict[str, tuple[Path, Any]]:
         """Each adapter's folder (downloaded if it names a Hub repository) and LoRA config, by name."""
@@ -248,12 +373,22 @@ class BlockServer:
             adapters[name] = (folder, read_lora_config(name, folder))
         return adapters
 
+    @loading_weights()  # no throughput measurement on this machine meanwhile
     def _load_backend(self) -> SpanBackend:
         began = time.perf_counter()
         files = CheckpointFiles(self.config.model, revision=self.config.revision, token=self.config.token)
         backend = load_span(
-            files, self.family, self.model_config, self.start, self.end, self.dtype, self.device, progress=True
+            files,
+            self.family,
+            self.model_config,
+            self.start,
+            self.end,
+            self.dtype,
+            self.device,
+            progress=True,
+            quant_type=self.quant_type,
         )
+        log_quantization(self.quant_type, backend.blocks)
         logger.info("Loaded %d blocks in %.1f s", self.end - self.start, time.perf_counter() - began)
         names = self.family.checkpoint
         for name, (folder, lora_config) in self.adapters.items():
@@ -266,7 +401,8 @@ class BlockServer:
         if self.config.throughput != "auto":
             value = float(self.config.throughput)
             return {"throughput": value, "inference_rps": value, "forward_rps": value}
-        key = f"{self.config.model}|{self.start}:{self.end}|{self.device}|{self.dtype}|torch {torch.__version__}"
+        where = f"{self.device}|{self.dtype}|{self.quant_type}"  # quantized matmuls run at other speeds
+        key = f"{self.config.model}|{self.end - self.start} blocks|{where}|torch {torch.__version__}"  # any span
         return measure_throughput(backend, cache_key=key, bandwidth_mbps=self.config.bandwidth_mbps)
 
     # ----- announcements -----
@@ -285,7 +421,7 @@ class BlockServer:
             inference_rps=rates.get("inference_rps"),
             adapters=tuple(self.adapters),
             torch_dtype=str(self.dtype).split(".")[-1],
-            quant_type="none",
+            quant_type=self.quant_type,
             using_relay=False,
             cache_tokens_left=self.handler.announced_cache_tokens() if self.handler is not None else None,
             next_pings=dict(self.next_pings) if self.next_pings else None,
@@ -294,10 +430,13 @@ class BlockServer:
     def _expiration(self) -> float:
         return get_dht_time() + max(2 * self.config.update_period, 10.0)
 
-    async def _announce(self, state: ServerState) -> None:
+    async def _announce(self, state: ServerState, blocks: Sequence[int] | None = None) -> None:
+        """Announce `state` for our span, under its blocks or only under `blocks` (while moving)."""
         info = self.server_info(state)
         expiration = self._expiration()
-        await announce_blocks(self.dht, self.dht_prefix, range(self.start, self.end), info, expiration, wait=False)
+        blocks = range(self.start, self.end) if blocks is None else blocks
+        if blocks:
+            await announce_blocks(self.dht, self.dht_prefix, blocks, info, expiration, wait=False)
         if state != ServerState.OFFLINE and not is_private_prefix(self.dht_prefix):
             model = ModelInfo(num_blocks=self.total_blocks, repository=self._repository_url())
             await announce_model(self.dht, self.dht_prefix, model, expiration, wait=False)

@@ -1,17 +1,31 @@
-"""How fast this server is: measured once per model/device/dtype and cached on disk.
+"""How fast this server is, in tokens/s through one block (Petals' "requests per second", rps).
+
+A request is one token's hidden state through one block, so for one-token inference steps requests/s
+and tokens/s are the same number:
 
 - inference_rps: single-token steps per second through one block (with a KV cache),
-- forward_rps: tokens per second through one block for long sequences,
-- network_rps: tokens per second the link can carry (from the configured bandwidth),
-- throughput: the minimum, as announced (PROTOCOL.md: requests per second for one block).
+- forward_rps: tokens per second through one block for long sequences (prefill, fine-tuning),
+- network_rps: tokens per second the uplink can carry (from --bandwidth-mbps),
+- throughput: the minimum of the three, as announced (PROTOCOL.md: requests/s for one block).
+
+Each rate is the steady rate of several timed rounds (`steady_rate`). Servers sharing a cache folder measure
+one at a time, and never while another is loading weights (`loading_weights`). Cached figures are keyed by
+the model, the span's length (not its position: identical servers announce the same figure), the device (its
+name, for GPUs), dtype, quantization, torch and its thread count, and expire after MAX_AGE_S; a measurement
+whose rounds disagreed (the machine was busy) after UNSTEADY_MAX_AGE_S, so the next start measures again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import math
 import os
+import statistics
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +35,14 @@ from swarm.server.backend import SpanBackend
 logger = logging.getLogger(__name__)
 
 DEFAULT_BANDWIDTH_MBPS = 100.0
+UNIT = "tokens/s per block"
+ROUNDS = 5  # timed rounds per rate
+INFERENCE_STEPS_PER_ROUND = 4
+FORWARD_TOKENS = 256
+MAX_SPREAD = 0.2  # rounds disagreeing by more than this (relative) mean the machine was busy
+MAX_AGE_S = 30 * 24 * 3600.0  # re-measure monthly: drivers, clocks and neighbours change
+UNSTEADY_MAX_AGE_S = 600.0  # a busy machine's figure: only for servers started alongside (a test run, a demo)
+LOCK_WAIT_S = 600.0  # after this long waiting for other servers, measure anyway (and do not cache)
 
 
 def cache_path() -> Path:
@@ -28,32 +50,155 @@ def cache_path() -> Path:
     return root / "throughput.json"
 
 
-def measure_throughput(backend: SpanBackend, *, cache_key: str, bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS) -> dict:
-    path = cache_path()
-    cached = _read_cache(path)
-    if cache_key in cached:
-        logger.info("Throughput for %s from cache %s", cache_key, path)
-        return cached[cache_key]
-    logger.info("Measuring throughput (once; cached in %s)", path)
-    num_blocks = backend.end - backend.start
-    inference_rps = _measure_inference(backend) * num_blocks
-    forward_rps = _measure_forward(backend) * num_blocks
-    # A hidden state of one token travels as hidden_size 16-bit values (in and out).
-    network_rps = bandwidth_mbps * 1e6 / (backend.hidden_size * 16 * 2)
-    result = {
-        "inference_rps": inference_rps,
-        "forward_rps": forward_rps,
-        "network_rps": network_rps,
-        "throughput": min(inference_rps, forward_rps, network_rps),
-    }
-    cached[cache_key] = result
+# ----- the statistic -----
+
+
+def steady_rate(samples: Sequence[float]) -> float:
+    """The median of the fastest half of the rounds' rates.
+
+    Interference (another process, a page fault, a GC pause) only ever slows a round down, so the slow half
+    is dropped; the median of the rest is not fooled by one lucky round either.
+    """
+    rates = [rate for rate in samples if math.isfinite(rate) and rate > 0]
+    if not rates:
+        raise ValueError("no positive, finite rate to summarise")
+    fastest = sorted(rates, reverse=True)[: (len(rates) + 1) // 2]
+    return statistics.median(fastest)
+
+
+def spread(samples: Sequence[float]) -> float:
+    """How much slower the typical round was than the steady rate: 0 when all agree, near 1 under heavy load."""
+    rates = [rate for rate in samples if math.isfinite(rate) and rate > 0]
+    if not rates:
+        return 1.0
+    return 1.0 - statistics.median(rates) / steady_rate(rates)
+
+
+def network_rps(bandwidth_mbps: float, hidden_size: int) -> float:
+    """Tokens/s the uplink carries: a token's hidden state travels as hidden_size 16-bit values, in and out."""
+    return bandwidth_mbps * 1e6 / (hidden_size * 16 * 2)
+
+
+def is_fresh(entry: object, now: float | None = None) -> bool:
+    """A cached measurement worth reusing: well-formed and younger than its max_age_s (at most MAX_AGE_S)."""
+    if not isinstance(entry, dict):
+        return False
+    rates = [entry.get("inference_rps"), entry.get("forward_rps")]
+    if not all(isinstance(rate, int | float) and math.isfinite(rate) and rate > 0 for rate in rates):
+        return False
+    measured_at = entry.get("measured_at")
+    if not isinstance(measured_at, int | float):
+        return False  # written before measurements were dated: measure again
+    max_age = entry.get("max_age_s", MAX_AGE_S)
+    max_age = min(max_age, MAX_AGE_S) if isinstance(max_age, int | float) else 0.0
+    age = (time.time() if now is None else now) - measured_at
+    return 0 <= age <= max_age
+
+
+# ----- coordination between the servers of one machine -----
+
+
+@contextlib.contextmanager
+def _lock(exclusive: bool, wait_s: float | None) -> Iterator[bool]:
+    """A lock next to the cache; yields whether it was taken (False: no lock file, or waited too long)."""
+    path = cache_path().with_name("throughput.lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached, indent=2))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        logger.warning("Could not cache the throughput in %s: %s", path, e)
-    logger.info("Throughput per block: %s", ", ".join(f"{k}={v:.1f}" for k, v in result.items()))
-    return result
+        logger.debug("No throughput lock at %s: %s", path, e)
+        yield False
+        return
+    try:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        taken = _acquire(fd, mode, wait_s)
+        try:
+            yield taken
+        finally:
+            if taken:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _acquire(fd: int, mode: int, wait_s: float | None) -> bool:
+    if wait_s is None:
+        fcntl.flock(fd, mode)
+        return True
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            if not told:
+                logger.info("Waiting for other servers on this machine to finish loading or measuring")
+                told = True
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def loading_weights() -> Iterator[None]:
+    """Held while this server loads weights (shared by servers loading at once): no throughput measurement
+    on this machine runs meanwhile. Also a decorator."""
+    with _lock(exclusive=False, wait_s=None):
+        yield
+
+
+# ----- measuring -----
+
+
+def measure_throughput(backend: SpanBackend, *, cache_key: str, bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS) -> dict:
+    """The rates to announce, in tokens/s per block: from the cache if fresh, else measured (and cached if steady)."""
+    key = f"{cache_key}|{_machine(backend.device)}"
+    path = cache_path()
+    network = network_rps(bandwidth_mbps, backend.hidden_size)
+    with _lock(exclusive=True, wait_s=LOCK_WAIT_S) as alone:
+        entry = _read_cache(path).get(key)
+        if is_fresh(entry):
+            logger.info("Throughput for %s from cache %s", key, path)
+            return _announced(entry, network)
+        logger.info("Measuring throughput (%d rounds; cached in %s)", ROUNDS, path)
+        num_blocks = backend.end - backend.start
+        inference = [rate * num_blocks for rate in _measure_inference(backend)]
+        forward = [rate * num_blocks for rate in _measure_forward(backend)]
+        disagreement = max(spread(inference), spread(forward))
+        steady = disagreement <= MAX_SPREAD
+        entry = {
+            "inference_rps": steady_rate(inference),
+            "forward_rps": steady_rate(forward),
+            "spread": round(disagreement, 3),
+            "measured_at": time.time(),
+            "max_age_s": MAX_AGE_S if steady else UNSTEADY_MAX_AGE_S,
+        }
+        if not steady:
+            logger.warning(
+                "Throughput rounds varied by %.0f%% (the machine was busy): kept %.0f s only, then measured again",
+                100 * disagreement,
+                UNSTEADY_MAX_AGE_S,
+            )
+        if alone:
+            _write_cache(path, key, entry)
+        else:
+            logger.warning("Throughput measured without waiting for the other servers: not cached")
+    return _announced(entry, network)
+
+
+def _announced(entry: dict, network: float) -> dict[str, float]:
+    rates = {"inference_rps": entry["inference_rps"], "forward_rps": entry["forward_rps"], "network_rps": network}
+    rates["throughput"] = min(rates.values())
+    logger.info("Throughput (%s): %s", UNIT, ", ".join(f"{name}={value:.1f}" for name, value in rates.items()))
+    return rates
+
+
+def _machine(device: torch.device) -> str:
+    """What else the speed depends on: the GPU model, or the CPU threads torch uses."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}"
+    return f"{os.cpu_count()} cpus|{torch.get_num_threads()} threads"
 
 
 def _read_cache(path: Path) -> dict:
@@ -64,30 +209,49 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
+def _write_cache(path: Path, key: str, entry: dict) -> None:
+    cached = _read_cache(path)  # under the lock: no other server writes meanwhile
+    cached[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(cached, indent=2))
+        temporary.replace(path)  # a reader never sees half a file
+    except OSError as e:
+        logger.warning("Could not cache the throughput in %s: %s", path, e)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _measure_inference(backend: SpanBackend, steps: int = 16) -> float:
-    """Single-token steps per second through the whole span."""
-    cache = backend.new_cache(backend.start, backend.end - backend.start, 1, steps + 1)
+def _measure_inference(backend: SpanBackend) -> list[float]:
+    """Single-token steps per second through the whole span, one figure per round."""
+    steps = ROUNDS * INFERENCE_STEPS_PER_ROUND
+    cache = backend.new_cache(backend.start, backend.end - backend.start, 1, steps + 2)
     hidden = torch.randn(1, 1, backend.hidden_size)
     backend.inference_step(hidden, cache)  # warm-up
-    _synchronize(backend.device)
-    began = time.perf_counter()
-    for _ in range(steps):
-        backend.inference_step(hidden, cache)
-    _synchronize(backend.device)
-    return steps / (time.perf_counter() - began)
+    rates = []
+    for _ in range(ROUNDS):
+        _synchronize(backend.device)
+        began = time.perf_counter()
+        for _ in range(INFERENCE_STEPS_PER_ROUND):
+            backend.inference_step(hidden, cache)
+        _synchronize(backend.device)
+        rates.append(INFERENCE_STEPS_PER_ROUND / (time.perf_counter() - began))
+    return rates
 
 
-def _measure_forward(backend: SpanBackend, tokens: int = 256, repeats: int = 2) -> float:
-    hidden = torch.randn(1, tokens, backend.hidden_size)
+def _measure_forward(backend: SpanBackend) -> list[float]:
+    """Tokens per second through the whole span for a FORWARD_TOKENS-long sequence, one figure per round."""
+    hidden = torch.randn(1, FORWARD_TOKENS, backend.hidden_size)
     backend.forward(hidden, backend.start, backend.end)  # warm-up
-    _synchronize(backend.device)
-    began = time.perf_counter()
-    for _ in range(repeats):
+    rates = []
+    for _ in range(ROUNDS):
+        _synchronize(backend.device)
+        began = time.perf_counter()
         backend.forward(hidden, backend.start, backend.end)
-    _synchronize(backend.device)
-    return tokens * repeats / (time.perf_counter() - began)
+        _synchronize(backend.device)
+        rates.append(FORWARD_TOKENS / (time.perf_counter() - began))
+    return rates

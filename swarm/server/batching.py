@@ -1,0 +1,223 @@
+"""Continuous batching of inference steps: sessions that step at the same time share one forward.
+
+Steps are queued as they arrive. One task on the event loop takes everything queued (oldest
+first, so no session starves), stacks the steps that can go together (same blocks, adapter and
+new tokens per row, no deep prompts to apply) into one backend call, and answers each step with
+its own rows. While a batch computes, the next steps queue up: under load batches grow by
+themselves; a lone session's step runs as it did alone.
+
+Where a batch computes is decided by its measured cost, not by its size: while at most one
+session is open, a batch whose kind has been measured to take less than `inline_seconds` runs on
+the event loop itself (a thread hand-off would cost more than it saves); anything slower, or not
+measured yet, runs on the compute thread, so that pings and `rpc_info` never wait behind it.
+With several sessions open everything runs on the compute thread: the event loop then reads the
+other sessions' next steps while a batch computes, and they form the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor
+from typing import Any
+
+import torch
+
+from swarm.server.backend import QueuedStep, SpanBackend
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INLINE_SECONDS = 0.01  # the event loop may stall this long for one batch (pings wait seconds), no more
+DEFAULT_MAX_BATCH_ROWS = 64
+
+
+class CostModel:
+    """Seconds per batch, by kind (blocks, new tokens per row) and power-of-two bucket of rows: a moving average."""
+
+    def __init__(self, smoothing: float = 0.2):
+        self.smoothing = smoothing
+        self._seconds: dict[Hashable, float] = {}
+
+    @staticmethod
+    def key(kind: Hashable, rows: int) -> Hashable:
+        return kind, 1 << math.ceil(math.log2(max(rows, 1)))
+
+    def estimate(self, kind: Hashable, rows: int) -> float | None:
+        return self._seconds.get(self.key(kind, rows))
+
+    def record(self, kind: Hashable, rows: int, seconds: float) -> None:
+        key = self.key(kind, rows)
+        previous = self._seconds.get(key)
+        self._seconds[key] = seconds if previous is None else previous + self.smoothing * (seconds - previous)
+
+
+@dataclasses.dataclass
+class _Pending:
+    step: QueuedStep
+    adapter: str | None
+    future: asyncio.Future
+
+    @property
+    def rows(self) -> int:
+        return self.step.hidden.shape[0]
+
+    def stack_key(self) -> Hashable | None:
+        """Steps with equal keys may share a forward; None: this one computes alone."""
+        cache = self.step.cache
+        if self.step.prompts is not None and cache.position == 0:
+            return None  # its deep prompts apply to this step's leading tokens
+        return cache.first_block, cache.num_blocks, self.adapter, self.step.hidden.shape[1], self.step.hidden.dtype
+
+
+class StepBatcher:
+    """Queues the inference steps of all sessions of one server and computes them in stacked batches."""
+
+    def __init__(
+        self,
+        backend: SpanBackend,
+        executor: Executor,
+        *,
+        inline_seconds: float = DEFAULT_INLINE_SECONDS,
+        max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+    ):
+        self.backend = backend
+        self.executor = executor
+        self.inline_seconds = inline_seconds
+        self.max_batch_rows = max_batch_rows
+        self.costs = CostModel()
+        self.open_sessions = 0  # kept by the handler
+        self.batches = 0  # forwards computed
+        self.stacked_steps = 0  # steps computed in a forward shared with other sessions
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def step(
+        self,
+        hidden: torch.Tensor,
+        cache: Any,
+        prompts: torch.Tensor | None = None,
+        hypo_ids: torch.Tensor | None = None,
+        adapter: str | None = None,
+    ) -> torch.Tensor:
+        """One session's step; returns its outputs once its batch has computed."""
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._worker = loop.create_task(self._work(), name="step-batcher")
+        future = loop.create_future()
+        self._queue.append(_Pending(QueuedStep(hidden, cache, prompts, hypo_ids), adapter, future))
+        self._wakeup.set()
+        return await future
+
+    async def run(self, fn: Callable[..., Any], *args: Any, kind: Hashable = None, rows: int = 1) -> Any:
+        """Other torch work (forward, backward, cache allocation), placed by the same measured cost."""
+        return await self._place(kind, rows, fn, *args)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        for pending in self._queue:
+            pending.future.cancel()
+        self._queue.clear()
+
+    async def _work(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await asyncio.sleep(0)  # streams whose steps arrived in the same wake-up queue theirs first
+            while self._queue:
+                batch = self._take_batch()
+                if batch:
+                    await self._compute(batch)
+
+    def _take_batch(self) -> list[_Pending]:
+        """The oldest live step and every queued step that can stack with it, up to the row limit."""
+        while self._queue and self._queue[0].future.done():  # its session gave up (cancelled)
+            self._queue.popleft()
+        if not self._queue:
+            return []
+        first = self._queue.popleft()
+        batch = [first]
+        key = first.stack_key()
+        if key is None:
+            return batch
+        rows, kept = first.rows, collections.deque()
+        while self._queue:
+            pending = self._queue.popleft()
+            if pending.future.done():
+                continue
+            if pending.stack_key() == key and rows + pending.rows <= self.max_batch_rows:
+                batch.append(pending)
+                rows += pending.rows
+            else:
+                kept.append(pending)
+        self._queue = kept
+        return batch
+
+    async def _compute(self, batch: list[_Pending]) -> None:
+        steps = [pending.step for pending in batch]
+        adapter = batch[0].adapter
+        kind = ("step", batch[0].stack_key() or id(batch[0]))
+        rows = sum(pending.rows for pending in batch)
+        try:
+            outputs = await self._place(kind, rows, self.backend.inference_steps, steps, adapter)
+        except Exception as error:
+            if len(batch) == 1:
+                _settle(batch[0].future, error=error)
+                return
+            # Unexpected: no step's cache has moved on, so each is computed alone to find the culprit.
+            logger.warning("A batch of %d steps failed (%s); computing them one by one", len(batch), error)
+            for pending in batch:
+                try:
+                    (output,) = await self._place(None, 1, self.backend.inference_steps, [pending.step], adapter)
+                except Exception as single_error:
+                    _settle(pending.future, error=single_error)
+                else:
+                    _settle(pending.future, output)
+            return
+        self.batches += 1
+        if len(batch) > 1:
+            self.stacked_steps += len(batch)
+        for pending, output in zip(batch, outputs):
+            _settle(pending.future, output)
+
+    async def _place(self, kind: Hashable, rows: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn` inline if measured cheap, else on the compute thread; measure it either way."""
+        estimate = self.costs.estimate(kind, rows) if kind is not None else None
+        timed = _Timed(fn)
+        if estimate is not None and estimate < self.inline_seconds and self.open_sessions <= 1:
+            result = timed(*args)
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, timed, *args)
+        if kind is not None:
+            self.costs.record(kind, rows, timed.seconds)
+        return result
+
+
+class _Timed:
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self.seconds = 0.0
+
+    def __call__(self, *args: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return self.fn(*args)
+        finally:
+            self.seconds = time.perf_counter() - began
+
+
+def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,214 @@
+"""Sessions stepping together on one server get what each would get alone, in every model family.
+
+The backend stacks the steps of sessions at different positions (and with different batch sizes)
+into one forward; each session's outputs and cache must equal those of the same steps computed
+for that session alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from swarm import AutoDistributedModelForCausalLM
+from swarm.checkpoint import CheckpointFiles
+from swarm.client.event_loop import run_sync
+from swarm.models.family import CacheLayout
+from swarm.models.registry import family_for, prepare_config
+from swarm.server.backend import QueuedStep, SessionKVCache, SpanBackend, load_span
+from swarm.server.batching import CostModel, StepBatcher, _Pending
+from swarm.server.handler import TransformerConnectionHandler
+from tests.conftest import DEMO_MODEL, client_peer, start_swarm
+from tests.test_families import FAMILIES, WINDOW, Family, build_model
+
+# float64, so that a stacked matmul summing in another order than a one-row one stays far below it.
+ATOL = 1e-10
+RTOL = 1e-10
+# DeepSeek-V3 routes its experts in float32 whatever the dtype: float32 rounding, amplified by the routing.
+FLOAT32_ROUTER_TOLERANCE = {"deepseek_v3": 1e-4}
+PROMPT_LENGTHS = (WINDOW + 4, 3, WINDOW + 1)  # different positions, two past the sliding window
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Family], SpanBackend]:
+    built: dict[str, SpanBackend] = {}
+
+    def get(family: Family) -> SpanBackend:
+        if family.name not in built:
+            path: Path = tmp_path_factory.mktemp("batching") / family.name
+            build_model(family).save_pretrained(path)
+            config = prepare_config(AutoConfig.from_pretrained(path))
+            config._experts_implementation = "eager"  # MoE: grouped_mm has no float64 kernel
+            model_family = family_for(config)
+            files = CheckpointFiles(str(path))
+            built[family.name] = load_span(files, model_family, config, 0, 4, torch.float64, torch.device("cpu"))
+        return built[family.name]
+
+    return get
+
+
+def hidden_states(backend: SpanBackend, rows: int, length: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, length, backend.hidden_size, generator=generator, dtype=torch.float64)
+
+
+def new_cache(backend: SpanBackend, rows: int) -> SessionKVCache:
+    return backend.new_cache(0, 4, rows, 32)
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in FAMILIES])
+def test_stacked_steps_equal_each_session_alone(family: Family, backends) -> None:
+    backend = backends(family)
+    tolerance = FLOAT32_ROUTER_TOLERANCE.get(family.name, ATOL)
+    rows = (1, 2, 1)  # the second session is a batch of two (e.g. two beams)
+    prompts = [hidden_states(backend, r, n, seed=i) for i, (r, n) in enumerate(zip(rows, PROMPT_LENGTHS))]
+    alone = [new_cache(backend, r) for r in rows]
+    together = [new_cache(backend, r) for r in rows]
+    for prompt, cache_alone, cache_together in zip(prompts, alone, together):
+        backend.inference_step(prompt, cache_alone)
+        backend.inference_step(prompt, cache_together)
+    for round_ in range(4):
+        length = 1 if round_ < 3 else 2  # decode steps, then two tokens each
+        steps = [hidden_states(backend, r, length, seed=100 + 10 * round_ + i) for i, r in enumerate(rows)]
+        expected = [backend.inference_step(hidden, cache) for hidden, cache in zip(steps, alone)]
+        outputs = backend.inference_steps([QueuedStep(hidden, cache) for hidden, cache in zip(steps, together)])
+        for output, wanted in zip(outputs, expected):
+            torch.testing.assert_close(output, wanted, atol=tolerance, rtol=tolerance)
+    for cache_alone, cache_together in zip(alone, together):
+        assert cache_together.position == cache_alone.position
+        end = cache_alone.position
+        torch.testing.assert_close(
+            cache_together.keys[..., :end, :], cache_alone.keys[..., :end, :], atol=tolerance, rtol=tolerance
+        )
+        torch.testing.assert_close(
+            cache_together.values[..., :end, :], cache_alone.values[..., :end, :], atol=tolerance, rtol=tolerance
+        )
+
+
+def test_stacked_steps_apply_each_sessions_reorder(backends) -> None:
+    backend = backends(FAMILIES[0])
+    alone, together = [new_cache(backend, 2) for _ in range(2)], [new_cache(backend, 2) for _ in range(2)]
+    for i in range(2):
+        prompt = hidden_states(backend, 2, 4 + i, seed=i)
+        backend.inference_step(prompt, alone[i])
+        backend.inference_step(prompt, together[i])
+    hypo_ids = [torch.tensor([1, 1]), None]
+    steps = [hidden_states(backend, 2, 1, seed=10 + i) for i in range(2)]
+    expected = [backend.inference_step(h, c, hypo_ids=ids) for h, c, ids in zip(steps, alone, hypo_ids)]
+    queued = [QueuedStep(h, c, hypo_ids=ids) for h, c, ids in zip(steps, together, hypo_ids)]
+    for output, wanted in zip(backend.inference_steps(queued), expected):
+        torch.testing.assert_close(output, wanted, atol=ATOL, rtol=RTOL)
+
+
+def test_sessions_on_different_blocks_are_not_stacked(backends) -> None:
+    backend = backends(FAMILIES[0])
+    caches = [backend.new_cache(0, 4, 1, 8), backend.new_cache(1, 3, 1, 8)]
+    steps = [QueuedStep(hidden_states(backend, 1, 1, seed=i), cache) for i, cache in enumerate(caches)]
+    with pytest.raises(ValueError, match="same blocks"):
+        backend.inference_steps(steps)
+
+
+# ----- through a real server -----
+
+
+@pytest.fixture(scope="module")
+def swarm(make_swarm):
+    swarm = start_swarm(make_swarm, "0:8")
+    yield swarm
+    swarm.close()
+
+
+def stacked_steps(swarm) -> int:
+    with client_peer(swarm) as (p2p, peer_id):
+        stub = TransformerConnectionHandler.get_stub(p2p, peer_id)
+        info = run_sync(stub.rpc_info(runtime_pb2.ExpertUID(), timeout=20), timeout=30)
+    return MSGPackSerializer.loads(info.serialized_info)["stacked_steps"]
+
+
+@pytest.mark.integration
+def test_concurrent_chats_on_one_server_are_each_exact(swarm):
+    """Six generations at once through one server: steps are stacked, and every one is what it is alone."""
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    prompts = [tokenizer(f"Chat number {i} says" + " hello" * i, return_tensors="pt").input_ids for i in range(6)]
+    local = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    expected = [local.generate(ids, max_new_tokens=16, do_sample=False).tolist() for ids in prompts]
+    before = stacked_steps(swarm)
+    model = AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL, initial_peers=swarm.initial_peers)
+    try:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            actual = list(
+                pool.map(lambda ids: model.generate(ids, max_new_tokens=16, do_sample=False).tolist(), prompts)
+            )
+    finally:
+        model.close()
+    assert actual == expected
+    assert stacked_steps(swarm) > before  # some steps of different chats did share a forward
+
+
+# ----- the step batcher -----
+
+
+def test_the_batcher_stacks_queued_steps_and_isolates_a_failing_one(backends) -> None:
+    """Steps queued together share a forward; one that fails is computed alone, the others still answer."""
+    backend = backends(FAMILIES[0])
+    broken = SessionKVCache(0, 4, 1, 8, CacheLayout(1, 3, 1, 3), backend.dtype, backend.device)  # wrong shape
+    caches = [backend.new_cache(0, 4, 1, 8) for _ in range(3)]
+    alone = [backend.new_cache(0, 4, 1, 8) for _ in range(3)]
+    steps = [hidden_states(backend, 1, 1, seed=i) for i in range(3)]
+    expected = [backend.inference_step(h, c) for h, c in zip(steps, alone)]
+
+    async def run():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = StepBatcher(backend, executor)
+            batcher.open_sessions = 4
+            try:
+                results = await asyncio.gather(
+                    *(batcher.step(h, c) for h, c in zip(steps, caches)),
+                    batcher.step(hidden_states(backend, 1, 1, seed=9), broken),
+                    return_exceptions=True,
+                )
+            finally:
+                await batcher.close()
+            return results, batcher
+
+    results, batcher = asyncio.run(run())
+    for output, wanted in zip(results[:3], expected):
+        torch.testing.assert_close(output, wanted, atol=ATOL, rtol=RTOL)
+    assert isinstance(results[3], Exception)
+    assert [cache.position for cache in caches] == [1, 1, 1] and broken.position == 0
+
+
+def test_the_batcher_serves_the_oldest_step_first(backends) -> None:
+    """Steps that cannot stack with the oldest wait one batch at most, in their order: nothing starves."""
+    backend = backends(FAMILIES[0])
+
+    async def take_all(lengths: list[int]) -> list[list[int]]:
+        batcher = StepBatcher(backend, None, max_batch_rows=2)
+        for index, length in enumerate(lengths):
+            step = QueuedStep(hidden_states(backend, 1, length, seed=index), new_cache(backend, 1))
+            future = asyncio.get_running_loop().create_future()
+            future.index = index
+            batcher._queue.append(_Pending(step, None, future))
+        batches = []
+        while batch := batcher._take_batch():
+            batches.append([pending.future.index for pending in batch])
+        return batches
+
+    # Steps of one token stack (two rows at most here); the two-token steps stack with each other.
+    assert asyncio.run(take_all([1, 2, 1, 1, 2])) == [[0, 2], [1, 4], [3]]
+
+
+def test_the_cost_model_buckets_rows_by_powers_of_two() -> None:
+    cost = CostModel()
+    cost.record("kind", 3, 0.5)
+    cost.record("kind", 4, 0.7)
+    assert cost.estimate("kind", 4) == pytest.approx(0.5 + 0.2 * (0.7 - 0.5))  # rows 3 and 4: one bucket
+    assert cost.estimate("kind", 5) is None
