@@ -252,6 +252,8 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
         return resolved
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
     return dtype
 
 
@@ -281,6 +283,10 @@ def load_distributed_model(
         raise TypeError(f"unexpected keyword argument(s) {', '.join(sorted(unknown))}; accepted: {', '.join(accepted)}")
     client_overrides = {k: v for k, v in keywords.items() if k in client_fields}
     config_overrides = {k: v for k, v in keywords.items() if k in cls.config_keywords and v is not None}
+    if dtype is not None and torch_dtype is not None and resolve_dtype(dtype) != resolve_dtype(torch_dtype):
+        raise ValueError(
+            f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: give one (torch_dtype is its old name)"
+        )
     resolved_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype)
     client_config = dataclasses.replace(ClientConfig(initial_peers=tuple(initial_peers)), **client_overrides)
 
