@@ -165,7 +165,10 @@ def test_make_demo(mode, tmp_path, request):
 
         # A DHT peer of our own keeps copies of the announcements after the swarm is gone.
         dht = DHT(initial_peers=peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        time.sleep(1)
+        deadline = time.monotonic() + 30  # until it can read every model's announcements (bounded wait)
+        while not all(dht.get(block_uid(prefix, 0), latest=True) for prefix in MODELS.values()):
+            assert time.monotonic() < deadline, "our DHT peer never saw the demo's announcements"
+            time.sleep(0.2)
         started = descendants(demo.pid)
         assert len(started) >= 7, started  # make, demo, DHT, 3 servers, worker, beat, web (+ their children)
     finally:

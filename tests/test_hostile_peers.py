@@ -1,10 +1,19 @@
 """A stranger's peer attacks a real block server over the real wire; the server stays up, bounded, and
-keeps serving well-behaved clients. Also: the client's pings of announced servers are bounded."""
+keeps serving well-behaved clients. Also: the client's pings of announced servers are bounded.
+
+During every attack a well-behaved client (another peer) generates greedily through the same server:
+its tokens must stay exact and its median time per token at most 2x what it was undisturbed, and
+the server's peak RSS must grow by less than 150 MB. Each attack prints its figures.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import statistics
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +23,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.streaming import split_for_streaming
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client import routing
@@ -31,6 +41,7 @@ PREFIX = "demo_model-hf"
 HIDDEN = 256
 ALL = join_chain(block_uids(PREFIX, 0, 8))
 MAX_RSS_GROWTH = 150 * 2**20
+MAX_SLOWDOWN = 2.0  # the well-behaved client's time per token during an attack ÷ undisturbed
 SESSIONS_PER_PEER = ServerConfig.max_sessions_per_peer
 
 
@@ -55,6 +66,89 @@ def client(swarm):
 @pytest.fixture(scope="module")
 def stub(client):
     return TransformerConnectionHandler.get_stub(*client)
+
+
+class TokenTimes(BaseStreamer):
+    """When each generated token came out of generate() (the first put() is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+class WellBehavedClient:
+    """A distributed model generating the same greedy reply again and again, timing each token."""
+
+    def __init__(self, swarm):
+        tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+        self.inputs = tokenizer("The server keeps serving", return_tensors="pt").input_ids
+        local = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+        self.expected = local.generate(self.inputs, max_new_tokens=16, do_sample=False).tolist()
+        self.model = AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL, initial_peers=swarm.initial_peers)
+        self.generate()  # routes and connections are set up outside any measurement
+
+    def generate(self) -> float:
+        """One reply; returns its median milliseconds per token (after the first)."""
+        stamps = TokenTimes()
+        output = self.model.generate(self.inputs, max_new_tokens=16, do_sample=False, streamer=stamps)
+        assert output.tolist() == self.expected
+        return statistics.median(b - a for a, b in zip(stamps.times, stamps.times[1:])) * 1000
+
+    @contextlib.contextmanager
+    def alongside(self, attack: str, server) -> Iterator[None]:
+        """Generate in a thread while the block runs (at least one whole reply); check and print the figures.
+
+        The undisturbed figure is measured right before, so that both see the same (noisy) machine.
+        """
+        undisturbed_ms = statistics.median(self.generate() for _ in range(3))
+        per_reply: list[float] = []
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def run() -> None:
+            try:
+                while True:
+                    per_reply.append(self.generate())
+                    if stop.is_set():
+                        return
+            except BaseException as e:  # re-raised by the test's thread
+                errors.append(e)
+
+        thread = threading.Thread(target=run, name="well-behaved-client")
+        with Memory(server.pid) as memory:
+            thread.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                thread.join(timeout=120)
+        if errors:
+            raise errors[0]
+        assert not thread.is_alive(), "the well-behaved client's generation did not finish"
+        slowdown = statistics.median(per_reply) / undisturbed_ms
+        print(
+            f"{attack}: server RSS grew {memory.growth / 2**20:.1f} MB; well-behaved client "
+            f"{statistics.median(per_reply):.1f} ms/token over {len(per_reply)} exact replies "
+            f"({slowdown:.2f}x undisturbed {undisturbed_ms:.1f} ms/token)"
+        )
+        assert server.process.poll() is None
+        assert memory.growth < MAX_RSS_GROWTH
+        assert slowdown <= MAX_SLOWDOWN
+
+
+@pytest.fixture(scope="module")
+def bystander(swarm):
+    client = WellBehavedClient(swarm)
+    yield client
+    client.model.close()
 
 
 def call(coro, timeout: float = 120):
@@ -112,7 +206,7 @@ def end(stream: BlockingStream) -> None:
 
 
 @pytest.mark.integration
-def test_an_oversized_forward_stream_is_refused_early(server, stub):
+def test_an_oversized_forward_stream_is_refused_early(server, stub, bystander):
     parts, part_bytes = 100, 2 * 2**20  # 200 MB, far over the largest valid request to 8 blocks of the demo model
     chunk = runtime_pb2.Tensor(buffer=bytes(part_bytes), size=[1, 10**6, HIDDEN], dtype="float32", chunks=parts)
     sent = 0
@@ -126,11 +220,10 @@ def test_an_oversized_forward_stream_is_refused_early(server, stub):
     async def attack():
         return [response async for response in await stub.rpc_forward_stream(flood())]
 
-    with Memory(server.pid) as memory, pytest.raises(Exception, match="exceeds .* more than any valid request"):
+    refused = pytest.raises(Exception, match="exceeds .* more than any valid request")
+    with bystander.alongside("oversized rpc_forward_stream (200 MB)", server), refused:
         call(attack())
-    print(f"oversized rpc_forward_stream ({sent} of {parts} parts sent): RSS grew {memory.growth / 2**20:.1f} MB")
-    assert memory.growth < MAX_RSS_GROWTH
-    assert server.process.poll() is None
+    print(f"  ({sent} of {parts} parts were sent before the refusal)")
 
     # A legitimate streamed request (over the unary limit) is still served.
     tokens = 3000
@@ -150,8 +243,8 @@ def test_an_oversized_forward_stream_is_refused_early(server, stub):
 
 
 @pytest.mark.integration
-def test_a_duplicate_session_id_is_refused_and_the_first_session_goes_on(client, server):
-    with Memory(server.pid) as memory:
+def test_a_duplicate_session_id_is_refused_and_the_first_session_goes_on(client, server, bystander):
+    with bystander.alongside("duplicate session_id", server):
         first = session(client, step(2, max_length=16, session_id="taken", step_id="a"))
         try:
             assert answer(first).tensors
@@ -170,21 +263,21 @@ def test_a_duplicate_session_id_is_refused_and_the_first_session_goes_on(client,
             assert answer(again).tensors  # the id is free once its session ended
         finally:
             end(again)
-    print(f"duplicate session_id: server RSS grew {memory.growth / 2**20:.1f} MB")
 
 
 @pytest.mark.integration
-def test_a_push_for_an_unknown_session_is_ignored(stub, server):
-    with Memory(server.pid) as memory:
-        response = call(stub.rpc_push(step(1, session_id="nobody-here", step_id="a", pushed=True), timeout=20))
-    print(f"push to an unknown session: server RSS grew {memory.growth / 2**20:.1f} MB")
-    assert isinstance(response, runtime_pb2.ExpertResponse) and not response.tensors
+def test_pushes_to_unknown_sessions_are_ignored(stub, server, bystander):
+    with bystander.alongside("200 pushes to unknown sessions", server):
+        for i in range(200):
+            request = step(1, session_id=f"nobody-{i}", step_id="a", pushed=True, next_servers=[["x", "y", 0, 8]])
+            response = call(stub.rpc_push(request, timeout=20))
+            assert isinstance(response, runtime_pb2.ExpertResponse) and not response.tensors
 
 
 @pytest.mark.integration
-def test_sessions_per_peer_are_capped_and_closing_frees_slots(client, server):
+def test_sessions_per_peer_are_capped_and_closing_frees_slots(client, server, bystander):
     streams: list[BlockingStream] = []
-    with Memory(server.pid) as memory:
+    with bystander.alongside(f"{SESSIONS_PER_PEER + 1} sessions from one peer", server):
         try:
             for i in range(SESSIONS_PER_PEER):
                 streams.append(session(client, step(1, max_length=4, step_id=f"s{i}")))
@@ -201,7 +294,6 @@ def test_sessions_per_peer_are_capped_and_closing_frees_slots(client, server):
         finally:
             for stream in streams:
                 end(stream)
-    print(f"{SESSIONS_PER_PEER + 1} sessions from one peer: server RSS grew {memory.growth / 2**20:.1f} MB")
     fresh = [session(client, step(1, max_length=4)) for _ in range(2)]
     try:
         assert all(answer(stream).tensors for stream in fresh)  # every slot came back
@@ -237,12 +329,11 @@ def test_pings_are_bounded_in_concurrency_and_time():
     peers = [f"peer{i}" for i in range(2000)]
 
     async def run():
-        began = time.monotonic()
-        results = await ping_within(peers, pings, concurrency=32, budget=1.0)
-        return results, time.monotonic() - began
+        return await ping_within(peers, pings, concurrency=32, budget=1.0)
 
-    results, took = asyncio.run(run())
-    assert took < 1.5  # 2000 pings of 0.2 s, 32 at a time, would take 12.5 s
+    results = asyncio.run(run())
+    # Pings of 0.2 s, 32 at a time, within 1 s: at most 32 x 6 start (all 2000 would take 12.5 s).
+    assert len(pings.pinged) <= 32 * (1.0 / 0.2 + 1)
     assert pings.most == 32
     assert pings.running == 0  # the pings still under way when the budget ran out were cancelled
     assert 0 < len(results) < len(peers)
@@ -257,9 +348,8 @@ def test_a_flood_of_announced_servers_does_not_stall_routing(monkeypatch):
     pings = SlowPings(0.2)
     monkeypatch.setattr(manager, "ping", pings)
 
-    began = time.monotonic()
     asyncio.run(manager._ping_new_servers())
-    assert time.monotonic() - began < 1.5
+    assert len(pings.pinged) <= routing.PING_CONCURRENCY * (routing.PING_BUDGET / pings.seconds + 1)  # the budget held
     assert pings.most <= routing.PING_CONCURRENCY
     first = set(manager.rtts)
     assert 0 < len(first) < len(spans)  # the rest keep the default estimate for now
@@ -272,7 +362,7 @@ def test_a_flood_of_announced_servers_does_not_stall_routing(monkeypatch):
 
 
 @pytest.mark.integration
-def test_one_huge_stream_message_is_refused_unread(client, server):
+def test_one_huge_stream_message_is_refused_unread(client, server, bystander):
     """A single message whose header claims a terabyte is refused at once, before any of it is read."""
 
     async def attack():
@@ -286,34 +376,67 @@ def test_one_huge_stream_message_is_refused_unread(client, server):
         finally:
             writer.close()
 
-    with Memory(server.pid) as memory, pytest.raises(RemoteError, match="larger than the limit"):
+    refused = pytest.raises(RemoteError, match="larger than the limit")
+    with bystander.alongside("one stream message claiming 1 TB", server), refused:
         call(attack())
-    print(f"one stream message claiming 1 TB: server RSS grew {memory.growth / 2**20:.1f} MB")
-    assert memory.growth < MAX_RSS_GROWTH
-    assert server.process.poll() is None
+
+
+@pytest.mark.integration
+def test_garbage_frames_protobufs_and_msgpack_get_errors(client, server, bystander):
+    """Bytes that are no frame, frames that are no protobuf, metadata that is no msgpack: each refused."""
+    not_msgpack = step(1, max_length=8)
+    not_msgpack.metadata = b"\xc1\xff not msgpack"
+    not_msgpack_bytes = not_msgpack.SerializeToString()
+    attacks = [
+        (b"\x07" + bytes(64), "unknown frame marker"),
+        (b"\x00" + (16).to_bytes(8, "big") + b"\xff" * 16, "not a valid ExpertRequest"),
+        (b"\x00" + len(not_msgpack_bytes).to_bytes(8, "big") + not_msgpack_bytes, "msgpack"),
+    ]
+
+    async def send_raw(data: bytes):
+        p2p, peer_id = client
+        _, reader, writer = await p2p.call_binary_stream_handler(peer_id, INFERENCE_HANDLE)
+        try:
+            writer.write(data)
+            await writer.drain()
+            return await asyncio.wait_for(read_message(reader, runtime_pb2.ExpertResponse, 1 << 20), 20)
+        finally:
+            writer.close()
+
+    with bystander.alongside("garbage frames, protobufs and msgpack (x50 each)", server):
+        for _ in range(50):
+            for data, message in attacks:
+                with pytest.raises(RemoteError, match=message):
+                    call(send_raw(data))
 
 
 # ----- pinning the attention cache -----
 
 
 @pytest.mark.integration
-def test_empty_steps_cannot_keep_a_session_alive(client, server):
+def test_empty_steps_cannot_keep_a_session_alive(client, server, bystander):
     """One empty step may open a session (Petals' clients do); any later one is refused."""
-    for first in (step(0, max_length=8, step_id="open"), step(2, max_length=8, step_id="a")):
-        stream = session(client, first)
-        try:
-            assert answer(stream).tensors
-            stream.send(step(0, step_id="idle"), 20)
-            with pytest.raises(RemoteError, match="at least one token"):
-                answer(stream)
-        finally:
-            stream.close()
+    with bystander.alongside("empty steps", server):
+        for first in (step(0, max_length=8, step_id="open"), step(2, max_length=8, step_id="a")):
+            stream = session(client, first)
+            try:
+                assert answer(stream).tensors
+                stream.send(step(0, step_id="idle"), 20)
+                with pytest.raises(RemoteError, match="at least one token"):
+                    answer(stream)
+            finally:
+                stream.close()
 
 
 @pytest.mark.integration
-def test_one_peer_cannot_hold_the_whole_cache(client, swarm, server):
+def test_one_peer_cannot_hold_the_whole_cache(client, swarm, server, bystander):
     """Sessions of one peer hold at most 3/4 of the cache; another peer still gets a session."""
     half = ServerConfig.cache_tokens // 2  # the server's cache, in tokens of its span: two halves fill it
+    with bystander.alongside("one peer asking for the whole cache", server):
+        pin_the_cache(client, swarm, half)
+
+
+def pin_the_cache(client, swarm, half: int) -> None:
     first = session(client, step(1, max_length=half, step_id="a"))
     try:
         assert answer(first).tensors
@@ -324,7 +447,7 @@ def test_one_peer_cannot_hold_the_whole_cache(client, swarm, server):
         finally:
             greedy.close()
         with client_peer(swarm) as other:
-            stream = session(other, step(1, max_length=half, step_id="c"))
+            stream = session(other, step(1, max_length=half // 2, step_id="c"))  # the bystander holds some too
             try:
                 assert answer(stream).tensors
             finally:
@@ -339,18 +462,10 @@ def test_one_peer_cannot_hold_the_whole_cache(client, swarm, server):
 
 
 @pytest.mark.integration
-def test_a_well_behaved_client_still_generates_exactly(swarm, server):
+def test_a_well_behaved_client_still_generates_exactly(server, bystander):
     """Last in this module: after every attack above, greedy generation matches local transformers."""
     assert server.process.poll() is None
-    inputs = AutoTokenizer.from_pretrained(DEMO_MODEL)("The server keeps serving", return_tensors="pt").input_ids
-    local = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
-    expected = local.generate(inputs, max_new_tokens=16, do_sample=False)
-    model = AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL, initial_peers=swarm.initial_peers)
-    try:
-        actual = model.generate(inputs, max_new_tokens=16, do_sample=False)
-    finally:
-        model.close()
-    assert actual.tolist() == expected.tolist()
+    bystander.generate()
 
 
 # ----- limits of the handler that need no swarm -----
@@ -367,12 +482,10 @@ def test_a_session_is_closed_at_its_time_limit_before_the_idle_limit():
     async def run():
         reader = asyncio.StreamReader()
         deadline = asyncio.get_running_loop().time() + handler.session_timeout
-        began = time.monotonic()
         with pytest.raises(BadRequest, match="limit of 0.3 s"):  # the idle limit (60 s) is far away
             await handler._next_request(reader, 1 << 20, deadline)
-        return time.monotonic() - began
 
-    assert asyncio.run(run()) < 5
+    asyncio.run(run())
 
 
 def test_pushes_respect_draining_and_drain_cancels_pushes_in_flight():
