@@ -3,6 +3,7 @@ and the chart data behind the model page."""
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 
 from asgiref.sync import sync_to_async
@@ -58,7 +59,11 @@ async def is_reachable(request: HttpRequest, peer_id: str) -> JsonResponse:
         # Starting the DHT client blocks for seconds the first time: keep it off the event loop.
         dht = await sync_to_async(swarm_client.get_dht, thread_sensitive=False)(conf.initial_peers())
         timeout = float(conf.crawl_options().ping_timeout)
-        return await dht.run_coroutine(partial(_ping_in_dht, peer_id=peer_id, timeout=timeout), return_future=True)
+        future = dht.run_coroutine(partial(_ping_in_dht, peer_id=peer_id, timeout=timeout), return_future=True)
+        try:  # a wedged DHT must not hold this request (nor the probes sharing it) forever
+            return await asyncio.wait_for(future, timeout + 5)  # MPFuture is awaitable
+        except TimeoutError:
+            raise RuntimeError(f"the monitor's DHT did not answer within {timeout + 5:g} s; try again later") from None
 
     try:
         result = await REACHABILITY_PROBES.run(peer_id, your_ip or "unknown", probe)
