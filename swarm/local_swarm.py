@@ -2,20 +2,31 @@
 
 Used by the demo command, the integration tests and the benchmarks. It runs whatever command
 line it is given (e.g. `python manage.py`), so this module knows nothing of Django.
-Every process gets its own process group, so stopping one also stops its DHT child and p2pd.
+Every process gets its own process group, so stopping one stops what it started; its DHT process and
+p2pd run in a session of their own and exit when it is gone (swarm.dht.OwnedDHT).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 ONLINE_MARK = "Server is ONLINE"
+NETSIM_READY_MARK = "netsim listening on"  # swarm.netsim's READY_MARK (not imported: this module starts processes only)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class SwarmProcess:
@@ -86,10 +97,15 @@ class SwarmProcess:
         except ProcessLookupError:
             pass
 
+    def interrupt(self) -> None:
+        """SIGINT to the main process, which shuts its children down gracefully."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGINT to the main process (it shuts its children down gracefully), then SIGKILL the group."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.interrupt()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -98,8 +114,16 @@ class SwarmProcess:
         return self.process.returncode
 
     def kill(self) -> None:
-        """SIGKILL the whole process group, as if the machine died."""
+        """SIGKILL the process and everything it started, as if the machine died.
+
+        Its DHT process and p2pd run in a session of their own (swarm.dht.OwnedDHT), out of reach of
+        the group's signal; they are found and killed too, so that the peer is gone at once.
+        """
+        children = _descendants(self.pid)
         self.signal(signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
@@ -107,6 +131,34 @@ class SwarmProcess:
         if self._log:
             self._log.close()
             self._log = None
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc; empty elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _stop_together(processes: Sequence[SwarmProcess], timeout: float) -> None:
+    for process in processes:
+        process.interrupt()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.process.wait(max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            pass
+    for process in processes:
+        process.kill()  # the group: helpers the main process left behind (p2pd, pool children)
 
 
 class LocalSwarm:
@@ -139,26 +191,49 @@ class LocalSwarm:
         return self.initial_peers
 
     def start_server(
-        self, model: str, *extra: str, name: str | None = None, wait: bool = True, timeout: float = 180
+        self,
+        model: str,
+        *extra: str,
+        name: str | None = None,
+        wait: bool = True,
+        timeout: float = 180,
+        link_delay: float | None = None,
+        link_bandwidth: float | None = None,
     ) -> SwarmProcess:
+        """A block server; with `link_delay` (seconds one way) it sits behind a swarm.netsim proxy process
+        and announces only the proxy's address, as if it were that far from every other peer."""
         name = name or f"server{sum(p.name.startswith('server') for p in self.processes)}"
-        args = [
-            "runblockserver",
-            model,
-            "--initial-peers",
-            *self.initial_peers,
-            "--host-maddrs",
-            "/ip4/127.0.0.1/tcp/0",
-            *extra,
-        ]
+        addresses = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+        if link_delay is not None or link_bandwidth is not None:
+            port = _free_port()
+            proxy_port = self.start_link_proxy(f"{name}-link", port, link_delay or 0.0, link_bandwidth)
+            addresses = ["--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}"]
+            addresses += ["--announce-maddrs", f"/ip4/127.0.0.1/tcp/{proxy_port}"]
+        args = ["runblockserver", model, "--initial-peers", *self.initial_peers, *addresses, *extra]
         process = self._spawn(name, args)
         if wait:
             process.wait_until_online(timeout)
         return process
 
-    def close(self) -> None:
-        for process in reversed(self.processes):
-            process.stop()
+    def start_link_proxy(self, name: str, target_port: int, delay: float, bandwidth: float | None = None) -> int:
+        """A swarm.netsim process forwarding a new local port to `target_port`; returns the new port."""
+        argv = [sys.executable, "-m", "swarm.netsim", f"0:127.0.0.1:{target_port}", "--delay", str(delay)]
+        if bandwidth is not None:
+            argv += ["--bandwidth", str(bandwidth)]
+        paths = [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
+        process = self.spawn_command(name, argv, env={"PYTHONPATH": os.pathsep.join(filter(None, paths))})
+        line = process.wait_for_line(lambda text: text.startswith(NETSIM_READY_MARK), timeout=30)
+        return int(line.split()[len(NETSIM_READY_MARK.split())].rsplit(":", 1)[1])
+
+    def close(self, timeout: float = 8.0) -> None:
+        """Stop everything in about `timeout` seconds at most, in parallel: block servers are signaled
+        first (they announce OFFLINE through the DHT, so the bootstrap peer and link proxies stop only
+        after them), everything else at the same moment; what still runs at the deadline is killed."""
+        servers = [p for p in self.processes if "runblockserver" in p.argv]
+        last = [p for p in self.processes if "rundht" in p.argv or "swarm.netsim" in p.argv]
+        others = [p for p in reversed(self.processes) if p not in servers and p not in last]
+        _stop_together(servers + others, timeout)
+        _stop_together(last, 2.0)
 
     def __enter__(self) -> LocalSwarm:
         return self

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm import AutoDistributedModelForCausalLM
+from swarm.client.event_loop import run_sync
+from swarm.server.handler import TransformerConnectionHandler
 from tests.conftest import DEMO_MODEL, start_swarm
 
 pytestmark = pytest.mark.integration
@@ -113,11 +118,15 @@ def test_stop_strings_and_streamer(model, tokenizer, local_model):
     assert streamer.chunks[-1] == "end"
     assert sum(len(c) for c in streamer.chunks[:-1]) == output.shape[1]  # prompt first, then each token
 
+    # A word from early in the reply: generation must end right after it, well before max_new_tokens.
     text = tokenizer.decode(output[0, inputs.shape[1] :])
-    stop = text.split()[1] if len(text.split()) > 1 else text[:3]
-    stopped = model.generate(inputs, max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
-    assert stopped.shape[1] <= output.shape[1]
-    assert stop in tokenizer.decode(stopped[0, inputs.shape[1] :])
+    stop = text.split()[1]
+    options = dict(max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
+    expected = local_model.generate(inputs, **options)
+    assert expected.shape[1] < output.shape[1], "the stop string must end the reference early"
+    stopped = model.generate(inputs, **options)
+    assert stopped.tolist() == expected.tolist()  # ignoring the stop string would give all 12 tokens
+    assert tokenizer.decode(stopped[0, inputs.shape[1] :]).rstrip().endswith(stop)
 
 
 def test_gradients_flow_through_remote_blocks(model, local_model, tokenizer):
@@ -136,15 +145,39 @@ def test_gradients_flow_through_remote_blocks(model, local_model, tokenizer):
     torch.testing.assert_close(remote_input.grad, local_input.grad, atol=1e-5, rtol=1e-3)
 
 
-def test_server_to_server_push_gives_the_same_tokens(model, local_model, tokenizer):
+def pushes_received(model, swarm) -> list[int]:
+    """Each block server's count of pushed steps it computed (its rpc_info), in the order they started."""
+    counts = []
+    for server in (process for process in swarm.processes if process.peer_id):
+        stub = TransformerConnectionHandler.get_stub(model.manager.p2p, PeerID.from_base58(server.peer_id))
+        answer = run_sync(stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=20), timeout=30)
+        counts.append(MSGPackSerializer.loads(answer.serialized_info)["pushes_received"])
+    return counts
+
+
+def test_server_to_server_push_gives_the_same_tokens(swarm, model, local_model, tokenizer):
     inputs = tokenizer(PROMPT, return_tensors="pt").input_ids
     expected = local_model.generate(inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
-    model.manager.config.use_server_to_server = True
+    default = model.manager.config.use_server_to_server
+    before = pushes_received(model, swarm)
+    model.manager.config.use_server_to_server = False
     try:
+        relayed = model.generate(inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        assert pushes_received(model, swarm) == before  # switched off: the client relays every step
+        before = pushes_received(model, swarm)
+        model.manager.config.use_server_to_server = True
         actual = model.generate(inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     finally:
-        model.manager.config.use_server_to_server = False
+        model.manager.config.use_server_to_server = default
+    assert relayed.tolist() == expected.tolist()
     assert actual.tolist() == expected.tolist()
+    pushed = [after - earlier for after, earlier in zip(pushes_received(model, swarm), before)]
+    if len(pushed) == 1:
+        assert pushed == [0]  # one server holds the whole chain: nobody to push to
+    else:
+        # The first server pushes each step after the prompt's to the second (the client's own copy of a step
+        # that arrives after the push is a duplicate, not counted): some pushes must have been computed there.
+        assert pushed[0] == 0 and pushed[1] >= 1, pushed
 
 
 def test_long_forward_streams_and_matches_local(model, local_model):

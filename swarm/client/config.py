@@ -17,9 +17,12 @@ class ClientConfig:
     routing_refresh: float = 30.0  # seconds between DHT reads of the swarm
     missing_blocks_timeout: float = 30.0  # how long to wait for uncovered blocks to appear
     alloc_timeout: float = 30.0  # how long a server may wait to fit our attention cache
-    # Servers push each step's outputs to the next server directly. It saves a client round trip per
-    # extra server on real networks, but costs CPU: on one machine (loopback) it measured slower.
-    use_server_to_server: bool = False
+    # Servers push each step's outputs to the next server directly: a step then crosses one link fewer
+    # per extra server (client -> A -> B -> client instead of client -> A -> client -> B -> client), but
+    # both servers spend CPU on it, which on one machine (loopback) costs more than it saves.
+    # None: push wherever the measured round trips say it saves time (routing.PUSH_MIN_SAVING per step);
+    # True: always; False: never.
+    use_server_to_server: bool | None = None
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
     # A LoRA adapter served by the swarm (its name as servers announce it): only servers that
     # announce it are used, and they run every request with it. None: the base model.

@@ -24,7 +24,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm.client.event_loop import run_sync
-from swarm.client.routing import MissingBlocksError, RouteSpan, SequenceManager
+from swarm.client.routing import PUSH_MIN_SAVING, MissingBlocksError, RouteSpan, SequenceManager
 from swarm.names import block_uids, join_chain
 from swarm.server.handler import INFERENCE_HANDLE
 from swarm.streams import BlockingStream
@@ -64,10 +64,61 @@ class ServerSession:
         self.started = False
         self.broken = False
         self.closed = False
+        self._unanswered: torch.Tensor | None = None  # the empty step of start(), until its answer is read
 
     def open(self) -> None:
         peer_id = PeerID.from_base58(self.span.peer_id)
         self._stream = BlockingStream(self.manager.p2p, peer_id, INFERENCE_HANDLE, self.manager.config.connect_timeout)
+
+    def start(self, like: torch.Tensor) -> None:
+        """Start the server's session with an empty step (no tokens) and read its answer later, before the
+        first real step's: the server allocates the cache and registers the session while the servers
+        before it compute, so that they can push even the first step here (Petals clients do the same)."""
+        empty = like[:, :0]
+        metadata = self._metadata(str(uuid.uuid4()), None, None)
+        request = runtime_pb2.ExpertRequest(
+            uid=self.uid, tensors=[serialize(empty), *_NO_PROMPTS_NOR_HYPO_IDS], metadata=dumps_metadata(metadata)
+        )
+        self.broken = True  # until its answer is read
+        self._stream.send(request, self.manager.config.request_timeout)
+        self._unanswered = empty
+
+    def _metadata(self, step_id: str, start_from: int | None, next_servers: list | None) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id, "args_structure": _ARGS}
+        if next_servers and start_from is None:  # (a rewinding step goes to each server from here)
+            metadata["next_servers"] = next_servers
+        if not self.started:
+            metadata.update(max_length=self.max_length, alloc_timeout=self.manager.config.alloc_timeout)
+            metadata["active_adapter"] = self.manager.config.active_adapter  # kept for the whole session
+            self.started = True
+        if start_from is not None and start_from != self.position:
+            metadata["start_from_position"] = start_from
+        return metadata
+
+    def _receive(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
+        """The answer to the step with inputs `hidden` (and first to start()'s empty step, if unread)."""
+        answers = [self._receive_tensor(hidden, timeout)]
+        if self._unanswered is not None:
+            # The empty step's answer comes first, unless a step pushed here was computed before it.
+            answers.append(self._receive_tensor(hidden, timeout))
+            answers.sort(key=lambda answer: answer.shape[1] != 0)
+            self._check_shape(answers.pop(0), self._unanswered)
+            self._unanswered = None
+        return self._check_shape(answers[0], hidden)
+
+    def _receive_tensor(self, hidden: torch.Tensor, timeout: float) -> torch.Tensor:
+        response = self._stream.receive(runtime_pb2.ExpertResponse, _max_response_bytes(hidden), timeout)
+        if response is None:
+            raise SessionError(f"server {self.span.peer_id} ended the session")
+        (output,) = deserialize(response.tensors, max_tensors=1)
+        return output
+
+    def _check_shape(self, output: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if output.shape != hidden.shape:
+            raise SessionError(
+                f"server {self.span.peer_id} returned shape {tuple(output.shape)} for {tuple(hidden.shape)}"
+            )
+        return output
 
     def step(
         self,
@@ -78,15 +129,7 @@ class ServerSession:
         hypo_ids: torch.Tensor | None = None,
         prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id, "args_structure": _ARGS}
-        if next_servers and self.started and start_from is None:
-            metadata["next_servers"] = next_servers
-        if not self.started:
-            metadata.update(max_length=self.max_length, alloc_timeout=self.manager.config.alloc_timeout)
-            metadata["active_adapter"] = self.manager.config.active_adapter  # kept for the whole session
-            self.started = True
-        if start_from is not None and start_from != self.position:
-            metadata["start_from_position"] = start_from
+        metadata = self._metadata(step_id, start_from, next_servers)
         if hypo_ids is None and prompts is None:
             extra = _NO_PROMPTS_NOR_HYPO_IDS
         else:
@@ -100,15 +143,8 @@ class ServerSession:
         timeout = self.manager.config.request_timeout
         self.broken = True  # until the answer is in: a stream left mid-step is of no further use
         self._stream.send(request, timeout)
-        response = self._stream.receive(runtime_pb2.ExpertResponse, _max_response_bytes(hidden), timeout)
-        if response is None:
-            raise SessionError(f"server {self.span.peer_id} ended the session")
+        output = self._receive(hidden, timeout)
         self.broken = False
-        (output,) = deserialize(response.tensors, max_tensors=1)
-        if output.shape != hidden.shape:
-            raise SessionError(
-                f"server {self.span.peer_id} returned shape {tuple(output.shape)} for {tuple(hidden.shape)}"
-            )
         if start_from is not None:
             self.position = start_from
             self.steps = [(self.history()[:, :start_from], None)] if self.steps else []
@@ -168,6 +204,7 @@ class InferenceSession:
         self.tokens_sent = 0  # counts every token position sent (the cost of this session)
         self._rewind_to: int | None = None
         self._hypo_ids: torch.Tensor | None = None  # a reorder the servers have yet to apply
+        self._push_decisions: dict[tuple[str, str], bool] = {}  # (sender, receiver) peer ids: push there?
         self.closed = False
 
     # ----- sync API -----
@@ -279,6 +316,8 @@ class InferenceSession:
     ) -> torch.Tensor:
         if not self.sessions:
             self.sessions = self._open_chain(0, self.manager.num_blocks)
+            if prompts is None:  # (steps with deep prompts are not pushed)
+                self._start_push_targets(hidden)
         step_id = str(uuid.uuid4())
         index, failures = 0, 0
         while index < len(self.sessions):
@@ -301,11 +340,37 @@ class InferenceSession:
         return hidden
 
     def _next_servers(self, index: int) -> list[list]:
-        """Petals' next_servers: the later servers of the chain, so each can push its outputs onward."""
-        later = self.sessions[index + 1 :]
-        if not self.manager.config.use_server_to_server or not later or not all(s.started for s in later):
+        """Petals' next_servers: the later servers of the chain that each server pushes its outputs on to,
+        as far as pushing is on and worth it hop by hop (and the server there has its session open)."""
+        if self.manager.config.use_server_to_server is False:
             return []
-        return [[s.span.peer_id, s.session_id, s.span.start, s.span.end] for s in later]
+        chain = []
+        for sender, receiver in zip(self.sessions[index:], self.sessions[index + 1 :]):
+            if not receiver.started or not self.push_worth_it(sender.span.peer_id, receiver.span.peer_id):
+                break
+            chain.append([receiver.span.peer_id, receiver.session_id, receiver.span.start, receiver.span.end])
+        return chain
+
+    def _start_push_targets(self, hidden: torch.Tensor) -> None:
+        """Start the sessions that the server before them will push to, so that the first step is pushed too."""
+        for sender, receiver in zip(self.sessions, self.sessions[1:]):
+            if self.manager.config.use_server_to_server is False:
+                return
+            if not receiver.started and self.push_worth_it(sender.span.peer_id, receiver.span.peer_id):
+                try:
+                    receiver.start(hidden)
+                except OSError as e:  # the step through it fails and replaces it
+                    logger.debug("Could not start the session on %s early: %s", receiver.span.peer_id, e)
+
+    def push_worth_it(self, sender: str, receiver: str) -> bool:
+        """Whether server `sender` pushes its outputs to `receiver` in this session (use_server_to_server)."""
+        if self.manager.config.use_server_to_server:
+            return True
+        decided = self._push_decisions.get((sender, receiver))
+        if decided is None:  # once per hop and session: the round trips behind it change slowly
+            decided = self.manager.push_saving(sender, receiver) >= PUSH_MIN_SAVING
+            self._push_decisions[sender, receiver] = decided
+        return decided
 
     def _open_chain(self, start: int, end: int) -> list[ServerSession]:
         """Streams to a chain of servers covering blocks [start, end); a server that cannot be reached

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import random
 import time
 
@@ -31,6 +32,10 @@ HOP_PENALTY = 0.002  # prefer fewer hops when latencies tie
 PING_CONCURRENCY = 32  # servers pinged at once when the swarm is read
 PING_TIMEOUT = 2.0  # seconds for one server's ping
 PING_BUDGET = 3.0  # seconds of pinging per refresh at most; the rest keep DEFAULT_RTT until a later refresh
+# A new server's first ping also dials it (TCP, encryption and multiplexer handshakes: several round trips on a
+# slow link), so a server pinged second may look nearer than it is; the least of a few probes is its round trip.
+PING_PROBES = 2
+PUSH_MIN_SAVING = 0.004  # seconds a push must save per step to be worth both servers' extra CPU
 
 
 class MissingBlocksError(RuntimeError):
@@ -99,7 +104,31 @@ class SequenceManager:
         self.rtts.update(rtts)
 
     async def ping(self, peer_id: str, timeout: float = PING_TIMEOUT) -> float:
-        return (await ping_server(self.p2p, peer_id, timeout)).round_trip
+        """The server's round trip in seconds (inf if unreachable): the least of PING_PROBES probes."""
+        best = float("inf")
+        for _ in range(PING_PROBES):
+            rtt = (await ping_server(self.p2p, peer_id, timeout)).round_trip
+            if rtt == float("inf"):
+                break
+            best = min(best, rtt)
+        return best
+
+    def push_saving(self, sender: str, receiver: str) -> float:
+        """Seconds per step saved when `sender` pushes its outputs straight to `receiver` instead of this
+        client relaying them: the one-way trips sender -> client -> receiver, minus sender -> receiver.
+
+        The direct trip is the sender's announced ping to the receiver (Petals' next_pings) if it has one;
+        otherwise it is assumed to be as long as the longer of the client's two links (no shortcut).
+        """
+        to_sender, to_receiver = self.rtts.get(sender, float("inf")), self.rtts.get(receiver, float("inf"))
+        if not math.isfinite(to_sender + to_receiver):
+            return 0.0  # not measured: no reason to push
+        span = self.view.spans.get(sender) if self.view is not None else None
+        announced = span.server_info.next_pings if span is not None else None
+        direct = (announced or {}).get(receiver)
+        if direct is None or not math.isfinite(direct):
+            direct = max(to_sender, to_receiver)
+        return (to_sender + to_receiver - direct) / 2
 
     def stub(self, peer_id: str):
         return TransformerConnectionHandler.get_stub(self.p2p, PeerID.from_base58(peer_id))
