@@ -26,7 +26,6 @@ from playground.workers import executor
 
 logger = logging.getLogger(__name__)
 
-MONITOR_MAX_AGE = 15 * 60  # seconds; an older snapshot says little about now
 DHT_READ_TIMEOUT = 10.0
 
 
@@ -69,10 +68,12 @@ def from_monitor(prefixes: list[str]) -> dict[str, Availability]:
     if not apps.is_installed("monitor"):
         return {}
     try:
+        from monitor.conf import gap_seconds
         from monitor.models import BlockCoverage, ModelStatus, Snapshot
 
         snapshot = Snapshot.objects.order_by("-created_at").first()
-        if snapshot is None or time.time() - snapshot.created_at.timestamp() > MONITOR_MAX_AGE:
+        # A snapshot the monitor itself calls stale says little about now (one home for that limit).
+        if snapshot is None or time.time() - snapshot.created_at.timestamp() > gap_seconds():
             return {}
         found = {}
         for status in ModelStatus.objects.filter(snapshot=snapshot, dht_prefix__in=prefixes):

@@ -648,15 +648,17 @@ class TransformerConnectionHandler(ServicerBase):
             self.tokens_served += hidden.shape[0] * hidden.shape[1]
             if metadata.get("next_servers") and prompts is None:
                 if len(self._pushes) < self.max_pushes:
-                    push = asyncio.create_task(self._push_outputs(output, request, metadata))
+                    serialized = serialize(output)  # once, for the push and the client's answer
+                    push = asyncio.create_task(self._push_outputs(serialized, request, metadata))
                     self._pushes.add(push)
                     push.add_done_callback(self._pushes.discard)
-                else:  # the client sends the step to the next server itself anyway
-                    logger.debug("Not pushing a step: %d pushes are in flight already", len(self._pushes))
+                    return runtime_pb2.ExpertResponse(tensors=[serialized])
+                # else the client sends the step to the next server itself anyway
+                logger.debug("Not pushing a step: %d pushes are in flight already", len(self._pushes))
             return runtime_pb2.ExpertResponse(tensors=[serialize(output)])
 
     async def _push_outputs(
-        self, output: torch.Tensor, request: runtime_pb2.ExpertRequest, metadata: dict[str, Any]
+        self, output: runtime_pb2.Tensor, request: runtime_pb2.ExpertRequest, metadata: dict[str, Any]
     ) -> None:
         """Send this step's outputs straight to the next server of the chain (server-to-server).
 
@@ -668,7 +670,7 @@ class TransformerConnectionHandler(ServicerBase):
             peer_id, session_id, start, end = next_servers[0]
             pushed = runtime_pb2.ExpertRequest(
                 uid=join_chain(block_uids(self.dht_prefix, int(start), int(end))),
-                tensors=[serialize(output), *request.tensors[1:]],
+                tensors=[output, *request.tensors[1:]],
                 metadata=dumps_metadata(
                     {**metadata, "session_id": session_id, "next_servers": next_servers[1:], "pushed": True}
                 ),
