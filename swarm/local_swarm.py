@@ -32,8 +32,16 @@ def _free_port() -> int:
 class SwarmProcess:
     """A child process whose combined output is collected (and optionally copied to a log file)."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str] | None, log_path: Path | None):
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None,
+        log_path: Path | None,
+        stop_signal: int = signal.SIGINT,
+    ):
         self.name = name
+        self.stop_signal = stop_signal  # what interrupt() sends: the signal that stops this program gracefully
         self.argv = list(argv)
         self.lines: list[str] = []
         self.peer_id: str | None = None  # block servers: known once ONLINE
@@ -98,9 +106,9 @@ class SwarmProcess:
             pass
 
     def interrupt(self) -> None:
-        """SIGINT to the main process, which shuts its children down gracefully."""
+        """The stop signal (SIGINT unless set) to the main process, which shuts its children down gracefully."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(self.stop_signal)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGINT to the main process (it shuts its children down gracefully), then SIGKILL the group."""
@@ -172,12 +180,14 @@ class LocalSwarm:
     def _spawn(self, name: str, args: Sequence[str]) -> SwarmProcess:
         return self.spawn_command(name, [*self.command, *args])
 
-    def spawn_command(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> SwarmProcess:
+    def spawn_command(
+        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, stop_signal: int = signal.SIGINT
+    ) -> SwarmProcess:
         """Start any other process (a web server, a worker) managed along with the swarm."""
         log = self.log_dir / f"{name}.log" if self.log_dir else None
         if log:
             log.parent.mkdir(parents=True, exist_ok=True)
-        process = SwarmProcess(name, argv, {**self.env, **(env or {})}, log)
+        process = SwarmProcess(name, argv, {**self.env, **(env or {})}, log, stop_signal)
         self.processes.append(process)
         return process
 
