@@ -153,7 +153,6 @@ def lone_session_ratio(backend: SpanBackend, steps: int, hidden_size: int, round
         ratios = []
         with ThreadPoolExecutor(1) as executor:
             batcher = StepBatcher(backend, executor)
-            batcher.open_sessions = 1
             await through_batcher(batcher)  # the first steps measure the cost that places the others
             for _ in range(rounds):  # alternating, so that both see the same machine
                 ratios.append(direct() / await through_batcher(batcher))

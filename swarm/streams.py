@@ -96,17 +96,24 @@ async def write_error(writer: asyncio.StreamWriter, text: str) -> None:
 
 
 async def close_when_peer_ends(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int, linger: float = 2.0
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    max_bytes: int,
+    linger: float = 2.0,
+    *,
+    until_eof: bool = False,
 ) -> None:
     """Close our end once the peer has ended its side (end-of-stream, an error or EOF), or after `linger` s.
 
     Closing while the peer still writes resets the stream, and a reset can drop the frames still
     on their way to the peer, such as the error that explains why we stop. So the rest of the
-    peer's messages are read and dropped first.
+    peer's messages are read and dropped first. With `until_eof` (after writing an error) we wait
+    for the peer to close even after its end-of-stream: a peer may end its side before our error
+    reaches it, and our close would then race the error frame through its daemon.
     """
     try:
         async with asyncio.timeout(linger):
-            while (await _read_frame(reader, max_bytes))[0] == MESSAGE_MARKER:
+            while (await _read_frame(reader, max_bytes))[0] == MESSAGE_MARKER or until_eof:
                 pass
     except (OSError, TimeoutError, asyncio.IncompleteReadError, FrameError):
         pass

@@ -23,6 +23,7 @@ from swarm.checkpoint import CheckpointFiles
 from swarm.client.event_loop import run_sync
 from swarm.models.family import CacheLayout
 from swarm.models.registry import family_for, prepare_config
+from swarm.server import batching
 from swarm.server.backend import QueuedStep, SessionKVCache, SpanBackend, load_span
 from swarm.server.batching import CostModel, StepBatcher, _Pending
 from swarm.server.handler import TransformerConnectionHandler
@@ -168,7 +169,6 @@ def test_the_batcher_stacks_queued_steps_and_isolates_a_failing_one(backends) ->
     async def run():
         with ThreadPoolExecutor(1) as executor:
             batcher = StepBatcher(backend, executor)
-            batcher.open_sessions = 4
             try:
                 results = await asyncio.gather(
                     *(batcher.step(h, c) for h, c in zip(steps, caches)),
@@ -184,6 +184,20 @@ def test_the_batcher_stacks_queued_steps_and_isolates_a_failing_one(backends) ->
         torch.testing.assert_close(output, wanted, atol=ATOL, rtol=RTOL)
     assert isinstance(results[3], Exception)
     assert [cache.position for cache in caches] == [1, 1, 1] and broken.position == 0
+
+
+def test_only_sessions_that_stepped_lately_count_as_stepping(monkeypatch) -> None:
+    """Where a step computes depends on the sessions stepping, not on those merely open: a peer's idle
+    sessions must not send everyone else's steps through the thread hand-off."""
+    batcher = StepBatcher(None, None)
+    caches = [object(), object(), object()]
+    for cache in (*caches, caches[0]):
+        batcher._note_step(cache)
+    assert batcher.stepping_sessions == 3  # one count per session, however often it steps
+    batcher.session_closed(caches[1])
+    assert batcher.stepping_sessions == 2  # a closed session no longer counts (a chat's next turn opens a new one)
+    monkeypatch.setattr(batching, "ACTIVE_SECONDS", -1.0)  # as if a long quiet spell had passed
+    assert batcher.stepping_sessions == 0
 
 
 def test_the_batcher_serves_the_oldest_step_first(backends) -> None:

@@ -118,6 +118,27 @@ def test_close_waits_for_the_peers_end_of_stream():
     asyncio.run(go())
 
 
+def test_after_an_error_close_waits_for_the_peer_to_close_not_just_its_end_of_stream():
+    """The peer may have ended its side before our error frame reached it: closing then could reset the
+    stream under the error. So after an error we wait for its EOF (it closes once it read the error)."""
+    end_of_stream = written_by(P2P.send_protobuf, P2P.END_OF_STREAM)
+
+    async def go():
+        writer = CollectingWriter()
+        reader = reader_of(frame(REQUEST) + end_of_stream, eof=False)
+        closing = asyncio.create_task(
+            close_when_peer_ends(reader, writer, max_bytes=1 << 20, linger=60, until_eof=True)
+        )
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert reader._buffer == b"" and not closing.done() and not writer.closed  # end-of-stream read, no EOF yet
+        reader.feed_eof()  # the peer has read our error and closes
+        await asyncio.wait_for(closing, 5)
+        assert writer.closed
+
+    asyncio.run(go())
+
+
 # ----- BlockingStream against real p2pd daemons -----
 
 

@@ -7,11 +7,13 @@ its own rows. While a batch computes, the next steps queue up: under load batche
 themselves; a lone session's step runs as it did alone.
 
 Where a batch computes is decided by its measured cost, not by its size: while at most one
-session is open, a batch whose kind has been measured to take less than `inline_seconds` runs on
-the event loop itself (a thread hand-off would cost more than it saves); anything slower, or not
-measured yet, runs on the compute thread, so that pings and `rpc_info` never wait behind it.
-With several sessions open everything runs on the compute thread: the event loop then reads the
-other sessions' next steps while a batch computes, and they form the next batch.
+session is stepping (has stepped in the last `ACTIVE_SECONDS`), a batch whose kind has been
+measured to take less than `inline_seconds` runs on the event loop itself (a thread hand-off would
+cost more than it saves); anything slower, or not measured yet, runs on the compute thread, so that
+pings and `rpc_info` never wait behind it. With several sessions stepping everything runs on the
+compute thread: the event loop then reads the other sessions' next steps while a batch computes,
+and they form the next batch. Sessions that are open but idle do not count: a peer holding many
+quiet sessions must not push every other session's steps through the thread hand-off.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_INLINE_SECONDS = 0.01  # the event loop may stall this long for one batch (pings wait seconds), no more
 DEFAULT_MAX_BATCH_ROWS = 64
+ACTIVE_SECONDS = 1.0  # a session that stepped this recently counts as stepping now
 
 
 class CostModel:
@@ -90,7 +93,7 @@ class StepBatcher:
         self.inline_seconds = inline_seconds
         self.max_batch_rows = max_batch_rows
         self.costs = CostModel()
-        self.open_sessions = 0  # kept by the handler
+        self._stepped_at: dict[int, float] = {}  # id of a session's cache -> when it last stepped, oldest first
         self.batches = 0  # forwards computed
         self.stacked_steps = 0  # steps computed in a forward shared with other sessions
         self._queue: collections.deque[_Pending] = collections.deque()
@@ -111,9 +114,26 @@ class StepBatcher:
             self._wakeup = asyncio.Event()
             self._worker = loop.create_task(self._work(), name="step-batcher")
         future = loop.create_future()
+        self._note_step(cache)
         self._queue.append(_Pending(QueuedStep(hidden, cache, prompts, hypo_ids), adapter, future))
         self._wakeup.set()
         return await future
+
+    @property
+    def stepping_sessions(self) -> int:
+        """Sessions that stepped in the last ACTIVE_SECONDS."""
+        horizon = time.monotonic() - ACTIVE_SECONDS
+        while self._stepped_at and next(iter(self._stepped_at.values())) < horizon:
+            del self._stepped_at[next(iter(self._stepped_at))]
+        return len(self._stepped_at)
+
+    def session_closed(self, cache: Any) -> None:
+        """A closed session steps no more (a chat's next turn opens a new one at once)."""
+        self._stepped_at.pop(id(cache), None)
+
+    def _note_step(self, cache: Any) -> None:
+        self._stepped_at.pop(id(cache), None)  # re-inserted last: the dict stays ordered by time
+        self._stepped_at[id(cache)] = time.monotonic()
 
     async def run(self, fn: Callable[..., Any], *args: Any, kind: Hashable = None, rows: int = 1) -> Any:
         """Other torch work (forward, backward, cache allocation), placed by the same measured cost."""
@@ -192,7 +212,7 @@ class StepBatcher:
         """Run `fn` inline if measured cheap, else on the compute thread; measure it either way."""
         estimate = self.costs.estimate(kind, rows) if kind is not None else None
         timed = _Timed(fn)
-        if estimate is not None and estimate < self.inline_seconds and self.open_sessions <= 1:
+        if estimate is not None and estimate < self.inline_seconds and self.stepping_sessions <= 1:
             result = timed(*args)
         else:
             result = await asyncio.get_running_loop().run_in_executor(self.executor, timed, *args)

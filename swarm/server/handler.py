@@ -440,7 +440,7 @@ class TransformerConnectionHandler(ServicerBase):
             if not isinstance(e, (BadRequest, FrameError, ShuttingDown, Overloaded)):
                 logger.warning("%s from %s failed", name, stream_info.peer_id, exc_info=True)
             await _report(writer, str(e))
-            await close_when_peer_ends(reader, writer, MAX_STREAM_MESSAGE_BYTES)
+            await close_when_peer_ends(reader, writer, MAX_STREAM_MESSAGE_BYTES, until_eof=True)
         else:
             writer.close()
 
@@ -466,7 +466,7 @@ class TransformerConnectionHandler(ServicerBase):
     ) -> None:
         """rpc_inference: one stream per session, read and written frame by frame (see swarm.streams)."""
         max_bytes = self._max_request_bytes()
-        peer_ended = False
+        peer_ended = reported = False
         try:
             async with self._request():
                 with self._peer_session(stream_info.peer_id):
@@ -474,15 +474,15 @@ class TransformerConnectionHandler(ServicerBase):
         except (asyncio.IncompleteReadError, ConnectionError):
             peer_ended = True  # the client went away; its cache was freed on the way out
         except (BadRequest, FrameError, CacheAllocationError, ShuttingDown, Overloaded) as e:
-            await _report(writer, str(e))
+            reported = await _report(writer, str(e))
         except Exception as e:
             logger.warning("Inference session from %s failed", stream_info.peer_id, exc_info=True)
-            await _report(writer, f"{type(e).__name__}: {e}")
+            reported = await _report(writer, f"{type(e).__name__}: {e}")
         finally:
             if peer_ended:
                 writer.close()
             else:
-                await close_when_peer_ends(reader, writer, max_bytes)
+                await close_when_peer_ends(reader, writer, max_bytes, until_eof=reported)
 
     @contextlib.contextmanager
     def _peer_session(self, peer: PeerID) -> Iterator[None]:
@@ -533,7 +533,6 @@ class TransformerConnectionHandler(ServicerBase):
                 session = _Session(cache, first, last, max_length, batch_size, writer, adapter=adapter)
                 if session_id is not None:
                     self._sessions[session_id] = session  # so that the previous server can push steps here
-                self.batcher.open_sessions += 1
                 try:
                     while request is not None and request.tensors:  # a request without tensors ends the session
                         response = await self._inference_step(session, request, metadata)
@@ -542,7 +541,7 @@ class TransformerConnectionHandler(ServicerBase):
                         request = await self._next_request(reader, max_bytes, deadline)
                         metadata = loads_metadata(request.metadata) if request is not None else {}
                 finally:
-                    self.batcher.open_sessions -= 1
+                    self.batcher.session_closed(cache)
                     if session_id is not None and self._sessions.get(session_id) is session:
                         del self._sessions[session_id]
         return request is None
@@ -681,9 +680,13 @@ class TransformerConnectionHandler(ServicerBase):
             logger.debug("Push to the next server failed: %s", e)
 
 
-async def _report(writer: asyncio.StreamWriter, text: str) -> None:
-    with contextlib.suppress(Exception):  # the client may be gone already
+async def _report(writer: asyncio.StreamWriter, text: str) -> bool:
+    """Send the client an error frame; True once written (the client may be gone already)."""
+    try:
         await write_error(writer, text)
+    except Exception:
+        return False
+    return True
 
 
 def _bounded_float(value: Any, low: float, high: float) -> float:
