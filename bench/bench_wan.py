@@ -116,9 +116,12 @@ def main() -> None:
         # Within a round: the machine's slow spells last longer than a round and cancel out.
         rounds = [(CROSSINGS[mode] * delay_ms + local) / got for local, got in zip(times["local"], times[mode])]
         ratios[mode] = statistics.median(rounds)
+        # What each crossing costs beyond its delay (the daemons' and the proxy's hops, waking idle processes).
+        overhead = (achieved - limit) / CROSSINGS[mode]
         print(
             f"{mode}: tokens_per_s={1000 / achieved:.2f} ms_per_token={achieved:.2f} "
-            f"limit_ms_per_token={limit:.2f} ratio_to_limit={ratios[mode]:.3f}"
+            f"limit_ms_per_token={limit:.2f} ratio_to_limit={ratios[mode]:.3f} "
+            f"overhead_ms_per_crossing={overhead:.2f}"
         )
     best = min(("relay", "push"), key=lambda mode: statistics.median(times[mode]))
     print(f"push_over_relay={statistics.median(times['relay']) / statistics.median(times['push']):.3f}")
