@@ -1,6 +1,6 @@
 """Aggregate throughput of one block server under concurrent inference sessions.
 
-    python bench/bench_server_load.py [--steps 64] [--sessions 1 4 16] [--blocks 8]
+    python bench/bench_server_load.py [--steps 64] [--sessions 1 4 16] [--blocks 8] [--rounds 5]
 
 A real `runblockserver` process serves blocks of the demo model. This process opens N inference
 sessions to it through the real wire (hidden states in, hidden states out, no LM head), each
@@ -8,7 +8,8 @@ stepping one token at a time, as N chats generating at once would (all from this
 loop, so that the client's own overhead stays small). Every
 session first sends a prompt of a different length, so the server holds sessions at different
 positions. Prints tokens/s in total for each N and `server_ratio_N=` (tokens/s with N sessions ÷
-tokens/s with one), all measured in this run. Every session's outputs are also checked against
+tokens/s with one), all measured in this run: every N in each of `--rounds` rounds, each ratio the
+median of the ratios within rounds. Every session's outputs are also checked against
 the same steps computed locally, one session at a time: batching must not change them.
 
 `lone_session_ratio=` is what batching costs a session that is alone: one session's steps through
@@ -168,7 +169,7 @@ def lone_session_ratio(backend: SpanBackend, steps: int, hidden_size: int, round
         loop.close()
 
 
-def measure(steps: int, counts: list[int], blocks: int) -> None:
+def measure(steps: int, counts: list[int], blocks: int, rounds: int) -> None:
     path = str(DEMO_MODEL_PATH)
     config = prepare_config(AutoConfig.from_pretrained(path))
     files, family = CheckpointFiles(path), family_for(config)
@@ -189,21 +190,31 @@ def measure(steps: int, counts: list[int], blocks: int) -> None:
                     return run_sync(run_sessions(p2p, peer_id, uid, count, steps, config.hidden_size), timeout=600)
 
                 run(1, 8)  # warm-up: connections, first allocations
-                rates: dict[int, float] = {}
+                rates: dict[int, list[float]] = {count: [] for count in counts}
                 worst = 0.0
-                for count in counts:
-                    elapsed, inputs, outputs = run(count, steps)
-                    rates[count] = count * steps / elapsed
-                    worst = max(worst, check_exact(backend, inputs, outputs))
-                    print(f"sessions={count} tokens_per_s={rates[count]:.1f}", flush=True)
+                for index in range(rounds):
+                    # Every count in each round, the order alternating, so that slow spells hit them alike.
+                    for count in counts if index % 2 == 0 else counts[::-1]:
+                        elapsed, inputs, outputs = run(count, steps)
+                        rates[count].append(count * steps / elapsed)
+                        worst = max(worst, check_exact(backend, inputs, outputs))
+                    print(
+                        f"round {index + 1}/{rounds}: "
+                        + " ".join(f"sessions={count} tokens_per_s={rates[count][-1]:.1f}" for count in counts),
+                        flush=True,
+                    )
             finally:
                 dht.shutdown()
     if worst > TOLERANCE:
         raise SystemExit(f"served outputs differ from a session computed alone by {worst:.2e} (> {TOLERANCE})")
     print(f"max_abs_diff_vs_alone={worst:.2e}")
     base = rates[counts[0]]
+    for count in counts:
+        print(f"sessions={count} tokens_per_s={statistics.median(rates[count]):.1f} (median of rounds)")
     for count in counts[1:]:
-        print(f"server_ratio_{count}={rates[count] / base:.2f}")
+        # The median of the ratios within rounds: each compares runs minutes apart at most, not a slow spell.
+        ratio = statistics.median(rate / alone for rate, alone in zip(rates[count], base))
+        print(f"server_ratio_{count}={ratio:.2f}")
     print(f"lone_session_ratio={lone_ratio:.3f}")
 
 
@@ -212,11 +223,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="one-token steps per session")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16], help="concurrent sessions to try")
     parser.add_argument("--blocks", type=int, default=8, help="serve blocks 0:N of the demo model")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of every session count; ratios are medians")
     args = parser.parse_args()
     if args.sessions[0] != 1:
         parser.error("the first --sessions value is the baseline and must be 1")
     torch.set_num_threads(1)
-    measure(args.steps, args.sessions, args.blocks)
+    measure(args.steps, args.sessions, args.blocks, args.rounds)
 
 
 if __name__ == "__main__":

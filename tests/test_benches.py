@@ -22,7 +22,10 @@ BENCHES = {
     "bench_quant.py": (["--steps", "2"], ["demo_ratio_nf4", "llama3_8b_ratio_int8", "step_ratio_nf4"]),
     "bench_transport.py": (["--rounds", "20"], ["stream_rtt_ms", "hivemind_stream_rtt_ms", "unary_rtt_ms"]),
     "bench_hop.py": (["--steps", "5"], ["step_ms", "compute_ms", "hop_overhead_ms"]),
-    "bench_server_load.py": (["--steps", "4", "--sessions", "1", "4"], ["server_ratio_4", "lone_session_ratio"]),
+    "bench_server_load.py": (
+        ["--steps", "4", "--sessions", "1", "4", "--rounds", "2"],
+        ["server_ratio_4", "lone_session_ratio"],
+    ),
     "bench_generate.py": (["--tokens", "4", "--rounds", "1"], ["ratio_1server", "ratio_2servers"]),
     "bench_train.py": (["--rounds", "1", "--steps", "3", "--tokens", "16"], ["ratio_train_step"]),
     "bench_wan.py": (["--tokens", "4", "--rounds", "1"], ["ratio_wan_limit", "push_over_relay"]),
