@@ -111,7 +111,7 @@ class SwarmProcess:
             self.process.send_signal(self.stop_signal)
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGINT to the main process (it shuts its children down gracefully), then SIGKILL the group."""
+        """The stop signal to the main process (it shuts its children down gracefully), then SIGKILL the group."""
         if self.process.poll() is None:
             self.interrupt()
             try:
