@@ -123,8 +123,11 @@ class StepBatcher:
     def stepping_sessions(self) -> int:
         """Sessions that stepped in the last ACTIVE_SECONDS."""
         horizon = time.monotonic() - ACTIVE_SECONDS
-        while self._stepped_at and next(iter(self._stepped_at.values())) < horizon:
-            del self._stepped_at[next(iter(self._stepped_at))]
+        while self._stepped_at:
+            oldest, stepped_at = next(iter(self._stepped_at.items()))
+            if stepped_at >= horizon:
+                break
+            del self._stepped_at[oldest]
         return len(self._stepped_at)
 
     def session_closed(self, cache: Any) -> None:

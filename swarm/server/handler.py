@@ -466,7 +466,7 @@ class TransformerConnectionHandler(ServicerBase):
     ) -> None:
         """rpc_inference: one stream per session, read and written frame by frame (see swarm.streams)."""
         max_bytes = self._max_request_bytes()
-        peer_ended = reported = False
+        peer_ended = errored = False
         try:
             async with self._request():
                 with self._peer_session(stream_info.peer_id):
@@ -474,15 +474,18 @@ class TransformerConnectionHandler(ServicerBase):
         except (asyncio.IncompleteReadError, ConnectionError):
             peer_ended = True  # the client went away; its cache was freed on the way out
         except (BadRequest, FrameError, CacheAllocationError, ShuttingDown, Overloaded) as e:
-            reported = await _report(writer, str(e))
+            errored = True
+            await _report(writer, str(e))
         except Exception as e:
+            errored = True
             logger.warning("Inference session from %s failed", stream_info.peer_id, exc_info=True)
-            reported = await _report(writer, f"{type(e).__name__}: {e}")
+            await _report(writer, f"{type(e).__name__}: {e}")
         finally:
             if peer_ended:
                 writer.close()
             else:
-                await close_when_peer_ends(reader, writer, max_bytes, until_eof=reported)
+                # After an error frame, wait for the client's close: its end-of-stream may have crossed our error.
+                await close_when_peer_ends(reader, writer, max_bytes, until_eof=errored)
 
     @contextlib.contextmanager
     def _peer_session(self, peer: PeerID) -> Iterator[None]:
@@ -645,16 +648,15 @@ class TransformerConnectionHandler(ServicerBase):
                     session.seen_steps.popitem(last=False)
             self.steps_served += 1
             self.tokens_served += hidden.shape[0] * hidden.shape[1]
+            serialized = serialize(output)  # once, for the client's answer and the push
             if metadata.get("next_servers") and prompts is None:
                 if len(self._pushes) < self.max_pushes:
-                    serialized = serialize(output)  # once, for the push and the client's answer
                     push = asyncio.create_task(self._push_outputs(serialized, request, metadata))
                     self._pushes.add(push)
                     push.add_done_callback(self._pushes.discard)
-                    return runtime_pb2.ExpertResponse(tensors=[serialized])
-                # else the client sends the step to the next server itself anyway
-                logger.debug("Not pushing a step: %d pushes are in flight already", len(self._pushes))
-            return runtime_pb2.ExpertResponse(tensors=[serialize(output)])
+                else:  # the client sends the step to the next server itself anyway
+                    logger.debug("Not pushing a step: %d pushes are in flight already", len(self._pushes))
+            return runtime_pb2.ExpertResponse(tensors=[serialized])
 
     async def _push_outputs(
         self, output: runtime_pb2.Tensor, request: runtime_pb2.ExpertRequest, metadata: dict[str, Any]
@@ -680,13 +682,9 @@ class TransformerConnectionHandler(ServicerBase):
             logger.debug("Push to the next server failed: %s", e)
 
 
-async def _report(writer: asyncio.StreamWriter, text: str) -> bool:
-    """Send the client an error frame; True once written (the client may be gone already)."""
-    try:
+async def _report(writer: asyncio.StreamWriter, text: str) -> None:
+    with contextlib.suppress(Exception):  # the client may be gone already (then the wait for its close ends at once)
         await write_error(writer, text)
-    except Exception:
-        return False
-    return True
 
 
 def _bounded_float(value: Any, low: float, high: float) -> float:
