@@ -11,6 +11,8 @@ positions. Prints tokens/s in total for each N and `server_ratio_N=` (tokens/s w
 tokens/s with one), all measured in this run: every N in each of `--rounds` rounds, each ratio the
 median of the ratios within rounds. Every session's outputs are also checked against
 the same steps computed locally, one session at a time: batching must not change them.
+`steps_per_batch_N=` is how many sessions' steps the server computed in one forward (from its
+`rpc_info`), the median over rounds.
 
 `lone_session_ratio=` is what batching costs a session that is alone: one session's steps through
 the server's step batcher (queue, batch worker, placement by measured cost) ÷ the same steps
@@ -37,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from hivemind.p2p import PeerID  # noqa: E402
 from hivemind.proto import runtime_pb2  # noqa: E402
+from hivemind.utils import MSGPackSerializer  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 from swarm.checkpoint import CheckpointFiles  # noqa: E402
@@ -48,7 +51,7 @@ from swarm.models.registry import dht_prefix_for, family_for, prepare_config  # 
 from swarm.names import block_uids, join_chain  # noqa: E402
 from swarm.server.backend import SpanBackend, load_span  # noqa: E402
 from swarm.server.batching import StepBatcher  # noqa: E402
-from swarm.server.handler import INFERENCE_HANDLE  # noqa: E402
+from swarm.server.handler import INFERENCE_HANDLE, TransformerConnectionHandler  # noqa: E402
 from swarm.streams import read_message, write_message  # noqa: E402
 from swarm.wire import deserialize, dumps_metadata, pack_args, serialize  # noqa: E402
 
@@ -189,14 +192,22 @@ def measure(steps: int, counts: list[int], blocks: int, rounds: int) -> None:
                 def run(count: int, steps: int):
                     return run_sync(run_sessions(p2p, peer_id, uid, count, steps, config.hidden_size), timeout=600)
 
+                def batches() -> int:
+                    stub = TransformerConnectionHandler.get_stub(p2p, peer_id)
+                    info = run_sync(stub.rpc_info(runtime_pb2.ExpertUID(), timeout=20), timeout=30)
+                    return MSGPackSerializer.loads(info.serialized_info)["batches"]
+
                 run(1, 8)  # warm-up: connections, first allocations
                 rates: dict[int, list[float]] = {count: [] for count in counts}
+                steps_per_batch: dict[int, list[float]] = {count: [] for count in counts}
                 worst = 0.0
                 for index in range(rounds):
                     # Every count in each round, the order alternating, so that slow spells hit them alike.
                     for count in counts if index % 2 == 0 else counts[::-1]:
+                        batches_before = batches()
                         elapsed, inputs, outputs = run(count, steps)
                         rates[count].append(count * steps / elapsed)
+                        steps_per_batch[count].append(count * (steps + 1) / (batches() - batches_before))
                         worst = max(worst, check_exact(backend, inputs, outputs))
                     print(
                         f"round {index + 1}/{rounds}: "
@@ -215,6 +226,7 @@ def measure(steps: int, counts: list[int], blocks: int, rounds: int) -> None:
         # The median of the ratios within rounds: each compares runs minutes apart at most, not a slow spell.
         ratio = statistics.median(rate / alone for rate, alone in zip(rates[count], base))
         print(f"server_ratio_{count}={ratio:.2f}")
+        print(f"steps_per_batch_{count}={statistics.median(steps_per_batch[count]):.1f}")
     print(f"lone_session_ratio={lone_ratio:.3f}")
 
 

@@ -200,6 +200,52 @@ def test_only_sessions_that_stepped_lately_count_as_stepping(monkeypatch) -> Non
     assert batcher.stepping_sessions == 0
 
 
+def test_a_session_is_waited_for_only_while_its_step_is_due() -> None:
+    timing = batching._SessionTiming(stepped_at=0.0, answered_at=10.0, turnaround=0.002)  # due at 10.002
+    assert timing.due_between(now=10.001, deadline=10.003)
+    assert not timing.due_between(now=10.0, deadline=10.001)  # due after the deadline: not waited for
+    assert timing.due_between(now=10.004, deadline=10.005)  # a little late: still expected
+    assert not timing.due_between(now=10.005, deadline=10.006)  # overdue by a whole turnaround: gone quiet
+    assert not batching._SessionTiming(stepped_at=0.0, answered_at=None, turnaround=0.002).due_between(0.0, 1.0)
+
+
+def step_two_sessions(backend: SpanBackend, turnarounds: tuple[float, float], steps: int) -> StepBatcher:
+    """Two sessions stepping at once, each taking its turnaround (s) to send its next step."""
+    caches = [backend.new_cache(0, 4, 1, steps) for _ in range(2)]
+
+    async def session(cache: SessionKVCache, turnaround: float, batcher: StepBatcher) -> None:
+        for index in range(steps):
+            await asyncio.sleep(turnaround)
+            await batcher.step(hidden_states(backend, 1, 1, seed=index), cache)
+
+    async def run() -> StepBatcher:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = StepBatcher(backend, executor)
+            try:
+                await asyncio.gather(*(session(c, t, batcher) for c, t in zip(caches, turnarounds)))
+            finally:
+                await batcher.close()
+            return batcher
+
+    return asyncio.run(run())
+
+
+def test_a_batch_waits_for_a_session_whose_step_is_due(backends, monkeypatch) -> None:
+    """A session a few ms slower to send its next step joins the batch instead of alternating with the
+    other (on this CPU a batch of two costs little more than one)."""
+    backend = backends(FAMILIES[0])
+    monkeypatch.setattr(batching, "GATHER_SHARE", 100.0)  # the share of a tiny model's batch is under 10 ms
+    batcher = step_two_sessions(backend, turnarounds=(0.01, 0.013), steps=12)
+    # A turnaround is known from a session's third step on: from then on both step together.
+    assert batcher.stacked_steps >= 2 * 8, batcher.stacked_steps
+
+
+def test_a_batch_does_not_wait_for_a_session_on_a_slow_link(backends) -> None:
+    """A turnaround far above the batch's cost is not waited for: the fast session goes on alone."""
+    batcher = step_two_sessions(backends(FAMILIES[0]), turnarounds=(0.0, 0.3), steps=4)
+    assert batcher.stacked_steps == 0 and batcher.batches == 8
+
+
 def test_the_batcher_serves_the_oldest_step_first(backends) -> None:
     """Steps that cannot stack with the oldest wait one batch at most, in their order: nothing starves."""
     backend = backends(FAMILIES[0])

@@ -24,7 +24,7 @@ BENCHES = {
     "bench_hop.py": (["--steps", "5"], ["step_ms", "compute_ms", "hop_overhead_ms"]),
     "bench_server_load.py": (
         ["--steps", "4", "--sessions", "1", "4", "--rounds", "2"],
-        ["server_ratio_4", "lone_session_ratio"],
+        ["server_ratio_4", "steps_per_batch_4", "lone_session_ratio"],
     ),
     "bench_generate.py": (["--tokens", "4", "--rounds", "1"], ["ratio_1server", "ratio_2servers"]),
     "bench_train.py": (["--rounds", "1", "--steps", "3", "--tokens", "16"], ["ratio_train_step"]),

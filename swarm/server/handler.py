@@ -248,6 +248,7 @@ class TransformerConnectionHandler(ServicerBase):
             "cache_tokens_available": self.cache_tokens_left(),
             "pushes_received": self.pushes_received,  # ours, not Petals': lets a client see pushes arrive
             "stacked_steps": self.batcher.stacked_steps,  # ours: steps computed in a batch with other sessions'
+            "batches": self.batcher.batches,  # ours: forwards of inference steps, stacked or alone
         }
         if request.uid:
             first, last = self._parse_chain(request.uid)
