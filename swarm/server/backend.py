@@ -76,17 +76,25 @@ class StackedCaches:
     """The caches of sessions stepping together, behind the one `update()` that attention calls.
 
     Each session's rows write their new keys and values into its own cache at its own position;
-    attention gets every row's cached keys and values padded on the right to `kv_length`.
+    attention gets every row's cached keys and values padded on the right to `kv_length`. The
+    padded tensors are allocated once per step and refilled layer after layer: each row's length
+    is the same in every layer, so its padding stays zero (finite, and masked out).
     """
 
     def __init__(self, caches: list[SessionKVCache], kv_length: int):
         self.caches = caches
         self.kv_length = kv_length
+        self._padded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        rows, key_heads, _, key_dim = key_states.shape
-        keys = key_states.new_zeros(rows, key_heads, self.kv_length, key_dim)
-        values = value_states.new_zeros(rows, value_states.shape[1], self.kv_length, value_states.shape[3])
+        if self._padded is None:
+            rows, key_heads, _, key_dim = key_states.shape
+            _, value_heads, _, value_dim = value_states.shape
+            self._padded = (
+                key_states.new_zeros(rows, key_heads, self.kv_length, key_dim),
+                value_states.new_zeros(rows, value_heads, self.kv_length, value_dim),
+            )
+        keys, values = self._padded
         row = 0
         for cache in self.caches:
             end_row = row + cache.batch_size
