@@ -178,11 +178,6 @@ class StepBatcher:
         if timing is not None:
             timing.answered_at = time.monotonic()
 
-    def _step_due_by(self, deadline: float) -> bool:
-        """Whether a stepping session without a queued step should send its next one by `deadline`."""
-        now = time.monotonic()
-        return any(timing.due_between(now, deadline) for timing in self._sessions.values())
-
     async def run(self, fn: Callable[..., Any], *args: Any, kind: Hashable = None, rows: int = 1) -> Any:
         """Other torch work (forward, backward, cache allocation), placed by the same measured cost."""
         return await self._place(kind, rows, fn, *args)
@@ -214,14 +209,18 @@ class StepBatcher:
         estimate = self.costs.estimate(("step", first.stack_key() or id(first)), sum(p.rows for p in self._queue))
         if estimate is None:
             return
-        deadline = time.monotonic() + GATHER_SHARE * estimate
-        while self._step_due_by(deadline):
+        now = time.monotonic()
+        deadline = now + GATHER_SHARE * estimate
+        # Sessions only leave this list while we wait (a session becomes due when answered, and nothing is).
+        due = [timing for timing in self._sessions.values() if timing.due_between(now, deadline)]
+        while due and sum(pending.rows for pending in self._queue) < self.max_batch_rows:
             self._wakeup.clear()
             try:
                 async with asyncio.timeout(deadline - time.monotonic()):
-                    await self._wakeup.wait()  # a step arrived: are more due?
+                    await self._wakeup.wait()  # a step arrived
             except TimeoutError:
                 return
+            due = [timing for timing in due if timing.answered_at is not None]  # those still to come
 
     def _take_batch(self) -> list[_Pending]:
         """The oldest live step and every queued step that can stack with it, up to the row limit."""
