@@ -25,8 +25,10 @@ from hivemind.utils import get_dht_time
 
 from swarm.data_structures import ModelInfo, RemoteSpanInfo, ServerInfo, ServerState
 from swarm.names import MODELS_INDEX_KEY, block_uid, is_private_prefix, is_valid_dht_prefix
+from swarm.process_locks import install_in_hivemind
 
 logger = logging.getLogger(__name__)
+install_in_hivemind()  # a DHT process killed mid-reply must not wedge every later DHT of this program
 
 # A stranger can announce any number of fake peers; beyond this many per model we stop reading.
 MAX_PEERS_PER_MODEL = 20_000
