@@ -38,6 +38,10 @@ EXPECTED_TYPES = "open_inference_session, generate or stop"
 
 
 class GenerateConsumer(AsyncWebsocketConsumer):
+    # A chat socket takes nothing from the channel layer: none is joined, so each connection does not
+    # keep a Redis receive open (in the full mode), and a Redis hiccup cannot close a chat (code 1011).
+    channel_layer_alias = None
+
     async def connect(self) -> None:
         self.conversation: Conversation | None = None
         self.slot: SessionSlot | None = None

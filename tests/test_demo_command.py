@@ -175,6 +175,7 @@ def test_make_demo(mode, tmp_path, request):
         os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: make and the demo get it
         rest, survivors, names = stop_within(demo, started, STOP_SECONDS)
         lines.append(rest)
+        print("".join(lines)[-8000:])  # pytest shows it when the test fails: the demo's own tracebacks
         try:
             assert not survivors, f"processes left running: {names}"
             output = "".join(lines)

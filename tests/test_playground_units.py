@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import pytest
@@ -322,6 +323,30 @@ def test_websocket_serves_scripts_without_an_origin_and_pages_of_this_site():
             await communicator.disconnect()
 
     _run(scenario())
+
+
+def test_a_chat_socket_does_not_depend_on_the_channel_layer():
+    """In the full mode the channel layer is Redis; a chat never uses it, so a Redis that does not answer
+    must not close chats (each connection used to keep a Redis receive open, and its failure closed it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]  # nothing listens there once the probe is closed
+    dead_redis = {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [f"redis://127.0.0.1:{closed_port}"]},
+    }
+
+    async def scenario():
+        communicator, connected = await _connect()
+        assert connected
+        for _ in range(2):
+            await communicator.send_json_to({"type": "open_inference_session", "model": "nope", "max_length": 9})
+            answer = json.loads(await communicator.receive_from(timeout=5))
+            assert answer["ok"] is False and "unknown model 'nope'" in answer["traceback"], answer
+        await communicator.disconnect()
+
+    with override_settings(CHANNEL_LAYERS={"default": dead_redis}):
+        _run(scenario())
 
 
 @override_settings(ALLOWED_HOSTS=["chat.example.org"])
