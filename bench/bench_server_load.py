@@ -39,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 
 from hivemind.p2p import PeerID  # noqa: E402
 from hivemind.proto import runtime_pb2  # noqa: E402
-from hivemind.utils import MSGPackSerializer  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 from swarm.checkpoint import CheckpointFiles  # noqa: E402
@@ -51,7 +50,7 @@ from swarm.models.registry import dht_prefix_for, family_for, prepare_config  # 
 from swarm.names import block_uids, join_chain  # noqa: E402
 from swarm.server.backend import SpanBackend, load_span  # noqa: E402
 from swarm.server.batching import StepBatcher  # noqa: E402
-from swarm.server.handler import INFERENCE_HANDLE, TransformerConnectionHandler  # noqa: E402
+from swarm.server.handler import INFERENCE_HANDLE, fetch_server_info  # noqa: E402
 from swarm.streams import read_message, write_message  # noqa: E402
 from swarm.wire import deserialize, dumps_metadata, pack_args, serialize  # noqa: E402
 
@@ -193,9 +192,7 @@ def measure(steps: int, counts: list[int], blocks: int, rounds: int) -> None:
                     return run_sync(run_sessions(p2p, peer_id, uid, count, steps, config.hidden_size), timeout=600)
 
                 def batches() -> int:
-                    stub = TransformerConnectionHandler.get_stub(p2p, peer_id)
-                    info = run_sync(stub.rpc_info(runtime_pb2.ExpertUID(), timeout=20), timeout=30)
-                    return MSGPackSerializer.loads(info.serialized_info)["batches"]
+                    return run_sync(fetch_server_info(p2p, peer_id), timeout=30)["batches"]
 
                 run(1, 8)  # warm-up: connections, first allocations
                 rates: dict[int, list[float]] = {count: [] for count in counts}

@@ -10,8 +10,6 @@ released by the kernel when its holder dies, so `DeathProofLock` takes its place
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import fcntl
 import os
 import tempfile
@@ -24,23 +22,24 @@ from hivemind.utils import mpfuture
 class DeathProofLock:
     """A lock between the threads of a process and the processes forked from it (as a context manager).
 
-    Threads of one process take a threading lock; processes take an exclusive `flock` on a file,
-    each through a descriptor it opened itself (an `flock` held through an inherited descriptor
-    would be shared with the parent, not exclusive).
+    Threads of one process take a threading lock; processes take an exclusive `flock` on one file,
+    each through a descriptor of its own (an `flock` held through an inherited descriptor would be
+    shared with the parent, not exclusive). The file is unlinked at once, so nothing is left behind
+    however its processes end; the others open it through the creator's descriptor in /proc.
     """
 
     def __init__(self) -> None:
-        handle, self.path = tempfile.mkstemp(prefix="swarm-lock-")
-        os.close(handle)
-        creator = os.getpid()
-        atexit.register(lambda: os.getpid() == creator and _remove(self.path))
-        self._per_process: dict[int, tuple[threading.Lock, int]] = {}
+        descriptor, path = tempfile.mkstemp(prefix="swarm-lock-")
+        os.unlink(path)
+        self._creator = os.getpid()
+        self._shared_path = f"/proc/{self._creator}/fd/{descriptor}"  # while the creator lives, as its children do
+        self._per_process: dict[int, tuple[threading.Lock, int]] = {self._creator: (threading.Lock(), descriptor)}
 
     def _local(self) -> tuple[threading.Lock, int]:
         pid = os.getpid()
         local = self._per_process.get(pid)
         if local is None:  # first use in this process (a forked child inherits its parent's entry, not used)
-            local = self._per_process.setdefault(pid, (threading.Lock(), os.open(self.path, os.O_RDWR)))
+            local = self._per_process.setdefault(pid, (threading.Lock(), os.open(self._shared_path, os.O_RDWR)))
         return local
 
     def __enter__(self) -> DeathProofLock:
@@ -57,11 +56,6 @@ class DeathProofLock:
         thread_lock, descriptor = self._local()
         fcntl.flock(descriptor, fcntl.LOCK_UN)
         thread_lock.release()
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.remove(path)
 
 
 _installed = False

@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from hivemind.p2p import PeerID
-from hivemind.proto import runtime_pb2
-from hivemind.utils import MSGPackSerializer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client.event_loop import run_sync
-from swarm.server.handler import TransformerConnectionHandler
+from swarm.server.handler import fetch_server_info
 from tests.conftest import DEMO_MODEL, start_swarm
 
 pytestmark = pytest.mark.integration
@@ -149,9 +147,8 @@ def pushes_received(model, swarm) -> list[int]:
     """Each block server's count of pushed steps it computed (its rpc_info), in the order they started."""
     counts = []
     for server in (process for process in swarm.processes if process.peer_id):
-        stub = TransformerConnectionHandler.get_stub(model.manager.p2p, PeerID.from_base58(server.peer_id))
-        answer = run_sync(stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=20), timeout=30)
-        counts.append(MSGPackSerializer.loads(answer.serialized_info)["pushes_received"])
+        info = run_sync(fetch_server_info(model.manager.p2p, PeerID.from_base58(server.peer_id)), timeout=30)
+        counts.append(info["pushes_received"])
     return counts
 
 

@@ -66,6 +66,11 @@ class _SessionTiming:
         return now - self.turnaround <= due <= deadline
 
 
+def moving_average(previous: float | None, sample: float, smoothing: float) -> float:
+    """An exponential moving average; the first sample stands alone."""
+    return sample if previous is None else previous + smoothing * (sample - previous)
+
+
 class CostModel:
     """Seconds per batch, by kind (blocks, new tokens per row) and power-of-two bucket of rows: a moving average."""
 
@@ -83,7 +88,7 @@ class CostModel:
     def record(self, kind: Hashable, rows: int, seconds: float) -> None:
         key = self.key(kind, rows)
         previous = self._seconds.get(key)
-        self._seconds[key] = seconds if previous is None else previous + self.smoothing * (seconds - previous)
+        self._seconds[key] = moving_average(previous, seconds, self.smoothing)
 
 
 @dataclasses.dataclass
@@ -95,6 +100,11 @@ class _Pending:
     @property
     def rows(self) -> int:
         return self.step.hidden.shape[0]
+
+    @property
+    def cost_kind(self) -> Hashable:
+        """What its cost is measured as: its stacking kind, or itself if it computes alone."""
+        return "step", self.stack_key() or id(self)
 
     def stack_key(self) -> Hashable | None:
         """Steps with equal keys may share a forward; None: this one computes alone."""
@@ -167,9 +177,7 @@ class StepBatcher:
         if timing is None:
             timing = _SessionTiming(now)
         elif timing.answered_at is not None:
-            seconds = now - timing.answered_at
-            previous = timing.turnaround
-            timing.turnaround = seconds if previous is None else previous + TURNAROUND_SMOOTHING * (seconds - previous)
+            timing.turnaround = moving_average(timing.turnaround, now - timing.answered_at, TURNAROUND_SMOOTHING)
         timing.stepped_at, timing.answered_at = now, None
         self._sessions[id(cache)] = timing
 
@@ -205,15 +213,14 @@ class StepBatcher:
         """Wait a moment for steps due any moment, so that they join the next batch (see the module doc)."""
         if self.stepping_sessions <= 1:
             return  # the one stepping (if any) is the one queued
-        first = self._queue[0]
-        estimate = self.costs.estimate(("step", first.stack_key() or id(first)), sum(p.rows for p in self._queue))
+        estimate = self.costs.estimate(self._queue[0].cost_kind, self._queued_rows())
         if estimate is None:
             return
         now = time.monotonic()
         deadline = now + GATHER_SHARE * estimate
         # Sessions only leave this list while we wait (a session becomes due when answered, and nothing is).
         due = [timing for timing in self._sessions.values() if timing.due_between(now, deadline)]
-        while due and sum(pending.rows for pending in self._queue) < self.max_batch_rows:
+        while due and self._queued_rows() < self.max_batch_rows:
             self._wakeup.clear()
             try:
                 async with asyncio.timeout(deadline - time.monotonic()):
@@ -221,6 +228,9 @@ class StepBatcher:
             except TimeoutError:
                 return
             due = [timing for timing in due if timing.answered_at is not None]  # those still to come
+
+    def _queued_rows(self) -> int:
+        return sum(pending.rows for pending in self._queue)
 
     def _take_batch(self) -> list[_Pending]:
         """The oldest live step and every queued step that can stack with it, up to the row limit."""
@@ -249,10 +259,9 @@ class StepBatcher:
     async def _compute(self, batch: list[_Pending]) -> None:
         steps = [pending.step for pending in batch]
         adapter = batch[0].adapter
-        kind = ("step", batch[0].stack_key() or id(batch[0]))
         rows = sum(pending.rows for pending in batch)
         try:
-            outputs = await self._place(kind, rows, self.backend.inference_steps, steps, adapter)
+            outputs = await self._place(batch[0].cost_kind, rows, self.backend.inference_steps, steps, adapter)
         except Exception as error:
             if len(batch) == 1:
                 _settle(batch[0].future, error=error)

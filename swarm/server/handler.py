@@ -692,3 +692,10 @@ def _bounded_float(value: Any, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise BadRequest("expected a number")
     return min(max(float(value), low), high)
+
+
+async def fetch_server_info(p2p: P2P, peer_id: PeerID, uid: str = "", timeout: float = 20.0) -> dict[str, Any]:
+    """A server's `rpc_info` answer, decoded (empty uid: the server's own figures, no block schemas)."""
+    stub = TransformerConnectionHandler.get_stub(p2p, peer_id)
+    answer = await asyncio.wait_for(stub.rpc_info(runtime_pb2.ExpertUID(uid=uid), timeout=timeout), timeout)
+    return MSGPackSerializer.loads(answer.serialized_info)
