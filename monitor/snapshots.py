@@ -214,6 +214,7 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
                 "error": row.error,
                 "public_name": row.public_name,
                 "throughput": row.throughput,
+                "using_relay": row.using_relay,
             }
             for row in status.servers.order_by("start", "peer_id")
         ]

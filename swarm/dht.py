@@ -26,6 +26,7 @@ from hivemind.utils import get_dht_time
 from swarm.data_structures import ModelInfo, RemoteSpanInfo, ServerInfo, ServerState
 from swarm.names import MODELS_INDEX_KEY, block_uid, is_private_prefix, is_valid_dht_prefix
 from swarm.process_locks import install_in_hivemind
+from swarm.relays import relay_p2pd_flags, set_p2pd_flags
 
 logger = logging.getLogger(__name__)
 install_in_hivemind()  # a DHT process killed mid-reply must not wedge every later DHT of this program
@@ -71,15 +72,46 @@ def create_dht(
     host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
     announce_maddrs: Sequence[str] | None = None,
     identity_path: str | None = None,
+    relay: RelaySettings | None = None,
 ) -> DHT:
     """Start a hivemind DHT peer (a child process with its own p2pd) that exits with its parent."""
+    relay = relay or RelaySettings()
     return OwnedDHT(
         initial_peers=list(initial_peers),
         client_mode=client_mode,
         host_maddrs=list(host_maddrs),
         announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
         identity_path=identity_path,
+        p2pd_flags=relay.p2pd_flags(),
+        **relay.p2p_kwargs(),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class RelaySettings:
+    """A peer's libp2p relay settings (PROTOCOL.md, "Reachability and relays").
+
+    - `use_relay`: dial peers through relays, accept relayed connections and relay for others (p2pd does
+      all three or none); on by default. The relay service runs on peers that see themselves as public.
+    - `serve_through`: relays to reserve a slot on and announce ourselves through (a peer behind NAT).
+    - `public`: this peer is reachable directly (a bootstrap peer, a server whose check said so): tells
+      p2pd's AutoNAT so instead of waiting for it to find out, which starts the relay service at once.
+    """
+
+    use_relay: bool = True
+    serve_through: tuple[str, ...] = ()
+    public: bool = False
+
+    def p2p_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"use_relay": self.use_relay}
+        if self.serve_through:
+            kwargs.update(use_auto_relay=True, trusted_relays=list(self.serve_through), force_reachability="private")
+        elif self.public:
+            kwargs["force_reachability"] = "public"
+        return kwargs
+
+    def p2pd_flags(self) -> dict[str, Any]:
+        return relay_p2pd_flags(use_relay=self.use_relay, static_relays=bool(self.serve_through))
 
 
 class OwnedDHT(DHT):
@@ -95,8 +127,11 @@ class OwnedDHT(DHT):
     - A thread notices when the owner is gone (even SIGKILLed) and stops it together with its p2pd.
     """
 
-    def __init__(self, *args: Any, start_timeout: float = DHT_START_TIMEOUT, **kwargs: Any):
+    def __init__(
+        self, *args: Any, start_timeout: float = DHT_START_TIMEOUT, p2pd_flags: dict | None = None, **kwargs: Any
+    ):
         self._owner_pid = os.getpid()
+        self._p2pd_flags = dict(p2pd_flags or {})
         super().__init__(*args, start=False, **kwargs)
         try:
             self.run_in_background(await_ready=True, timeout=start_timeout)
@@ -124,6 +159,7 @@ class OwnedDHT(DHT):
         signal.signal(signal.SIGTERM, _stop_own_group)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         threading.Thread(target=_stop_when_orphaned, args=(self._owner_pid,), name="owner-watch", daemon=True).start()
+        set_p2pd_flags(self._p2pd_flags)  # this process starts the peer's p2pd
         super().run()
 
 

@@ -190,6 +190,20 @@ def add_server_arguments(parser: argparse.ArgumentParser, env: SwarmEnv) -> None
         "nf4 (4-bit, QLoRA); auto: nf4 on a GPU, none on the CPU",
     )
     add_network_arguments(parser, env)
+    parser.add_argument(
+        "--relay",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="auto: when peers of the swarm cannot connect to this server (home NAT, firewall), serve through "
+        "a relay among the initial peers; always: serve through a relay anyway; never: stop with advice instead, "
+        "and dial no relayed peers",
+    )
+    parser.add_argument(
+        "--relay-timeout",
+        type=positive_seconds,
+        default=60.0,
+        help="seconds to wait for a relay to carry this server before stopping with advice",
+    )
     parser.add_argument("--public-name", help="a name shown on the swarm's status page (default: none)")
     parser.add_argument("--dht-prefix", help="the model's prefix in the DHT (default: derived from MODEL)")
     parser.add_argument(
@@ -243,4 +257,10 @@ def add_dht_arguments(parser: argparse.ArgumentParser, env: SwarmEnv) -> None:
     )
     parser.add_argument(
         "--maddrs-file", help="also write the multiaddrs to this file, for other services (default: none)"
+    )
+    parser.add_argument(
+        "--no-relay",
+        dest="relay",
+        action="store_false",
+        help="do not relay for servers behind NAT (by default a bootstrap peer relays for them)",
     )

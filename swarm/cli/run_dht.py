@@ -15,7 +15,8 @@ from swarm.cli.options import DHT_DESCRIPTION, CliError, DefaultsHelpFormatter, 
 
 def run_dht(options: dict[str, Any], out: TextIO, err: TextIO) -> None:
     """Print the peer's multiaddrs to `out` and run until SIGINT/SIGTERM; a peer that cannot start raises CliError."""
-    from swarm.dht import create_dht, dht_start_error  # hivemind: after --help
+    from swarm.dht import RelaySettings, create_dht, dht_start_error  # hivemind: after --help
+    from swarm.server.reachability import ReachabilityService
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -29,10 +30,14 @@ def run_dht(options: dict[str, Any], out: TextIO, err: TextIO) -> None:
             host_maddrs=options["host_maddrs"],
             announce_maddrs=options["announce_maddrs"],
             identity_path=options["identity_path"],
+            # Others join through a bootstrap peer, so it is reachable: it relays for peers behind NAT.
+            relay=RelaySettings(use_relay=options["relay"], public=True),
         )
     except Exception as e:
         raise CliError(dht_start_error(e, options["initial_peers"], options["host_maddrs"])) from None
+    reachability = None
     try:
+        reachability = ReachabilityService(dht)  # answers servers asking whether others can dial them
         maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
         out.write("\n".join(maddrs) + "\n")
         out.flush()
@@ -42,6 +47,8 @@ def run_dht(options: dict[str, Any], out: TextIO, err: TextIO) -> None:
         err.flush()
         stop.wait()
     finally:
+        if reachability is not None:
+            reachability.shutdown()
         dht.shutdown()
 
 

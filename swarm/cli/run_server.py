@@ -39,6 +39,8 @@ def run_server(options: dict[str, Any], env: SwarmEnv) -> None:
         revision=options["revision"],
         token=options["token"],
         health_url=env.health_url,
+        relay=options["relay"],
+        relay_timeout=options["relay_timeout"],
         adapters=options["adapters"],
         balance_quality=options["balance_quality"],
         balance_check_period=options["balance_check_period"],

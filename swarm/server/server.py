@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,17 +27,18 @@ from transformers import AutoConfig
 from swarm import __version__
 from swarm.checkpoint import CheckpointFiles, is_local_checkpoint, missing_local_path
 from swarm.data_structures import MAX_ADAPTERS, MAX_STRING_LENGTH, ModelInfo, ServerInfo, ServerState
-from swarm.dht import announce_blocks, announce_model, create_dht, dht_start_error, fetch_swarm
+from swarm.dht import RelaySettings, announce_blocks, announce_model, create_dht, dht_start_error, fetch_swarm
 from swarm.models.registry import dht_prefix_for, family_for, prepare_config
 from swarm.names import is_private_prefix, is_valid_dht_prefix
 from swarm.ping import ping_server
+from swarm.relays import circuit_addresses, dial_through_relays
 from swarm.server.adapters import AdapterError, adapter_folder, load_block_loras, read_lora_config
 from swarm.server.backend import SpanBackend, kv_cache_bytes, load_span, span_cache_layout
 from swarm.server.block_selection import block_throughputs, blocks_that_fit, choose_best_start, choose_rebalance
 from swarm.server.handler import INFERENCE_HANDLE, TransformerConnectionHandler
 from swarm.server.memory_cache import KVCachePool
 from swarm.server.quantization import block_bytes, log_quantization, resolve_quant_type
-from swarm.server.reachability import check_reachability
+from swarm.server.reachability import ReachabilityService, check_direct_reachability, check_reachability
 from swarm.server.throughput import DEFAULT_BANDWIDTH_MBPS, loading_weights, measure_throughput
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,8 @@ class ServerConfig:
     revision: str | None = None
     token: str | None = None
     health_url: str | None = None  # a swarm monitor that checks we are reachable from outside
+    relay: str = "auto"  # auto: serve through a relay when peers cannot dial us; always; never (nor dial relays)
+    relay_timeout: float = 60.0  # seconds to get a working relay reservation before giving up
     adapters: Sequence[str] = ()  # LoRA adapters (local folders or Hub repositories) requests may choose
     balance_quality: float = 0.75  # move when the swarm's weakest block would gain past 1/this; 0: never move
     balance_check_period: float = 120.0  # mean seconds between balance checks (jittered)
@@ -97,7 +101,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class SwarmUnreachableError(RuntimeError):
-    """None of the initial peers answered."""
+    """None of the initial peers answered, or nobody can reach this server."""
+
+
+RELAY_MODES = ("auto", "always", "never")
+RELAY_CHECK_PERIOD = 10.0  # seconds between a relayed server's checks that clients can still reach it
+PORT_ADVICE = (
+    "Forward a TCP port of your router to this machine (for example 31337) and run with "
+    "--host-maddrs /ip4/0.0.0.0/tcp/31337 --announce-maddrs /ip4/YOUR_PUBLIC_IP/tcp/31337"
+)
 
 
 class BlockServer:
@@ -111,6 +123,10 @@ class BlockServer:
             raise ValueError(f"--block-indices {start}:{end}: START must be less than END (END is exclusive)")
         if not 0.0 <= config.balance_quality <= 1.0:
             raise ValueError(f"--balance-quality must be between 0 and 1 (0: never move), got {config.balance_quality}")
+        if config.relay not in RELAY_MODES:
+            raise ValueError(f"--relay must be one of {', '.join(RELAY_MODES)}, got {config.relay!r}")
+        if config.relay == "always" and not config.initial_peers:
+            raise ValueError("--relay always needs --initial-peers: the relays are the swarm's initial peers")
         if not config.balance_check_period > 0:
             raise ValueError(f"--balance-check-period must be positive, got {config.balance_check_period}")
         missing = missing_local_path(config.model)
@@ -139,6 +155,9 @@ class BlockServer:
         self.repository = None if is_local_checkpoint(config.model) else config.model  # a Hub repository name
         self.adapters = self._find_adapters()  # before joining: a bad adapter fails fast
         self.dht: DHT | None = None
+        self.using_relay = False
+        self._run_identity: tempfile.TemporaryDirectory | None = None
+        self.reachability_service: ReachabilityService | None = None
         self.handler: TransformerConnectionHandler | None = None
         self.start = self.end = 0
         self.rates: dict[str, float] = {}
@@ -160,17 +179,16 @@ class BlockServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
+        self.using_relay = await self._needs_relay()
         try:
-            self.dht = create_dht(
-                self.config.initial_peers,
-                client_mode=False,
-                host_maddrs=self.config.host_maddrs,
-                announce_maddrs=self.config.announce_maddrs,
-                identity_path=self.config.identity_path,
-            )
+            self.dht = self._join_swarm()
         except Exception as e:
             raise SwarmUnreachableError(dht_start_error(e, self.config.initial_peers, self.config.host_maddrs)) from e
         try:
+            if self.using_relay:
+                await self._confirm_relay()
+            else:  # answer other peers' reachability checks, as Petals' direct servers do
+                self.reachability_service = ReachabilityService(self.dht)
             for maddr in self.dht.get_visible_maddrs():
                 logger.info("Server peer: %s", maddr)
             self.start, self.end = self._choose_blocks()
@@ -196,6 +214,108 @@ class BlockServer:
         finally:
             await self._shutdown()
 
+    # ----- reachability -----
+
+    async def _needs_relay(self) -> bool:
+        """Should this server serve through a relay? Asks peers of the swarm to dial it back (Petals' check)."""
+        config = self.config
+        if config.relay == "always":
+            logger.info("Serving through a relay, as --relay always asks")
+            return True
+        if config.new_swarm or not config.initial_peers:
+            return False
+        try:
+            direct, checks = await check_direct_reachability(
+                config.initial_peers, config.host_maddrs, config.announce_maddrs
+            )
+        except Exception as e:
+            logger.warning("Could not check whether peers can reach this server (%s); assuming they can", e)
+            return False
+        if direct is None:
+            logger.info("No peer answered a reachability check; assuming this server is reachable directly")
+            return False
+        if direct:
+            logger.info("Peers of the swarm can reach this server directly (%s checks)", checks)
+            return False
+        if config.relay == "never":
+            raise SwarmUnreachableError(
+                f"peers of the swarm cannot connect to this server ({checks} could), and --relay never "
+                f"forbids serving through a relay. {PORT_ADVICE}"
+            )
+        logger.info("Behind NAT or a firewall: peers could not connect to this server (%s could)", checks)
+        return True
+
+    def _join_swarm(self) -> DHT:
+        config = self.config
+        if self.using_relay:  # announce the relays' circuit addresses: ours cannot be dialed
+            relay = RelaySettings(serve_through=tuple(config.initial_peers))
+            announce = circuit_addresses(config.initial_peers)
+        else:
+            relay = RelaySettings(use_relay=config.relay != "never", public=True)
+            announce = list(config.announce_maddrs)
+        return create_dht(
+            config.initial_peers,
+            client_mode=self.using_relay,  # nobody can dial us for DHT requests either
+            host_maddrs=config.host_maddrs,
+            announce_maddrs=announce,
+            identity_path=self._identity_path(),
+            relay=relay,
+        )
+
+    def _identity_path(self) -> str | None:
+        """--identity-path, or behind NAT a key of this run's own: a rejoin must keep our peer id."""
+        if self.config.identity_path or not self.using_relay:
+            return self.config.identity_path
+        if self._run_identity is None:
+            self._run_identity = tempfile.TemporaryDirectory(prefix="swarm-identity-")
+        return str(Path(self._run_identity.name) / "peer.key")
+
+    async def _confirm_relay(self) -> None:
+        """Dial ourselves through our relays, as a client would; stop with advice if none carries us in time."""
+        relay = await dial_through_relays(self.dht.peer_id, self.config.initial_peers, self.config.relay_timeout)
+        if relay is None:
+            raise SwarmUnreachableError(
+                "peers of the swarm cannot connect to this server, and no relay among the initial peers took it "
+                f"within {self.config.relay_timeout:.0f} s (they may not offer a relay service). {PORT_ADVICE}"
+            )
+        logger.info("Behind NAT: serving through relay %s (clients reach this server through it)", relay)
+
+    async def _relay_works(self) -> bool:
+        """Does a relay still carry us? One dial through each relay, as a client would."""
+        try:
+            return await dial_through_relays(self.dht.peer_id, self.config.initial_peers, timeout=0) is not None
+        except Exception as e:
+            logger.debug("Relay check failed: %r", e)
+            return True  # our own probe failed, not the relay: check again later
+
+    async def _rejoin_through_relay(self) -> None:
+        """Start our DHT peer (and its p2pd) again with the same identity: a fresh reservation on the relays.
+
+        p2pd does not reserve again by itself once its relay restarts or drops us. Inference sessions open
+        through the old peer end here; their clients replay them, as after any server failure.
+        """
+        if self.dht is not None:
+            logger.warning("Lost the relay: clients cannot reach this server. Joining the swarm again through a relay")
+        loop = asyncio.get_running_loop()
+        handler = self.handler  # its handlers go with the old p2pd
+        old, self.dht = self.dht, None
+        if old is not None:
+            await loop.run_in_executor(None, old.shutdown)
+        try:
+            self.dht = await loop.run_in_executor(None, self._join_swarm)
+        except Exception as e:
+            error = dht_start_error(e, self.config.initial_peers, self.config.host_maddrs)
+            logger.warning("Could not join the swarm again (%s); trying again in %.0f s", error, RELAY_CHECK_PERIOD)
+            return
+        if handler is not None:
+            await handler.start(await self.dht.replicate_p2p())
+        relay = await dial_through_relays(self.dht.peer_id, self.config.initial_peers, self.config.relay_timeout)
+        if relay is None:
+            logger.warning("No relay took this server yet; trying again in %.0f s", RELAY_CHECK_PERIOD)
+            return
+        await self._announce(ServerState.ONLINE)
+        logger.info("Behind NAT: serving through relay %s again", relay)
+
     async def _start_handler(self, backend: SpanBackend, p2p: Any) -> None:
         pool = KVCachePool(backend.cache_bytes(self.end - self.start, 1, self.config.cache_tokens))
         self.handler = TransformerConnectionHandler(
@@ -211,16 +331,25 @@ class BlockServer:
         await self.handler.start(p2p)
 
     async def _announce_until_stopped(self) -> None:
-        """Re-announce ONLINE every `update_period`; between, check the swarm's balance and move if it pays."""
+        """Re-announce ONLINE every `update_period`; between, check the swarm's balance and move if it pays, and
+        (behind NAT) that a relay still carries us."""
         loop = asyncio.get_running_loop()
         next_announce = loop.time() + self.config.update_period
         next_check = self._next_balance_check() if self._may_move() else math.inf
+        next_relay_check = loop.time() + RELAY_CHECK_PERIOD if self.using_relay else math.inf
         while not self._stopping.is_set():
+            wake = min(next_announce, next_check, next_relay_check)
             try:
-                await asyncio.wait_for(self._stopping.wait(), max(min(next_announce, next_check) - loop.time(), 0.0))
+                await asyncio.wait_for(self._stopping.wait(), max(wake - loop.time(), 0.0))
                 break
             except TimeoutError:
                 pass
+            if loop.time() >= next_relay_check:
+                if self.dht is None or not await self._relay_works():
+                    await self._rejoin_through_relay()
+                next_relay_check = loop.time() + RELAY_CHECK_PERIOD
+            if self.dht is None:  # a rejoin failed: nothing to announce through until the next one works
+                continue
             if loop.time() >= next_check:
                 if await self._check_balance():
                     next_announce = loop.time() + self.config.update_period  # the move announced ONLINE
@@ -243,7 +372,11 @@ class BlockServer:
                 logger.warning("Could not announce OFFLINE: %s", e)
             if self.handler is not None:
                 self.handler.executor.shutdown(wait=False, cancel_futures=True)
+            if self.reachability_service is not None:
+                self.reachability_service.shutdown()
             self.dht.shutdown()
+        if self._run_identity is not None:
+            self._run_identity.cleanup()
         logger.info("Server stopped")
 
     # ----- blocks -----
@@ -422,7 +555,7 @@ class BlockServer:
             adapters=tuple(self.adapters),
             torch_dtype=str(self.dtype).split(".")[-1],
             quant_type=self.quant_type,
-            using_relay=False,
+            using_relay=self.using_relay,
             cache_tokens_left=self.handler.announced_cache_tokens() if self.handler is not None else None,
             next_pings=dict(self.next_pings) if self.next_pings else None,
         )

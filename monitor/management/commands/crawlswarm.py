@@ -56,9 +56,10 @@ class Command(BaseCommand):
             )
             for server in model["servers"][:MAX_LISTED_SERVERS]:
                 reach = {True: "reachable", False: f"unreachable: {server['error']}", None: "not pinged"}
+                connection = {True: ", through a relay", False: ", direct", None: ""}[server["using_relay"]]
                 write(
                     f"    {server['peer_id']} {server['start']}:{server['end']} {server['state']} "
-                    f"({reach[server['reachable']]})"
+                    f"({reach[server['reachable']]}{connection})"
                 )
             if len(model["servers"]) > MAX_LISTED_SERVERS:
                 write(f"    ... and {len(model['servers']) - MAX_LISTED_SERVERS} more")

@@ -1,0 +1,63 @@
+"""Greedy generation through a swarm, as a separate process (run inside a test network namespace).
+
+    python tests/swarm_generate.py MODEL INITIAL_PEER... --prompt TEXT --tokens N [--pause-after K] [--petals]
+
+Prints one JSON line with the generated token ids. With `--pause-after K` it stops after K tokens inside
+the same `generate` call, prints `PAUSED` and waits for a line on stdin before it goes on (a chat whose
+connections may break in between). `--petals`: Petals' client defaults (no server-to-server push).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("initial_peers", nargs="+")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--tokens", type=int, required=True)
+    parser.add_argument("--pause-after", type=int)
+    parser.add_argument("--petals", action="store_true")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from swarm import AutoDistributedModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    options = {"use_server_to_server": False} if args.petals else {}
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers, **options)
+    inputs = tokenizer(args.prompt, return_tensors="pt").input_ids
+    streamer = PauseAfter(args.pause_after) if args.pause_after else None
+    outputs = model.generate(
+        inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, streamer=streamer
+    )
+    print(json.dumps({"tokens": outputs[0, inputs.shape[1] :].tolist()}), flush=True)
+
+
+class PauseAfter:
+    """A generate() streamer that waits for a line on stdin once `count` new tokens have come."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.seen = -1  # the first put() is the prompt
+
+    def put(self, value) -> None:
+        self.seen += 1
+        if self.seen == self.count:
+            print("PAUSED", flush=True)
+            sys.stdin.readline()
+
+    def end(self) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    main()
