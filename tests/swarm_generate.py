@@ -2,9 +2,10 @@
 
     python tests/swarm_generate.py MODEL INITIAL_PEER... --prompt TEXT --tokens N [--pause-after K] [--petals]
 
-Prints one JSON line with the generated token ids. With `--pause-after K` it stops after K tokens inside
-the same `generate` call, prints `PAUSED` and waits for a line on stdin before it goes on (a chat whose
-connections may break in between). `--petals`: Petals' client defaults (no server-to-server push).
+Prints one JSON line with the generated token ids and the client's connections. With `--pause-after K`
+it stops after K tokens inside the same `generate` call, prints `PAUSED` and waits for a line on stdin
+before it goes on (a chat whose connections may break in between). `--petals`: Petals' client defaults
+(no server-to-server push).
 """
 
 from __future__ import annotations
@@ -39,7 +40,16 @@ def main() -> None:
     outputs = model.generate(
         inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, streamer=streamer
     )
-    print(json.dumps({"tokens": outputs[0, inputs.shape[1] :].tolist()}), flush=True)
+    tokens = outputs[0, inputs.shape[1] :].tolist()
+    print(json.dumps({"tokens": tokens, "connections": connections(model)}), flush=True)
+
+
+def connections(model) -> dict[str, list[str]]:
+    """The addresses of the client's open connections, by peer id (a relayed one ends in /p2p-circuit)."""
+    from swarm.client.event_loop import run_sync
+
+    peers = run_sync(model.manager.p2p.list_peers(), timeout=10)
+    return {info.peer_id.to_base58(): [str(addr) for addr in info.addrs] for info in peers}
 
 
 class PauseAfter:

@@ -29,6 +29,7 @@ BENCHES = {
     "bench_generate.py": (["--tokens", "4", "--rounds", "1"], ["ratio_1server", "ratio_2servers"]),
     "bench_train.py": (["--rounds", "1", "--steps", "3", "--tokens", "16"], ["ratio_train_step"]),
     "bench_wan.py": (["--tokens", "4", "--rounds", "1"], ["ratio_wan_limit", "push_over_relay"]),
+    "bench_relay.py": (["--tokens", "4", "--rounds", "1"], ["relay_over_direct"]),
     "bench_crawl.py": (
         ["--servers", "50", "--blocks", "8", "--repeats", "1"],
         ["crawl_seconds_50", "naive_over_crawl", "status_page_ms_50"],

@@ -6,7 +6,12 @@ import pytest
 
 from swarm.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from swarm.dht import SwarmView
-from swarm.server.block_selection import block_throughputs, choose_best_start, choose_rebalance
+from swarm.server.block_selection import (
+    RELAYED_THROUGHPUT_SHARE,
+    block_throughputs,
+    choose_best_start,
+    choose_rebalance,
+)
 
 
 def view(num_blocks: int, *spans: tuple[str, int, int, ServerState, float]) -> SwarmView:
@@ -26,6 +31,16 @@ def test_block_throughputs_counts_joining_and_online_only() -> None:
         ("d", 4, 6, ServerState.ONLINE, 1.5),
     )
     assert block_throughputs(v) == [10.0, 10.0, 15.0, 5.0, 6.5, 1.5]
+
+
+def test_relayed_servers_count_for_a_share_of_their_throughput() -> None:
+    """A new server prefers the blocks that only relayed servers hold over those direct servers hold."""
+    direct = RemoteSpanInfo("direct", 0, 2, ServerInfo(ServerState.ONLINE, 10.0, using_relay=False))
+    relayed = RemoteSpanInfo("relayed", 2, 4, ServerInfo(ServerState.ONLINE, 10.0, using_relay=True))
+    v = SwarmView(prefix="Tiny-hf", num_blocks=4, spans={"direct": direct, "relayed": relayed})
+    share = 10.0 * RELAYED_THROUGHPUT_SHARE
+    assert block_throughputs(v) == [10.0, 10.0, share, share]
+    assert choose_best_start(block_throughputs(v), 2) == 2
 
 
 def test_block_throughputs_empty_swarm() -> None:

@@ -78,8 +78,8 @@ def nat_swarm(internet, make_swarm, tmp_path_factory, swarm_env):
     swarm.close()
 
 
-def generate(host, peer: str, *extra: str, pause_after: int | None = None, on_pause=None) -> list[int]:
-    """Greedy tokens from a client process on `host`; at the pause, `on_pause()` runs before it goes on."""
+def generate(host, peer: str, *extra: str, pause_after: int | None = None, on_pause=None) -> dict:
+    """Greedy tokens and connections of a client process on `host`; at the pause, `on_pause()` runs first."""
     argv = [sys.executable, str(ROOT / "tests" / "swarm_generate.py"), DEMO_MODEL, peer, "--prompt", PROMPT]
     argv += ["--tokens", str(TOKENS), *extra]
     if pause_after:
@@ -96,7 +96,7 @@ def generate(host, peer: str, *extra: str, pause_after: int | None = None, on_pa
                 process.stdin.write("go\n")
                 process.stdin.flush()
             if line.startswith("{"):
-                return json.loads(line)["tokens"]
+                return json.loads(line)
         raise AssertionError("the client printed no tokens:\n" + "".join(lines[-40:]))
     finally:
         process.kill()
@@ -123,8 +123,12 @@ def test_servers_behind_nat_find_out_and_serve_through_the_relay(nat_swarm):
 
 def test_a_chain_through_two_nats_is_exact(internet, nat_swarm, expected_tokens):
     client = internet.public_host("client")
-    assert generate(client, nat_swarm["peer"]) == expected_tokens
-    assert generate(client, nat_swarm["peer"], "--petals") == expected_tokens  # no server-to-server push
+    for options in ((), ("--petals",)):  # Petals' client defaults: no server-to-server push
+        result = generate(client, nat_swarm["peer"], *options)
+        assert result["tokens"] == expected_tokens
+        for server in nat_swarm["servers"]:  # reached through the relay, not hole-punched to direct
+            addrs = result["connections"][server.peer_id]
+            assert addrs and all(addr.endswith("/p2p-circuit") for addr in addrs), addrs
 
 
 def test_the_monitor_lists_relayed_servers_online(internet, nat_swarm, tmp_path):
@@ -157,7 +161,7 @@ def test_a_chat_goes_on_after_the_relay_restarts(internet, nat_swarm, expected_t
         assert time.monotonic() < deadline
 
     client = internet.public_host("chat")
-    assert generate(client, nat_swarm["peer"], pause_after=4, on_pause=restart_relay) == expected_tokens
+    assert generate(client, nat_swarm["peer"], pause_after=4, on_pause=restart_relay)["tokens"] == expected_tokens
 
 
 def test_without_a_relay_a_server_behind_nat_stops_with_advice(internet, make_swarm, tmp_path):

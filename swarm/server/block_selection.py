@@ -13,13 +13,21 @@ from swarm.data_structures import ServerState
 from swarm.dht import SwarmView
 
 
+# A relayed server counts for this share of its throughput when servers choose blocks: each of its steps
+# crosses the relay too, and a relay's circuits are limited and reset, so its blocks need direct servers
+# more than others do (Petals discounts relayed servers when it rebalances, too).
+RELAYED_THROUGHPUT_SHARE = 0.2
+
+
 def block_throughputs(view: SwarmView, *, exclude: str | None = None) -> list[float]:
-    """Summed announced throughput of joining and online servers, per block (without peer `exclude`)."""
+    """Summed announced throughput of joining and online servers, per block (without peer `exclude`);
+    relayed servers count for RELAYED_THROUGHPUT_SHARE of theirs."""
     totals = [0.0] * view.num_blocks
     for peer_id, span in view.spans.items():
         if peer_id != exclude and span.state in (ServerState.JOINING, ServerState.ONLINE):
+            share = RELAYED_THROUGHPUT_SHARE if span.server_info.using_relay else 1.0
             for index in range(span.start, min(span.end, view.num_blocks)):
-                totals[index] += span.server_info.throughput
+                totals[index] += share * span.server_info.throughput
     return totals
 
 
