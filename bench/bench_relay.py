@@ -53,7 +53,9 @@ def connection_kind(model, peer_id: str) -> str:
     peers = run_sync(model.manager.p2p.list_peers(), timeout=10)
     addrs = [str(addr) for info in peers if info.peer_id.to_base58() == peer_id for addr in info.addrs]
     relayed = {"/p2p-circuit" in addr for addr in addrs}
-    return {frozenset({True}): "relay", frozenset({False}): "direct"}.get(frozenset(relayed), "both" if addrs else "none")
+    return {frozenset({True}): "relay", frozenset({False}): "direct"}.get(
+        frozenset(relayed), "both" if addrs else "none"
+    )
 
 
 def ms_per_token(model, inputs: torch.Tensor, tokens: int) -> tuple[float, torch.Tensor]:
@@ -84,10 +86,14 @@ def main() -> None:
             peers = swarm.start_dht()
             port = free_port()
             server = swarm.start_server(path, "--relay", "always", "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}")
-            clients = {mode: AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=peers) for mode in times}
+            clients = {
+                mode: AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=peers) for mode in times
+            }
             try:
                 own_address = Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")
-                connect = clients["direct"].manager.p2p._client.connect(PeerID.from_base58(server.peer_id), [own_address])
+                connect = clients["direct"].manager.p2p._client.connect(
+                    PeerID.from_base58(server.peer_id), [own_address]
+                )
                 run_sync(connect, timeout=30)
                 for model in clients.values():  # warm-up: routes, pings, connections
                     model.generate(inputs, max_new_tokens=4, do_sample=False)

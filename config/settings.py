@@ -160,6 +160,7 @@ SWARM_INITIAL_PEERS = envlist("SWARM_INITIAL_PEERS") or (
 SWARM_DEMO_MODEL = envstr("SWARM_DEMO_MODEL", str(DEMO_MODEL_PATH))  # tiny Llama the demo serves
 SWARM_DEMO_MOE_MODEL = envstr("SWARM_DEMO_MOE_MODEL", str(DEMO_MOE_MODEL_PATH))  # tiny Mixtral (sparse MoE) beside it
 SWARM_HEALTH_URL = envstr("SWARM_HEALTH_URL")
+SWARM_USE_RELAY = envbool("SWARM_USE_RELAY", True)  # the site dials servers behind NAT through their relays
 SWARM_REQUEST_TIMEOUT = envfloat("SWARM_REQUEST_TIMEOUT", 30.0)
 SWARM_MAX_LENGTH = envint("SWARM_MAX_LENGTH", 4096)
 SWARM_HOST_MADDRS = envlist("SWARM_HOST_MADDRS", ["/ip4/0.0.0.0/tcp/0"])

@@ -13,11 +13,12 @@ import multiprocessing
 import os
 import threading
 
+from django.conf import settings
 from hivemind import DHT
 from hivemind.dht.node import DHTNode
 
 from monitor.crawl import PingCache
-from swarm.dht import DHT_START_TIMEOUT, OwnedDHT
+from swarm.dht import DHT_START_TIMEOUT, OwnedDHT, RelaySettings
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,11 @@ def start_dht(initial_peers: list[str], timeout: float = DHT_START_TIMEOUT) -> D
 
     A crawler wants the latest values from the network every time, and must not write as a side effect
     of reading: no local cache of what it read, no caching of it on other nodes."""
+    relay = RelaySettings(use_relay=getattr(settings, "SWARM_USE_RELAY", True))
     dht = OwnedDHT(  # exits with this process, even a SIGKILLed one (a Celery task past its hard time limit)
         initial_peers=initial_peers,
+        p2pd_flags=relay.p2pd_flags(),
+        **relay.p2p_kwargs(),
         client_mode=True,
         num_workers=32,
         cache_locally=False,

@@ -115,10 +115,11 @@ class ModelRegistry:
         with self._dht_lock:
             if key not in self._dhts:
                 from swarm.client.config import ClientConfig
-                from swarm.dht import create_dht
+                from swarm.dht import RelaySettings, create_dht
 
                 # Client mode, like the engine's own: this process only asks, it never stores records.
-                self._dhts[key] = create_dht(key, client_mode=True, host_maddrs=ClientConfig().host_maddrs)
+                relay = RelaySettings(use_relay=getattr(settings, "SWARM_USE_RELAY", True))
+                self._dhts[key] = create_dht(key, client_mode=True, host_maddrs=ClientConfig().host_maddrs, relay=relay)
             return self._dhts[key]
 
     # ----- the distributed model -----

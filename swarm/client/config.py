@@ -24,6 +24,8 @@ class ClientConfig:
     # True: always; False: never.
     use_server_to_server: bool | None = None
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
+    # Dial servers behind NAT through their relays (README, "Serving from home"); False: p2pd relays nothing.
+    use_relay: bool = True
     # A LoRA adapter served by the swarm (its name as servers announce it): only servers that
     # announce it are used, and they run every request with it. None: the base model.
     active_adapter: str | None = None

@@ -34,7 +34,7 @@ from swarm.client.inference_session import InferenceSession
 from swarm.client.ptune import PromptTuning, check_tuning_options
 from swarm.client.remote_sequential import remote_sequential
 from swarm.client.routing import SequenceManager
-from swarm.dht import create_dht
+from swarm.dht import RelaySettings, create_dht
 from swarm.models.family import ModelFamily, ResolvedNames
 from swarm.models.registry import dht_prefix_for, family_for, prepare_config
 
@@ -306,7 +306,12 @@ def load_distributed_model(
 
     owns_dht = dht is None
     if dht is None:
-        dht = create_dht(client_config.initial_peers, client_mode=True, host_maddrs=client_config.host_maddrs)
+        dht = create_dht(
+            client_config.initial_peers,
+            client_mode=True,
+            host_maddrs=client_config.host_maddrs,
+            relay=RelaySettings(use_relay=client_config.use_relay),
+        )
     try:
         p2p = run_sync(dht.replicate_p2p(), timeout=60)
         manager = SequenceManager(dht, p2p, prefix, family.num_blocks(config), client_config, name_or_path)

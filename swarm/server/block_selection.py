@@ -12,7 +12,6 @@ import torch
 from swarm.data_structures import ServerState
 from swarm.dht import SwarmView
 
-
 # A relayed server counts for this share of its throughput when servers choose blocks: each of its steps
 # crosses the relay too, and a relay's circuits are limited and reset, so its blocks need direct servers
 # more than others do (Petals discounts relayed servers when it rebalances, too).
