@@ -1,15 +1,19 @@
-"""Relay settings and addresses (swarm.relays, swarm.dht.RelaySettings): pure logic, no network."""
+"""Relay settings and addresses (swarm.relays, swarm.dht.RelaySettings) and answers to reachability checks:
+pure logic, no network."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.proto import dht_pb2
 
 from swarm.dht import RelaySettings
 from swarm.relays import CIRCUIT, circuit_addresses, circuit_maddr, p2pd_flags, peer_id_of, relay_p2pd_flags
+from swarm.server.reachability import ReachabilityProtocol
 
 RELAY_ID = "12D3KooWSkWCQqchb7vM9JXfPdCz6zsqwYusaXpFqBZ5NPe2rtHo"
 SERVER_ID = "12D3KooWNS8BUH27E7cxS43fK1Ash9ZbpZzHsGvy71oXp7NyQBDU"
@@ -69,3 +73,17 @@ def test_extra_flags_reach_the_p2pd_command_line_only_where_they_are_allowed() -
     assert "-relayDiscovery=0" in static
     assert not any(arg.startswith("-relayDiscovery") for arg in discovery)  # p2pd would refuse to start
     assert not any(arg.startswith("-relayDiscovery") for arg in P2P._make_process_args("p2pd", trustedRelays=RELAY))
+
+
+def check(protocol: ReachabilityProtocol, node_id: bytes) -> bool:
+    request = dht_pb2.PingRequest(peer=dht_pb2.NodeInfo(node_id=node_id))
+    context = P2PContext(handle_name="ReachabilityProtocol.rpc_check", local_id=PeerID.from_base58(SERVER_ID))
+    return asyncio.run(protocol.rpc_check(request, context)).available
+
+
+def test_rpc_check_answers_about_itself_and_refuses_bad_ids_without_dialing() -> None:
+    protocol = ReachabilityProtocol(probe=None)  # no probe: any dial would fail the test with an error
+    assert check(protocol, PeerID.from_base58(SERVER_ID).to_bytes()) is True
+    assert check(protocol, b"") is False
+    assert check(protocol, b"\x12" * 5_000_000) is False  # refused before any work on it
+    assert check(protocol, PeerID.from_base58(RELAY_ID).to_bytes()) is False  # cannot dial: says so

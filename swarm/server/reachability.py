@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 5.0  # seconds for a peer to answer a check about itself; twice that to dial someone else
 MAX_CHECKERS = 5  # peers asked to dial us back; direct if at least half of those who answered could
+MAX_PEER_ID_BYTES = 64  # a peer id is a multihash: 34 bytes (RSA keys, SHA-256) or 38 (Ed25519 keys, inline)
 MAX_CONCURRENT_CHECKS = 8  # checks for others at a time: strangers must not make us dial the world
 # A probe that dials others directly, as a client out there would: no relay, no listening, no port mapping.
 PROBE_OPTIONS = dict(dht_mode="client", use_relay=False, auto_nat=False, nat_port_map=False, no_listen=True)
@@ -61,11 +62,9 @@ class ReachabilityProtocol(ServicerBase):
         return bool(response.available)
 
     async def rpc_check(self, request: dht_pb2.PingRequest, context: P2PContext) -> dht_pb2.PingResponse:
-        try:
-            check_peer = PeerID(request.peer.node_id)
-            check_peer.to_base58()  # a malformed id fails here, not inside the dial
-        except Exception:
+        if not 0 < len(request.peer.node_id) <= MAX_PEER_ID_BYTES:  # base58 of a huge id would stall the loop
             return dht_pb2.PingResponse(available=False)
+        check_peer = PeerID(request.peer.node_id)
         if check_peer == context.local_id:
             return dht_pb2.PingResponse(available=True)
         if self.probe is None or self._checks.locked():
