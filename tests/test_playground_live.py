@@ -489,7 +489,7 @@ def test_chat_page_streams_stops_and_continues(site):
             )
             second = page.locator(".message.assistant").last
             meta = second.locator(".meta").inner_text()
-            assert re.search(r"\d+ tokens · [\d.]+ tokens/s · route: \S+ blocks 0:8", meta), meta
+            assert re.search(r"\d+ tokens · [\d.]+ tokens/s( · length limit)? · route: \S+ blocks 0:8", meta), meta
             assert len(second.locator(".text").inner_text()) > 0
             assert page.locator(".message.user").count() == 2
 
