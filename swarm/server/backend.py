@@ -272,13 +272,17 @@ class SpanBackend:
         """
         if len(steps) == 1:
             step = steps[0]
-            return [self.inference_step(step.hidden, step.cache, step.prompts, step.hypo_ids, adapter)]
+            hypo_ids, step.hypo_ids = step.hypo_ids, None  # applied once, even if this step is computed again
+            return [self.inference_step(step.hidden, step.cache, step.prompts, hypo_ids, adapter)]
         caches = [step.cache for step in steps]
         for step in steps:
             if step.prompts is not None and step.cache.position == 0:
                 raise ValueError("a session's first step with deep prompts is computed alone")
+        for step in steps:
             if step.hypo_ids is not None:
+                # Once: if this batch fails, the batcher computes each step again alone, on reordered caches.
                 step.cache.reorder(step.hypo_ids.to(self.device))
+                step.hypo_ids = None
         length = steps[0].hidden.shape[1]
         first = caches[0].first_block
         if any(c.first_block != first or c.num_blocks != caches[0].num_blocks for c in caches):

@@ -74,6 +74,24 @@ class _Session:
     empty_step_seen: bool = False  # one empty step may open a session (Petals' clients), no more
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     seen_steps: OrderedDict[Any, None] = dataclasses.field(default_factory=OrderedDict)
+    applying: set[asyncio.Future] = dataclasses.field(default_factory=set)  # steps being applied (see _apply_step)
+    closed: bool = False  # ended: steps that come later change nothing
+    broken: str | None = None  # why a step failed mid-computation: the cache is not trusted after it
+
+    async def close(self) -> None:
+        """End the session once no step is being applied to it: its cache may be freed after this."""
+        async with self.lock:
+            self.closed = True
+        await asyncio.gather(*self.applying, return_exceptions=True)
+
+
+def _finish_applying(session: _Session) -> Callable[[asyncio.Future], None]:
+    def finish(applying: asyncio.Future) -> None:
+        session.applying.discard(applying)
+        if not applying.cancelled():
+            applying.exception()  # retrieved: a requester that was cancelled no longer waits for it
+
+    return finish
 
 
 class ShuttingDown(RuntimeError):
@@ -456,10 +474,7 @@ class TransformerConnectionHandler(ServicerBase):
             if session is None:  # as Petals does: the session may have ended, or never been opened here
                 logger.debug("Ignoring a push from %s for an unknown session", context.remote_id)
                 return runtime_pb2.ExpertResponse()
-            response = await self._inference_step(session, request, metadata)
-            if response is not None:
-                self.pushes_received += 1
-                await write_message(session.writer, response)
+            await self._inference_step(session, request, metadata, pushed=True)
             return runtime_pb2.ExpertResponse()
 
     async def _serve_inference_stream(
@@ -545,9 +560,10 @@ class TransformerConnectionHandler(ServicerBase):
                         request = await self._next_request(reader, max_bytes, deadline)
                         metadata = loads_metadata(request.metadata) if request is not None else {}
                 finally:
-                    self.batcher.session_closed(cache)
                     if session_id is not None and self._sessions.get(session_id) is session:
                         del self._sessions[session_id]
+                    await session.close()  # a step still being applied (a push) finishes before the cache goes
+                    self.batcher.session_closed(cache)
         return request is None
 
     @contextlib.contextmanager
@@ -603,10 +619,31 @@ class TransformerConnectionHandler(ServicerBase):
         return hidden_bytes * (tensors + self.backend.end - self.backend.start) + 2**20
 
     async def _inference_step(
-        self, session: _Session, request: runtime_pb2.ExpertRequest, metadata: dict[str, Any]
+        self, session: _Session, request: runtime_pb2.ExpertRequest, metadata: dict[str, Any], pushed: bool = False
     ) -> runtime_pb2.ExpertResponse | None:
-        """One step of a session, from its client or pushed; None if this step was computed already."""
+        """One step of a session, from its client or pushed; None if this step was computed already.
+
+        The step is applied by a task of its own that the requester only waits for: a request cancelled
+        mid-step (a push whose sender timed out, a stream torn down) cannot stop it between advancing the
+        cache and recording the step id, so each step is applied exactly once, whichever copy comes first.
+        """
+        applying = asyncio.ensure_future(self._apply_step(session, request, metadata, pushed))
+        session.applying.add(applying)
+        applying.add_done_callback(_finish_applying(session))
+        return await asyncio.shield(applying)
+
+    async def _apply_step(
+        self, session: _Session, request: runtime_pb2.ExpertRequest, metadata: dict[str, Any], pushed: bool
+    ) -> runtime_pb2.ExpertResponse | None:
+        """The serialized path of every change to a session's state (see `_inference_step`)."""
         async with session.lock:  # a pushed step and the client's steps never interleave
+            if session.closed:
+                return None
+            if session.broken is not None:
+                raise BadRequest(
+                    f"an earlier step of this session failed while it computed ({session.broken[:200]}); its "
+                    "attention cache cannot be trusted: open a new session"
+                )
             step_id = metadata.get("step_id")
             if step_id is not None:
                 if not isinstance(step_id, (str, int, bytes)):
@@ -641,7 +678,13 @@ class TransformerConnectionHandler(ServicerBase):
                 output = hidden
             else:
                 cache.position = position
-                output = await self.batcher.step(hidden, cache, prompts, hypo_ids, session.adapter)
+                try:
+                    output = await self.batcher.step(hidden, cache, prompts, hypo_ids, session.adapter)
+                except Exception as e:
+                    # The step may have reordered the cache (beam search) or written part of it: applying it
+                    # again would not give what applying it once gives. The client replays on a new session.
+                    session.broken = f"{type(e).__name__}: {e}"
+                    raise
                 session.steps_computed += 1
             if step_id is not None:  # only now: a step that failed may still come again
                 session.seen_steps[step_id] = None
@@ -657,7 +700,12 @@ class TransformerConnectionHandler(ServicerBase):
                     push.add_done_callback(self._pushes.discard)
                 else:  # the client sends the step to the next server itself anyway
                     logger.debug("Not pushing a step: %d pushes are in flight already", len(self._pushes))
-            return runtime_pb2.ExpertResponse(tensors=[serialized])
+            response = runtime_pb2.ExpertResponse(tensors=[serialized])
+            if pushed:  # the client's own copy of this step will be dropped: the outputs go to it from here
+                self.pushes_received += 1
+                with contextlib.suppress(Exception):  # a client gone meanwhile: its stream's end closes the session
+                    await write_message(session.writer, response)
+            return response
 
     async def _push_outputs(
         self, output: runtime_pb2.Tensor, request: runtime_pb2.ExpertRequest, metadata: dict[str, Any]

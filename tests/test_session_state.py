@@ -1,0 +1,224 @@
+"""A session's state has one owner: a step is applied exactly once or not at all, whatever copy comes first,
+is cancelled or fails.
+
+In-process: a real backend (two blocks of the demo model) behind a handler, its compute held at a gate
+so that a request can be cancelled exactly while its step computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+from transformers import AutoConfig
+
+from swarm.checkpoint import CheckpointFiles
+from swarm.models.registry import family_for, prepare_config
+from swarm.names import block_uids, join_chain
+from swarm.server.backend import load_span
+from swarm.server.batching import StepBatcher
+from swarm.server.handler import TransformerConnectionHandler, _Session
+from swarm.server.memory_cache import KVCachePool
+from swarm.streams import read_message
+from swarm.wire import BadRequest, deserialize, dumps_metadata, loads_metadata, pack_args, serialize
+from tests.conftest import DEMO_MODEL
+
+PREFIX = "demo_model-hf"
+
+
+@pytest.fixture(scope="module")
+def backend():
+    config = prepare_config(AutoConfig.from_pretrained(DEMO_MODEL))
+    return load_span(CheckpointFiles(DEMO_MODEL), family_for(config), config, 0, 2, torch.float32, torch.device("cpu"))
+
+
+def step_request(hidden: torch.Tensor, **metadata) -> runtime_pb2.ExpertRequest:
+    tensors, structure = pack_args([hidden, torch.empty(0), torch.empty(0, dtype=torch.int64)])
+    return runtime_pb2.ExpertRequest(
+        uid=join_chain(block_uids(PREFIX, 0, 2)),
+        tensors=[serialize(t) for t in tensors],
+        metadata=dumps_metadata({"args_structure": structure, **metadata}),
+    )
+
+
+async def apply(handler, session, request: runtime_pb2.ExpertRequest, **kwargs):
+    return await handler._inference_step(session, request, loads_metadata(request.metadata), **kwargs)
+
+
+class ClientStream:
+    """What the handler writes to a session's client, readable as frames."""
+
+    def __init__(self) -> None:
+        self.reader = asyncio.StreamReader()
+
+    def write(self, data: bytes) -> None:
+        self.reader.feed_data(data)
+
+    async def drain(self) -> None:
+        pass
+
+    async def outputs(self) -> list[torch.Tensor]:
+        self.reader.feed_eof()
+        frames = []
+        while not self.reader.at_eof():
+            message = await read_message(self.reader, runtime_pb2.ExpertResponse, 1 << 24)
+            frames.append(deserialize(message.tensors)[0])
+        return frames
+
+
+def test_a_push_cancelled_mid_step_is_applied_once_and_answers_the_client(backend, monkeypatch):
+    """The sender of a push times out while the step computes: the step still counts once, its outputs still
+    reach the client, and the client's own copy of the step is dropped instead of computed again at P+n."""
+    handler = TransformerConnectionHandler(backend, PREFIX, KVCachePool(2**26), max_length=64)
+    prompt, following = torch.randn(1, 5, backend.hidden_size), torch.randn(1, 1, backend.hidden_size)
+    reference_cache = backend.new_cache(0, 2, 1, 64)
+    expected = [backend.inference_step(prompt, reference_cache), backend.inference_step(following, reference_cache)]
+
+    entered, gate = threading.Event(), threading.Event()
+    compute = backend.inference_steps
+
+    def gated(*args, **kwargs):
+        entered.set()
+        assert gate.wait(30)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "inference_steps", gated)
+
+    async def run():
+        client = ClientStream()
+        session = _Session(backend.new_cache(0, 2, 1, 64), 0, 2, 64, 1, client)
+        handler._sessions["s"] = session
+        push = asyncio.create_task(
+            handler.rpc_push(step_request(prompt, session_id="s", step_id="one", pushed=True), SimpleNamespace())
+        )
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
+        push.cancel()  # the sender's timeout, while the step computes
+        await asyncio.gather(push, return_exceptions=True)
+        gate.set()
+        own_copy = await apply(handler, session, step_request(prompt, step_id="one"))
+        assert own_copy is None  # applied already: not computed a second time
+        assert session.cache.position == 5
+        answer = await apply(handler, session, step_request(following, step_id="two"))
+        await session.close()
+        await handler.batcher.close()
+        return await client.outputs(), deserialize(answer.tensors)[0], session
+
+    pushed_outputs, second, session = asyncio.run(run())
+    assert len(pushed_outputs) == 1  # the pushed step's outputs reached the client once
+    torch.testing.assert_close(pushed_outputs[0], expected[0])
+    torch.testing.assert_close(second, expected[1])  # the next token sees the prompt cached once
+    assert session.cache.position == 6 and session.closed
+    handler.executor.shutdown(wait=True)
+
+
+def test_a_session_ends_only_after_the_step_applied_to_it(backend, monkeypatch):
+    """A session whose stream ends while a pushed step computes on it waits for that step before its cache goes."""
+    handler = TransformerConnectionHandler(backend, PREFIX, KVCachePool(2**26), max_length=64)
+    entered, gate = threading.Event(), threading.Event()
+    compute = backend.inference_steps
+
+    def gated(*args, **kwargs):
+        entered.set()
+        assert gate.wait(30)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "inference_steps", gated)
+
+    async def run():
+        session = _Session(backend.new_cache(0, 2, 1, 64), 0, 2, 64, 1, ClientStream())
+        hidden = torch.randn(1, 3, backend.hidden_size)
+        applying = asyncio.create_task(apply(handler, session, step_request(hidden), pushed=True))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
+        closing = asyncio.create_task(session.close())
+        await asyncio.sleep(0.2)
+        assert not closing.done()  # still computing on the session's cache
+        gate.set()
+        await asyncio.wait_for(closing, 30)
+        assert applying.done() and session.cache.position == 3
+        late = await apply(handler, session, step_request(hidden))
+        assert late is None and session.cache.position == 3  # a closed session changes no more
+        await handler.batcher.close()
+
+    asyncio.run(run())
+    handler.executor.shutdown(wait=True)
+
+
+def test_a_beam_reorder_is_applied_once_when_a_stacked_batch_is_computed_again(backend, monkeypatch):
+    """A stacked forward that fails after the sessions' caches were reordered is computed again step by step:
+    the reorders must not be applied a second time (a swap applied twice is no swap)."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(2, 3, backend.hidden_size, generator=generator) for _ in range(2)]
+    steps = [torch.randn(2, 1, backend.hidden_size, generator=generator) for _ in range(2)]
+    swap = torch.tensor([1, 0])
+    expected = []
+    for prompt, hidden in zip(prompts, steps):
+        cache = backend.new_cache(0, 2, 2, 16)
+        backend.inference_step(prompt, cache)
+        expected.append(backend.inference_step(hidden, cache, hypo_ids=swap))
+
+    caches = [backend.new_cache(0, 2, 2, 16) for _ in prompts]
+    for prompt, cache in zip(prompts, caches):
+        backend.inference_step(prompt, cache)
+    run = backend._run
+
+    def stacked_forward_fails(*args, **kwargs):
+        if kwargs.get("row_offsets", args[7] if len(args) > 7 else None) is not None:
+            raise RuntimeError("out of memory (simulated) in a stacked forward")
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "_run", stacked_forward_fails)
+
+    async def both_steps():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = StepBatcher(backend, executor)
+            try:
+                return await asyncio.gather(*(batcher.step(h, c, hypo_ids=swap) for h, c in zip(steps, caches)))
+            finally:
+                await batcher.close()
+
+    outputs = asyncio.run(both_steps())
+    for output, wanted, cache in zip(outputs, expected, caches):
+        torch.testing.assert_close(output, wanted)
+        assert cache.position == 4
+
+
+def test_a_step_that_fails_while_it_computes_ends_the_sessions_use(backend, monkeypatch):
+    """A step that fails mid-computation may have reordered or written the cache: the client's copy of it (or any
+    later step) is refused with a clear error instead of being applied to a cache in an unknown state."""
+    handler = TransformerConnectionHandler(backend, PREFIX, KVCachePool(2**26), max_length=64)
+    compute = backend.inference_steps
+
+    def reorder_then_fail(steps, adapter=None):
+        for step in steps:
+            step.cache.reorder(step.hypo_ids)
+        raise RuntimeError("device lost (simulated)")
+
+    async def run():
+        session = _Session(backend.new_cache(0, 2, 2, 64), 0, 2, 64, 2, ClientStream())
+        await apply(handler, session, step_request(torch.randn(2, 3, backend.hidden_size)))
+        monkeypatch.setattr(backend, "inference_steps", reorder_then_fail)
+        beam_step = step_request_with_hypo_ids(torch.randn(2, 1, backend.hidden_size), torch.tensor([1, 0]), "b")
+        with pytest.raises(RuntimeError, match="device lost"):
+            await apply(handler, session, beam_step, pushed=True)
+        monkeypatch.setattr(backend, "inference_steps", compute)
+        with pytest.raises(BadRequest, match="cannot be trusted: open a new session"):
+            await apply(handler, session, beam_step)  # the client's own copy
+        await session.close()
+        await handler.batcher.close()
+
+    asyncio.run(run())
+    handler.executor.shutdown(wait=True)
+
+
+def step_request_with_hypo_ids(hidden: torch.Tensor, hypo_ids: torch.Tensor, step_id: str) -> runtime_pb2.ExpertRequest:
+    tensors, structure = pack_args([hidden, torch.empty(0), hypo_ids])
+    return runtime_pb2.ExpertRequest(
+        uid=join_chain(block_uids(PREFIX, 0, 2)),
+        tensors=[serialize(t) for t in tensors],
+        metadata=dumps_metadata({"args_structure": structure, "step_id": step_id}),
+    )
