@@ -55,4 +55,5 @@ def test_peers_answer_checks_about_themselves_and_others(swarm):
 
 def test_check_direct_reachability_on_loopback(swarm):
     direct, checks = run_sync(check_direct_reachability(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"]), timeout=60)
-    assert direct is True and checks == "1/1"
+    could, asked = checks.split("/")
+    assert direct is True and could == asked and int(asked) >= 1  # the bootstrap peer, and the server if found
