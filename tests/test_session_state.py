@@ -222,3 +222,47 @@ def step_request_with_hypo_ids(hidden: torch.Tensor, hypo_ids: torch.Tensor, ste
         tensors=[serialize(t) for t in tensors],
         metadata=dumps_metadata({"args_structure": structure, "step_id": step_id}),
     )
+
+
+@pytest.mark.parametrize(
+    "next_servers, error",
+    [
+        ([["12D3KooWNS8BUH27E7cxS43fK1Ash9ZbpZzHsGvy71oXp7NyQBDU", "s2", 2, 10**6]], "within 4096 blocks"),
+        ([["12D3KooWNS8BUH27E7cxS43fK1Ash9ZbpZzHsGvy71oXp7NyQBDU", "s2", 0, 4]], "start where the previous one ends"),
+        ([["12D3KooWNS8BUH27E7cxS43fK1Ash9ZbpZzHsGvy71oXp7NyQBDU", "s2", 2, 4]] * 65, "at most 64 servers"),
+        ([["not a peer id", "s2", 2, 4]], "not a valid base58 peer id"),
+        ([["12D3KooWNS8BUH27E7cxS43fK1Ash9ZbpZzHsGvy71oXp7NyQBDU", "s" * 129, 2, 4]], "1 to 128 characters"),
+        ([["12D3KooWNS8BUH27E7cxS43fK1Ash9ZbpZzHsGvy71oXp7NyQBDU", "s2", 2, True]], "start where"),
+        ("peer", "must be a list"),
+    ],
+)
+def test_next_servers_are_checked_before_the_step(backend, next_servers, error):
+    """Strangers' next_servers are validated first: nothing is computed or built from a bad one."""
+    handler = TransformerConnectionHandler(backend, PREFIX, KVCachePool(2**26), max_length=64)
+
+    async def run():
+        session = _Session(backend.new_cache(0, 2, 1, 64), 0, 2, 64, 1, ClientStream())
+        request = step_request(torch.randn(1, 2, backend.hidden_size), step_id="x", next_servers=next_servers)
+        with pytest.raises(BadRequest, match=error):
+            await apply(handler, session, request)
+        assert session.cache.position == 0 and not handler._pushes
+        await session.close()
+        await handler.batcher.close()
+
+    asyncio.run(run())
+    handler.executor.shutdown(wait=True)
+
+
+def test_step_ids_are_short(backend):
+    handler = TransformerConnectionHandler(backend, PREFIX, KVCachePool(2**26), max_length=64)
+
+    async def run():
+        session = _Session(backend.new_cache(0, 2, 1, 64), 0, 2, 64, 1, ClientStream())
+        with pytest.raises(BadRequest, match="step_id must be at most 128 characters"):
+            await apply(handler, session, step_request(torch.randn(1, 1, backend.hidden_size), step_id="x" * 1000))
+        assert not session.seen_steps
+        await session.close()
+        await handler.batcher.close()
+
+    asyncio.run(run())
+    handler.executor.shutdown(wait=True)

@@ -52,6 +52,10 @@ STREAM_CHUNK_BYTES = 2 * 1024**2  # half the daemon's 4 MiB message limit
 MAX_BATCH_SIZE = 64
 MAX_SEEN_STEPS = 4096
 MAX_SESSION_ID_LENGTH = 128
+MAX_STEP_ID_LENGTH = 128
+MAX_PEER_ID_LENGTH = 128  # a session keeps up to MAX_SEEN_STEPS of them
+MAX_NEXT_SERVERS = 64  # servers after this one in a pushed chain
+MAX_CHAIN_BLOCKS = 4096  # blocks a pushed chain may span (models have a few hundred at most)
 INFERENCE_HANDLE = "TransformerConnectionHandler.rpc_inference"  # served on a raw stream, see swarm.streams
 MAX_STREAM_PARTS = 100_000
 # One message of a streamed forward/backward: Petals splits tensors in parts of DEFAULT_MAX_MSG_SIZE
@@ -83,6 +87,31 @@ class _Session:
         async with self.lock:
             self.closed = True
         await asyncio.gather(*self.applying, return_exceptions=True)
+
+
+def _check_next_servers(next_servers: Any, after: int) -> None:
+    """`next_servers` (PROTOCOL.md: `[peer_id, session_id, start, end]` each) must chain on from block `after`,
+    before anything is built from it (a span of 10**9 blocks would be a billion block names)."""
+    if not isinstance(next_servers, (list, tuple)) or len(next_servers) > MAX_NEXT_SERVERS:
+        raise BadRequest(f"next_servers must be a list of at most {MAX_NEXT_SERVERS} servers")
+    for entry in next_servers:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 4:
+            raise BadRequest("each of next_servers must be [peer_id, session_id, start, end]")
+        peer_id, session_id, start, end = entry
+        if not isinstance(peer_id, str) or not 0 < len(peer_id) <= MAX_PEER_ID_LENGTH:
+            raise BadRequest("next_servers: a peer id must be a short string")
+        if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID_LENGTH:
+            raise BadRequest(f"next_servers: a session id must be 1 to {MAX_SESSION_ID_LENGTH} characters")
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in (start, end)) or start != after:
+            raise BadRequest(f"next_servers: each span must start where the previous one ends (block {after})")
+        if not start < end <= after + MAX_CHAIN_BLOCKS:
+            raise BadRequest(f"next_servers: a span must end after its start, within {MAX_CHAIN_BLOCKS} blocks")
+        after = end
+    try:
+        for entry in next_servers:
+            PeerID.from_base58(entry[0])
+    except Exception:
+        raise BadRequest("next_servers: a peer id is not a valid base58 peer id") from None
 
 
 def _finish_applying(session: _Session) -> Callable[[asyncio.Future], None]:
@@ -646,10 +675,14 @@ class TransformerConnectionHandler(ServicerBase):
                 )
             step_id = metadata.get("step_id")
             if step_id is not None:
-                if not isinstance(step_id, (str, int, bytes)):
+                if isinstance(step_id, bool) or not isinstance(step_id, (str, int, bytes)):
                     raise BadRequest("step_id must be a string or an integer")
+                if isinstance(step_id, (str, bytes)) and len(step_id) > MAX_STEP_ID_LENGTH:
+                    raise BadRequest(f"step_id must be at most {MAX_STEP_ID_LENGTH} characters")  # kept per session
                 if step_id in session.seen_steps:
                     return None  # the other copy (pushed or the client's) came first
+            if metadata.get("next_servers"):
+                _check_next_servers(metadata["next_servers"], session.last)
             cache = session.cache
             args = unpack_args(deserialize(request.tensors), metadata.get("args_structure"))
             hidden = self._check_hidden(args[0])
