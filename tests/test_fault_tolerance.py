@@ -11,6 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client.event_loop import run_sync
+from swarm.client.inference_session import SessionError
 from tests.conftest import DEMO_MODEL, start_swarm
 
 pytestmark = pytest.mark.integration
@@ -80,6 +81,53 @@ def test_a_server_gone_before_the_session_opens_is_avoided(make_swarm, caplog):
                 actual = model.generate(inputs, max_new_tokens=16, do_sample=False, min_new_tokens=16)
             assert f"Server {first_choice.peer_id} cannot be reached" in caplog.text
             assert actual.tolist() == expected.tolist()
+        finally:
+            model.close()
+    finally:
+        swarm.close()
+
+
+def test_a_server_that_fails_every_step_is_given_up_on_with_a_clear_error(make_swarm, caplog):
+    """A server that refuses every session (here: its max length is below the session's) costs each retry a
+    WARNING naming it and its error; after max_retries the step fails with a SessionError that says why, and
+    the session refuses further steps instead of feeding servers tokens at different positions."""
+    swarm = start_swarm(make_swarm, "0:8", extra=("--max-length", "16"))
+    try:
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            DEMO_MODEL, initial_peers=swarm.initial_peers, max_retries=2, ban_seconds=0.2, missing_blocks_timeout=5
+        )
+        try:
+            peer = swarm.processes[-1].peer_id
+            with model.inference_session(max_length=64) as session:
+                failing = pytest.raises(SessionError, match=r"failed 3 times \(max_retries=2\).*max_length")
+                with caplog.at_level(logging.WARNING, logger="swarm.client.inference_session"), failing:
+                    session.step(torch.zeros(1, 2, model.config.hidden_size))
+                assert caplog.text.count(f"Server {peer} failed on blocks 0:8") == 2  # the retries; then it gives up
+                with pytest.raises(SessionError, match="open a new one"):
+                    session.step(torch.zeros(1, 2, model.config.hidden_size))
+        finally:
+            model.close()
+    finally:
+        swarm.close()
+
+
+def test_a_replacement_that_fails_while_replaying_counts_as_a_failure(make_swarm):
+    """The server of a session dies; the only replacement refuses the replay: the client retries within
+    max_retries and fails with a SessionError, not with the replacement's raw error."""
+    swarm = start_swarm(make_swarm, "0:8")
+    try:
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            DEMO_MODEL, initial_peers=swarm.initial_peers, max_retries=2, ban_seconds=0.2, missing_blocks_timeout=5
+        )
+        try:
+            with model.inference_session(max_length=64) as session:
+                session.step(torch.zeros(1, 4, model.config.hidden_size))
+                first = swarm.processes[-1]
+                swarm.start_server(DEMO_MODEL, "--block-indices", "0:8", "--max-length", "16")
+                first.kill()
+                run_sync(model.manager.refresh(force=True), timeout=60)
+                with pytest.raises(SessionError, match=r"max_retries=2"):
+                    session.step(torch.zeros(1, 1, model.config.hidden_size))
         finally:
             model.close()
     finally:

@@ -49,6 +49,14 @@ class SessionError(RuntimeError):
     """An inference step failed on every server tried."""
 
 
+class _ReplayError(RuntimeError):
+    """A replacement server failed while its session was rebuilt (the cause is chained)."""
+
+    def __init__(self, span: RouteSpan):
+        super().__init__(f"server {span.peer_id} failed while replaying blocks {span.start}:{span.end}")
+        self.span = span
+
+
 class ServerSession:
     """One open rpc_inference stream to one server, for blocks [span.start, span.end)."""
 
@@ -206,6 +214,7 @@ class InferenceSession:
         self._hypo_ids: torch.Tensor | None = None  # a reorder the servers have yet to apply
         self._push_decisions: dict[tuple[str, str], bool] = {}  # (sender, receiver) peer ids: push there?
         self.closed = False
+        self.failed: str | None = None  # why a step failed for good: the session takes no more steps
 
     # ----- sync API -----
 
@@ -225,6 +234,10 @@ class InferenceSession:
         """
         if self.closed:
             raise SessionError("this inference session is closed")
+        if self.failed is not None:
+            # Some servers of the chain may have applied the failed step and others not: reusing the session
+            # would feed them tokens at different positions.
+            raise SessionError(f"this inference session failed ({self.failed}); open a new one")
         if hypo_ids is not None:
             self.reorder(hypo_ids)
         start = self.position if self._rewind_to is None else self._rewind_to
@@ -320,24 +333,46 @@ class InferenceSession:
                 self._start_push_targets(hidden)
         step_id = str(uuid.uuid4())
         index, failures = 0, 0
-        while index < len(self.sessions):
-            session = self.sessions[index]
-            try:
-                span_prompts = _span_prompts(prompts, session.span)
-                hidden = session.step(hidden, step_id, start_from, self._next_servers(index), hypo_ids, span_prompts)
-                index += 1
-            except MissingBlocksError:
-                raise
-            except Exception as e:
-                failures += 1
-                logger.warning("Server %s failed (%s: %s); replacing it", session.span.peer_id, type(e).__name__, e)
-                self.manager.ban(session.span.peer_id)
-                if failures > self.manager.config.max_retries:
-                    raise SessionError(
-                        f"inference step failed on {failures} servers; last error: {type(e).__name__}: {e}"
-                    ) from e
-                self._replace(index, start_from)
+        try:
+            while index < len(self.sessions):
+                session = self.sessions[index]
+                try:
+                    span_prompts = _span_prompts(prompts, session.span)
+                    hidden = session.step(
+                        hidden, step_id, start_from, self._next_servers(index), hypo_ids, span_prompts
+                    )
+                    index += 1
+                    continue
+                except MissingBlocksError:
+                    raise
+                except Exception as e:
+                    failures += 1
+                    self._give_up_after(failures, session.span, e)
+                # A replacement chain can fail too, while it replays: that counts as a failure of its own.
+                while True:
+                    try:
+                        self._replace(index, start_from)
+                        break
+                    except MissingBlocksError:
+                        raise
+                    except _ReplayError as e:
+                        failures += 1
+                        self._give_up_after(failures, e.span, e.__cause__)
+        except Exception as e:
+            self.failed = f"{type(e).__name__}: {e}"
+            raise
         return hidden
+
+    def _give_up_after(self, failures: int, span: RouteSpan, error: BaseException) -> None:
+        """Log a server's failure and avoid it for a while; raise SessionError after max_retries failures."""
+        blocks, retries = f"blocks {span.start}:{span.end}", self.manager.config.max_retries
+        failure = f"server {span.peer_id} failed on {blocks}: {type(error).__name__}: {error}"
+        self.manager.ban(span.peer_id)
+        if failures > retries:
+            raise SessionError(
+                f"inference step failed {failures} times (max_retries={retries}); last, {failure}"
+            ) from error
+        logger.warning("%s; replacing it (retry %d of %d)", failure[0].upper() + failure[1:], failures, retries)
 
     def _next_servers(self, index: int) -> list[list]:
         """Petals' next_servers: the later servers of the chain that each server pushes its outputs on to,
@@ -411,11 +446,16 @@ class InferenceSession:
         replacements = self._open_chain(failed.span.start, failed.span.end)
         if history is not None and history.shape[1] > 0:
             step_id = str(uuid.uuid4())
-            for chunk in history.split(REPLAY_CHUNK_TOKENS, dim=1):
-                for session in replacements:
-                    # The first chunk starts the session: it carries the deep prompts, if any.
-                    prompts = _span_prompts(self._prompts, session.span) if session.position == 0 else None
-                    chunk = session.step(chunk, f"{step_id}-{session.position}", None, prompts=prompts)
+            session = replacements[0]
+            try:
+                for chunk in history.split(REPLAY_CHUNK_TOKENS, dim=1):
+                    for session in replacements:
+                        # The first chunk starts the session: it carries the deep prompts, if any.
+                        prompts = _span_prompts(self._prompts, session.span) if session.position == 0 else None
+                        chunk = session.step(chunk, f"{step_id}-{session.position}", None, prompts=prompts)
+            except Exception as e:
+                _close_all(replacements)  # not kept: their streams end here
+                raise _ReplayError(session.span) from e
         self.sessions[index : index + 1] = replacements
 
 
