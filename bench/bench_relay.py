@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -37,21 +36,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.client.event_loop import run_sync  # noqa: E402
 from swarm.demo_models import DEMO_MODEL_PATH  # noqa: E402
-from swarm.local_swarm import LocalSwarm  # noqa: E402
+from swarm.local_swarm import LocalSwarm, free_port  # noqa: E402
+from swarm.relays import connection_addresses  # noqa: E402
 
 PROMPT = "The function returns the value of"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def connection_kind(model, peer_id: str) -> str:
     """relay, direct or both: how the client's p2pd is connected to the server now."""
-    peers = run_sync(model.manager.p2p.list_peers(), timeout=10)
-    addrs = [str(addr) for info in peers if info.peer_id.to_base58() == peer_id for addr in info.addrs]
+    addrs = run_sync(connection_addresses(model.manager.p2p, peer_id), timeout=10)
     relayed = {"/p2p-circuit" in addr for addr in addrs}
     return {frozenset({True}): "relay", frozenset({False}): "direct"}.get(
         frozenset(relayed), "both" if addrs else "none"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 from playground.client import PlaygroundClient  # noqa: E402
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.demo_models import DEMO_MODEL_PATH  # noqa: E402
-from swarm.local_swarm import LocalSwarm  # noqa: E402
+from swarm.local_swarm import LocalSwarm, free_port  # noqa: E402
 
 QUESTION = "Explain the for statement."
 # Greedy: both paths produce exactly the same tokens, so they do the same work.
@@ -123,12 +122,6 @@ def wait_for_site(process, url: str, timeout: float) -> None:
             if process.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the site did not start:\n{process.output()[-3000:]}") from None
             time.sleep(0.2)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

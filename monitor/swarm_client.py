@@ -53,11 +53,9 @@ def start_dht(initial_peers: list[str], timeout: float = DHT_START_TIMEOUT) -> D
 
     A crawler wants the latest values from the network every time, and must not write as a side effect
     of reading: no local cache of what it read, no caching of it on other nodes."""
-    relay = RelaySettings(use_relay=getattr(settings, "SWARM_USE_RELAY", True))
     dht = OwnedDHT(  # exits with this process, even a SIGKILLed one (a Celery task past its hard time limit)
         initial_peers=initial_peers,
-        p2pd_flags=relay.p2pd_flags(),
-        **relay.p2p_kwargs(),
+        relay=RelaySettings(use_relay=getattr(settings, "SWARM_USE_RELAY", True)),
         client_mode=True,
         num_workers=32,
         cache_locally=False,

@@ -65,28 +65,6 @@ class SwarmView:
         return [index for index, count in enumerate(self.coverage()) if count == 0]
 
 
-def create_dht(
-    initial_peers: Sequence[str],
-    *,
-    client_mode: bool,
-    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
-    announce_maddrs: Sequence[str] | None = None,
-    identity_path: str | None = None,
-    relay: RelaySettings | None = None,
-) -> DHT:
-    """Start a hivemind DHT peer (a child process with its own p2pd) that exits with its parent."""
-    relay = relay or RelaySettings()
-    return OwnedDHT(
-        initial_peers=list(initial_peers),
-        client_mode=client_mode,
-        host_maddrs=list(host_maddrs),
-        announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
-        identity_path=identity_path,
-        p2pd_flags=relay.p2pd_flags(),
-        **relay.p2p_kwargs(),
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class RelaySettings:
     """A peer's libp2p relay settings (PROTOCOL.md, "Reachability and relays").
@@ -114,6 +92,26 @@ class RelaySettings:
         return relay_p2pd_flags(use_relay=self.use_relay, static_relays=bool(self.serve_through))
 
 
+def create_dht(
+    initial_peers: Sequence[str],
+    *,
+    client_mode: bool,
+    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
+    announce_maddrs: Sequence[str] | None = None,
+    identity_path: str | None = None,
+    relay: RelaySettings | None = None,
+) -> DHT:
+    """Start a hivemind DHT peer (a child process with its own p2pd) that exits with its parent."""
+    return OwnedDHT(
+        initial_peers=list(initial_peers),
+        client_mode=client_mode,
+        host_maddrs=list(host_maddrs),
+        announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+        identity_path=identity_path,
+        relay=relay,
+    )
+
+
 class OwnedDHT(DHT):
     """hivemind's DHT process, owned by the process that starts it: only the owner stops it, and it never
     outlives the owner.
@@ -128,11 +126,12 @@ class OwnedDHT(DHT):
     """
 
     def __init__(
-        self, *args: Any, start_timeout: float = DHT_START_TIMEOUT, p2pd_flags: dict | None = None, **kwargs: Any
+        self, *args: Any, start_timeout: float = DHT_START_TIMEOUT, relay: RelaySettings | None = None, **kwargs: Any
     ):
         self._owner_pid = os.getpid()
-        self._p2pd_flags = dict(p2pd_flags or {})
-        super().__init__(*args, start=False, **kwargs)
+        relay = relay or RelaySettings()
+        self._p2pd_flags = relay.p2pd_flags()  # set in the DHT process, which starts the p2pd
+        super().__init__(*args, start=False, **relay.p2p_kwargs(), **kwargs)
         try:
             self.run_in_background(await_ready=True, timeout=start_timeout)
         except BaseException:

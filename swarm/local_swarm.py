@@ -23,7 +23,8 @@ ONLINE_MARK = "Server is ONLINE"
 NETSIM_READY_MARK = "netsim listening on"  # swarm.netsim's READY_MARK (not imported: this module starts processes only)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -215,7 +216,7 @@ class LocalSwarm:
         name = name or f"server{sum(p.name.startswith('server') for p in self.processes)}"
         addresses = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
         if link_delay is not None or link_bandwidth is not None:
-            port = _free_port()
+            port = free_port()
             proxy_port = self.start_link_proxy(f"{name}-link", port, link_delay or 0.0, link_bandwidth)
             addresses = ["--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}"]
             addresses += ["--announce-maddrs", f"/ip4/127.0.0.1/tcp/{proxy_port}"]

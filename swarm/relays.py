@@ -120,6 +120,11 @@ def circuit_maddr(relay: str, peer_id: PeerID) -> Multiaddr:
     return Multiaddr(encoded + p2p_part(peer_id))
 
 
+async def connection_addresses(p2p: P2P, peer_id: str) -> list[str]:
+    """The addresses of `p2p`'s open connections to `peer_id`; a relayed one ends in /p2p-circuit."""
+    return [str(addr) for info in await p2p.list_peers() if info.peer_id.to_base58() == peer_id for addr in info.addrs]
+
+
 async def dial_through_relays(peer_id: PeerID, relays: Sequence[str], timeout: float) -> str | None:
     """Dial `peer_id` through each relay, as a client on the relay's side would, until one works or `timeout`.
 

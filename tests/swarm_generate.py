@@ -41,15 +41,16 @@ def main() -> None:
         inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, streamer=streamer
     )
     tokens = outputs[0, inputs.shape[1] :].tolist()
-    print(json.dumps({"tokens": tokens, "connections": connections(model)}), flush=True)
+    servers = [span.peer_id for span in model.manager.view.online_spans()]
+    print(json.dumps({"tokens": tokens, "connections": connections(model, servers)}), flush=True)
 
 
-def connections(model) -> dict[str, list[str]]:
-    """The addresses of the client's open connections, by peer id (a relayed one ends in /p2p-circuit)."""
+def connections(model, peer_ids: list[str]) -> dict[str, list[str]]:
+    """The addresses of the client's open connections to these peers (a relayed one ends in /p2p-circuit)."""
     from swarm.client.event_loop import run_sync
+    from swarm.relays import connection_addresses
 
-    peers = run_sync(model.manager.p2p.list_peers(), timeout=10)
-    return {info.peer_id.to_base58(): [str(addr) for addr in info.addrs] for info in peers}
+    return {peer: run_sync(connection_addresses(model.manager.p2p, peer), timeout=10) for peer in peer_ids}
 
 
 class PauseAfter:

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,6 +25,7 @@ import pytest
 from hivemind import DHT
 
 from playground.client import PlaygroundClient
+from swarm.local_swarm import free_port
 from swarm.names import block_uid
 from tests.conftest import ROOT, unavailable
 
@@ -34,12 +34,6 @@ pytestmark = pytest.mark.integration
 # Chat model name (settings.PLAYGROUND_MODELS) → the DHT prefix its servers announce.
 MODELS = {"demo": "demo_model-hf", "demo-moe": "demo_moe_model"}
 STOP_SECONDS = 10  # Ctrl-C must stop the whole demo within this (bounded wait, not a benchmark)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def descendants(pid: int) -> set[int]:

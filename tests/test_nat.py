@@ -155,10 +155,8 @@ def test_a_chat_goes_on_after_the_relay_restarts(internet, nat_swarm, expected_t
         nat_swarm["dht"].stop()
         nat_swarm["dht"], peer = start_bootstrap(swarm, boot, nat_swarm["identity"])
         assert peer == nat_swarm["peer"]
-        deadline = time.monotonic() + 60
-        for server in nat_swarm["servers"]:
+        for server in nat_swarm["servers"]:  # each rejoins within one relay check and a relay timeout
             server.wait_for_line(lambda line: "serving through relay" in line and line.endswith(" again"), timeout=60)
-        assert time.monotonic() < deadline
 
     client = internet.public_host("chat")
     assert generate(client, nat_swarm["peer"], pause_after=4, on_pause=restart_relay)["tokens"] == expected_tokens
@@ -169,13 +167,11 @@ def test_without_a_relay_a_server_behind_nat_stops_with_advice(internet, make_sw
     swarm = make_swarm()
     try:
         _, peer = start_bootstrap(swarm, boot, str(tmp_path / "key"), "--no-relay")
-        began = time.monotonic()
         server = start_server(swarm, home, "lonely", peer, "--relay-timeout", "10", wait=False)
         try:
             assert server.process.wait(90) == 1
         except subprocess.TimeoutExpired:
             raise AssertionError(server.output()) from None
-        assert time.monotonic() - began < 90
         output = server.output()
         assert "no relay among the initial peers took it within 10 s" in output, output
         assert "--announce-maddrs /ip4/YOUR_PUBLIC_IP/tcp/31337" in output

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 import time
 import urllib.error
@@ -27,7 +26,7 @@ from transformers import AutoTokenizer
 
 from playground.client import PlaygroundClient
 from swarm import AutoDistributedModelForCausalLM
-from swarm.local_swarm import LocalSwarm, SwarmProcess
+from swarm.local_swarm import LocalSwarm, SwarmProcess, free_port
 from tests.conftest import DEMO_MODEL, ROOT, unavailable
 
 pytestmark = pytest.mark.integration
@@ -57,12 +56,6 @@ def chat_prompt(tokenizer, text: str) -> str:
 
 def run(coro, timeout: float = 120.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclasses.dataclass

@@ -71,23 +71,34 @@ class ClientStream:
         return frames
 
 
-def test_a_push_cancelled_mid_step_is_applied_once_and_answers_the_client(backend, monkeypatch):
-    """The sender of a push times out while the step computes: the step still counts once, its outputs still
-    reach the client, and the client's own copy of the step is dropped instead of computed again at P+n."""
+@pytest.fixture
+def handler(backend):
     handler = TransformerConnectionHandler(backend, PREFIX, KVCachePool(2**26), max_length=64)
-    prompt, following = torch.randn(1, 5, backend.hidden_size), torch.randn(1, 1, backend.hidden_size)
-    reference_cache = backend.new_cache(0, 2, 1, 64)
-    expected = [backend.inference_step(prompt, reference_cache), backend.inference_step(following, reference_cache)]
+    yield handler
+    handler.executor.shutdown(wait=True)
 
-    entered, gate = threading.Event(), threading.Event()
+
+@pytest.fixture
+def gate(backend, monkeypatch) -> SimpleNamespace:
+    """Holds the backend's compute until `gate.opened` is set; `gate.entered` says a step is computing."""
+    gate = SimpleNamespace(entered=threading.Event(), opened=threading.Event())
     compute = backend.inference_steps
 
     def gated(*args, **kwargs):
-        entered.set()
-        assert gate.wait(30)
+        gate.entered.set()
+        assert gate.opened.wait(30)
         return compute(*args, **kwargs)
 
     monkeypatch.setattr(backend, "inference_steps", gated)
+    return gate
+
+
+def test_a_push_cancelled_mid_step_is_applied_once_and_answers_the_client(backend, handler, gate):
+    """The sender of a push times out while the step computes: the step still counts once, its outputs still
+    reach the client, and the client's own copy of the step is dropped instead of computed again at P+n."""
+    prompt, following = torch.randn(1, 5, backend.hidden_size), torch.randn(1, 1, backend.hidden_size)
+    reference_cache = backend.new_cache(0, 2, 1, 64)
+    expected = [backend.inference_step(prompt, reference_cache), backend.inference_step(following, reference_cache)]
 
     async def run():
         client = ClientStream()
@@ -96,10 +107,10 @@ def test_a_push_cancelled_mid_step_is_applied_once_and_answers_the_client(backen
         push = asyncio.create_task(
             handler.rpc_push(step_request(prompt, session_id="s", step_id="one", pushed=True), SimpleNamespace())
         )
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
+        await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 30)
         push.cancel()  # the sender's timeout, while the step computes
         await asyncio.gather(push, return_exceptions=True)
-        gate.set()
+        gate.opened.set()
         own_copy = await apply(handler, session, step_request(prompt, step_id="one"))
         assert own_copy is None  # applied already: not computed a second time
         assert session.cache.position == 5
@@ -113,31 +124,20 @@ def test_a_push_cancelled_mid_step_is_applied_once_and_answers_the_client(backen
     torch.testing.assert_close(pushed_outputs[0], expected[0])
     torch.testing.assert_close(second, expected[1])  # the next token sees the prompt cached once
     assert session.cache.position == 6 and session.closed
-    handler.executor.shutdown(wait=True)
 
 
-def test_a_session_ends_only_after_the_step_applied_to_it(backend, monkeypatch):
+def test_a_session_ends_only_after_the_step_applied_to_it(backend, handler, gate):
     """A session whose stream ends while a pushed step computes on it waits for that step before its cache goes."""
-    handler = TransformerConnectionHandler(backend, PREFIX, KVCachePool(2**26), max_length=64)
-    entered, gate = threading.Event(), threading.Event()
-    compute = backend.inference_steps
-
-    def gated(*args, **kwargs):
-        entered.set()
-        assert gate.wait(30)
-        return compute(*args, **kwargs)
-
-    monkeypatch.setattr(backend, "inference_steps", gated)
 
     async def run():
         session = _Session(backend.new_cache(0, 2, 1, 64), 0, 2, 64, 1, ClientStream())
         hidden = torch.randn(1, 3, backend.hidden_size)
         applying = asyncio.create_task(apply(handler, session, step_request(hidden), pushed=True))
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
+        await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 30)
         closing = asyncio.create_task(session.close())
         await asyncio.sleep(0.2)
         assert not closing.done()  # still computing on the session's cache
-        gate.set()
+        gate.opened.set()
         await asyncio.wait_for(closing, 30)
         assert applying.done() and session.cache.position == 3
         late = await apply(handler, session, step_request(hidden))
@@ -145,7 +145,6 @@ def test_a_session_ends_only_after_the_step_applied_to_it(backend, monkeypatch):
         await handler.batcher.close()
 
     asyncio.run(run())
-    handler.executor.shutdown(wait=True)
 
 
 def test_a_beam_reorder_is_applied_once_when_a_stacked_batch_is_computed_again(backend, monkeypatch):
@@ -187,10 +186,9 @@ def test_a_beam_reorder_is_applied_once_when_a_stacked_batch_is_computed_again(b
         assert cache.position == 4
 
 
-def test_a_step_that_fails_while_it_computes_ends_the_sessions_use(backend, monkeypatch):
+def test_a_step_that_fails_while_it_computes_ends_the_sessions_use(backend, handler, monkeypatch):
     """A step that fails mid-computation may have reordered or written the cache: the client's copy of it (or any
     later step) is refused with a clear error instead of being applied to a cache in an unknown state."""
-    handler = TransformerConnectionHandler(backend, PREFIX, KVCachePool(2**26), max_length=64)
     compute = backend.inference_steps
 
     def reorder_then_fail(steps, adapter=None):
@@ -212,7 +210,6 @@ def test_a_step_that_fails_while_it_computes_ends_the_sessions_use(backend, monk
         await handler.batcher.close()
 
     asyncio.run(run())
-    handler.executor.shutdown(wait=True)
 
 
 def step_request_with_hypo_ids(hidden: torch.Tensor, hypo_ids: torch.Tensor, step_id: str) -> runtime_pb2.ExpertRequest:
@@ -236,9 +233,8 @@ def step_request_with_hypo_ids(hidden: torch.Tensor, hypo_ids: torch.Tensor, ste
         ("peer", "must be a list"),
     ],
 )
-def test_next_servers_are_checked_before_the_step(backend, next_servers, error):
+def test_next_servers_are_checked_before_the_step(backend, handler, next_servers, error):
     """Strangers' next_servers are validated first: nothing is computed or built from a bad one."""
-    handler = TransformerConnectionHandler(backend, PREFIX, KVCachePool(2**26), max_length=64)
 
     async def run():
         session = _Session(backend.new_cache(0, 2, 1, 64), 0, 2, 64, 1, ClientStream())
@@ -250,11 +246,9 @@ def test_next_servers_are_checked_before_the_step(backend, next_servers, error):
         await handler.batcher.close()
 
     asyncio.run(run())
-    handler.executor.shutdown(wait=True)
 
 
-def test_step_ids_are_short(backend):
-    handler = TransformerConnectionHandler(backend, PREFIX, KVCachePool(2**26), max_length=64)
+def test_step_ids_are_short(backend, handler):
 
     async def run():
         session = _Session(backend.new_cache(0, 2, 1, 64), 0, 2, 64, 1, ClientStream())
@@ -265,4 +259,3 @@ def test_step_ids_are_short(backend):
         await handler.batcher.close()
 
     asyncio.run(run())
-    handler.executor.shutdown(wait=True)

@@ -52,8 +52,8 @@ STREAM_CHUNK_BYTES = 2 * 1024**2  # half the daemon's 4 MiB message limit
 MAX_BATCH_SIZE = 64
 MAX_SEEN_STEPS = 4096
 MAX_SESSION_ID_LENGTH = 128
-MAX_STEP_ID_LENGTH = 128
-MAX_PEER_ID_LENGTH = 128  # a session keeps up to MAX_SEEN_STEPS of them
+MAX_STEP_ID_LENGTH = 128  # a session keeps up to MAX_SEEN_STEPS of them
+MAX_PEER_ID_LENGTH = 128
 MAX_NEXT_SERVERS = 64  # servers after this one in a pushed chain
 MAX_CHAIN_BLOCKS = 4096  # blocks a pushed chain may span (models have a few hundred at most)
 INFERENCE_HANDLE = "TransformerConnectionHandler.rpc_inference"  # served on a raw stream, see swarm.streams
@@ -82,6 +82,16 @@ class _Session:
     closed: bool = False  # ended: steps that come later change nothing
     broken: str | None = None  # why a step failed mid-computation: the cache is not trusted after it
 
+    def track(self, applying: asyncio.Future) -> None:
+        """Keep a step being applied until it is done (see `close`)."""
+        self.applying.add(applying)
+        applying.add_done_callback(self._applied)
+
+    def _applied(self, applying: asyncio.Future) -> None:
+        self.applying.discard(applying)
+        if not applying.cancelled():
+            applying.exception()  # retrieved: a requester that was cancelled no longer waits for it
+
     async def close(self) -> None:
         """End the session once no step is being applied to it: its cache may be freed after this."""
         async with self.lock:
@@ -100,6 +110,10 @@ def _check_next_servers(next_servers: Any, after: int) -> None:
         peer_id, session_id, start, end = entry
         if not isinstance(peer_id, str) or not 0 < len(peer_id) <= MAX_PEER_ID_LENGTH:
             raise BadRequest("next_servers: a peer id must be a short string")
+        try:
+            PeerID.from_base58(peer_id)
+        except Exception:
+            raise BadRequest("next_servers: a peer id is not a valid base58 peer id") from None
         if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID_LENGTH:
             raise BadRequest(f"next_servers: a session id must be 1 to {MAX_SESSION_ID_LENGTH} characters")
         if any(isinstance(x, bool) or not isinstance(x, int) for x in (start, end)) or start != after:
@@ -107,20 +121,6 @@ def _check_next_servers(next_servers: Any, after: int) -> None:
         if not start < end <= after + MAX_CHAIN_BLOCKS:
             raise BadRequest(f"next_servers: a span must end after its start, within {MAX_CHAIN_BLOCKS} blocks")
         after = end
-    try:
-        for entry in next_servers:
-            PeerID.from_base58(entry[0])
-    except Exception:
-        raise BadRequest("next_servers: a peer id is not a valid base58 peer id") from None
-
-
-def _finish_applying(session: _Session) -> Callable[[asyncio.Future], None]:
-    def finish(applying: asyncio.Future) -> None:
-        session.applying.discard(applying)
-        if not applying.cancelled():
-            applying.exception()  # retrieved: a requester that was cancelled no longer waits for it
-
-    return finish
 
 
 class ShuttingDown(RuntimeError):
@@ -657,8 +657,7 @@ class TransformerConnectionHandler(ServicerBase):
         cache and recording the step id, so each step is applied exactly once, whichever copy comes first.
         """
         applying = asyncio.ensure_future(self._apply_step(session, request, metadata, pushed))
-        session.applying.add(applying)
-        applying.add_done_callback(_finish_applying(session))
+        session.track(applying)
         return await asyncio.shield(applying)
 
     async def _apply_step(
