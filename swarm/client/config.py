@@ -17,6 +17,9 @@ class ClientConfig:
     routing_refresh: float = 30.0  # seconds between DHT reads of the swarm
     missing_blocks_timeout: float = 30.0  # how long to wait for uncovered blocks to appear
     alloc_timeout: float = 30.0  # how long a server may wait to fit our attention cache
+    # Tokens (rows x new tokens) sent in one request: our servers' limit. Longer prefills and replays go out
+    # in several steps; a server that refuses even that teaches the client its own (smaller) limit.
+    max_tokens_per_request: int = 8192
     # Servers push each step's outputs to the next server directly: a step then crosses one link fewer
     # per extra server (client -> A -> B -> client instead of client -> A -> client -> B -> client), but
     # both servers spend CPU on it, which on one machine (loopback) costs more than it saves.

@@ -9,6 +9,10 @@ Beam search reorders the batch between steps (row i continues hypothesis hypo_id
 reorder travels with the next step as its `hypo_ids`, and each server reorders its cache
 before computing that step (Petals semantics). The remembered inputs follow the same
 reorders, so a replacement server is rebuilt with the rows in their current order.
+
+A server takes a bounded number of tokens (rows x new tokens) per request: a longer step, or the
+replay of a long history, goes out as several steps, each of which every server of the chain
+takes whole; the caller still sees one step.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm.client.event_loop import run_sync
-from swarm.client.routing import PUSH_MIN_SAVING, MissingBlocksError, RouteSpan, SequenceManager
+from swarm.client.routing import (
+    PUSH_MIN_SAVING,
+    MissingBlocksError,
+    RequestRejected,
+    RouteSpan,
+    SequenceManager,
+    rejection,
+)
 from swarm.names import block_uids, join_chain
 from swarm.server.handler import INFERENCE_HANDLE
 from swarm.streams import BlockingStream
@@ -32,7 +43,6 @@ from swarm.wire import deserialize, dumps_metadata, pack_args, serialize
 
 logger = logging.getLogger(__name__)
 
-REPLAY_CHUNK_TOKENS = 1024
 CLOSE_TIMEOUT = 2.0  # seconds to wait for servers to free a finished session's caches
 # Every step sends [hidden_states, prompts, hypo_ids]; prompts are always empty here, hypo_ids
 # too unless the batch was reordered since the last step.
@@ -52,9 +62,10 @@ class SessionError(RuntimeError):
 class _ReplayError(RuntimeError):
     """A replacement server failed while its session was rebuilt (the cause is chained)."""
 
-    def __init__(self, span: RouteSpan):
+    def __init__(self, span: RouteSpan, sent: torch.Tensor):
         super().__init__(f"server {span.peer_id} failed while replaying blocks {span.start}:{span.end}")
         self.span = span
+        self.sent = sent  # the request's hidden states
 
 
 class ServerSession:
@@ -73,6 +84,9 @@ class ServerSession:
         self.broken = False
         self.closed = False
         self._unanswered: torch.Tensor | None = None  # the empty step of start(), until its answer is read
+        # The server before this one in the chain: the only peer whose pushes this server may take for us.
+        self.previous_server: str | None = None
+        self._previous_declared: str | None = None
 
     def open(self) -> None:
         peer_id = PeerID.from_base58(self.span.peer_id)
@@ -93,8 +107,10 @@ class ServerSession:
 
     def _metadata(self, step_id: str, start_from: int | None, next_servers: list | None) -> dict[str, Any]:
         metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id, "args_structure": _ARGS}
-        if next_servers and start_from is None:  # (a rewinding step goes to each server from here)
+        if next_servers:  # (a rewinding step is pushed too: every server rewinds to the same position)
             metadata["next_servers"] = next_servers
+        if self.previous_server != self._previous_declared:
+            metadata["previous_server"] = self._previous_declared = self.previous_server
         if not self.started:
             metadata.update(max_length=self.max_length, alloc_timeout=self.manager.config.alloc_timeout)
             metadata["active_adapter"] = self.manager.config.active_adapter  # kept for the whole session
@@ -204,6 +220,7 @@ class InferenceSession:
     def __init__(self, manager: SequenceManager, max_length: int):
         self.manager = manager
         self.max_length = max_length
+        self.batch_size: int | None = None  # rows of every step: the servers' caches are made for the first's
         self.sessions: list[ServerSession] = []
         self.position = 0  # positions processed by the servers: a learned prefix, then tokens
         self.prefix_length = 0  # leading positions of a learned prefix (prompt tuning), with no token ids
@@ -215,6 +232,7 @@ class InferenceSession:
         self._push_decisions: dict[tuple[str, str], bool] = {}  # (sender, receiver) peer ids: push there?
         self.closed = False
         self.failed: str | None = None  # why a step failed for good: the session takes no more steps
+        self._failures = 0  # failed requests in the current step
 
     # ----- sync API -----
 
@@ -238,6 +256,11 @@ class InferenceSession:
             # Some servers of the chain may have applied the failed step and others not: reusing the session
             # would feed them tokens at different positions.
             raise SessionError(f"this inference session failed ({self.failed}); open a new one")
+        if self.batch_size is not None and hidden.shape[0] != self.batch_size:
+            raise ValueError(
+                f"this inference session's batch size is {self.batch_size} (its servers hold caches for that many "
+                f"rows), got {hidden.shape[0]} rows: open a new session for another batch size"
+            )
         if hypo_ids is not None:
             self.reorder(hypo_ids)
         start = self.position if self._rewind_to is None else self._rewind_to
@@ -274,7 +297,8 @@ class InferenceSession:
             raise ValueError("hypo_ids must be a 1-d tensor of row indices")
         hypo_ids = hypo_ids.to(torch.int64)
         known = self._hypo_ids if self._hypo_ids is not None else self.token_ids
-        _check_hypo_ids(hypo_ids, len(known) if known is not None else len(hypo_ids))
+        rows = self.batch_size if self.batch_size is not None else len(known if known is not None else hypo_ids)
+        _check_hypo_ids(hypo_ids, rows)
         if self.token_ids is not None:
             self.token_ids = self.token_ids[hypo_ids]
         self._hypo_ids = hypo_ids if self._hypo_ids is None else self._hypo_ids[hypo_ids]
@@ -329,50 +353,104 @@ class InferenceSession:
     ) -> torch.Tensor:
         if not self.sessions:
             self.sessions = self._open_chain(0, self.manager.num_blocks)
+            self.batch_size = hidden.shape[0]  # the servers make their caches for this many rows
             if prompts is None:  # (steps with deep prompts are not pushed)
                 self._start_push_targets(hidden)
-        step_id = str(uuid.uuid4())
-        index, failures = 0, 0
+        self._failures = 0
         try:
-            while index < len(self.sessions):
-                session = self.sessions[index]
-                try:
-                    span_prompts = _span_prompts(prompts, session.span)
-                    hidden = session.step(
-                        hidden, step_id, start_from, self._next_servers(index), hypo_ids, span_prompts
-                    )
-                    index += 1
-                    continue
-                except MissingBlocksError:
-                    raise
-                except Exception as e:
-                    failures += 1
-                    self._give_up_after(failures, session.span, e)
-                # A replacement chain can fail too, while it replays: that counts as a failure of its own.
-                while True:
-                    try:
-                        self._replace(index, start_from)
-                        break
-                    except MissingBlocksError:
-                        raise
-                    except _ReplayError as e:
-                        failures += 1
-                        self._give_up_after(failures, e.span, e.__cause__)
+            return self._run(0, hidden, start_from, hypo_ids, prompts)
         except Exception as e:
             self.failed = f"{type(e).__name__}: {e}"
             raise
+
+    def _run(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        start_from: int | None,
+        hypo_ids: torch.Tensor | None,
+        prompts: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`hidden` through sessions[index:], in as many steps as their servers' request limits need.
+
+        Each part is a step of its own for every server there (its own step id, pushed on like any other),
+        so the servers' positions and pushes stay consistent; the rewind, reorder and deep prompts go with
+        the first part.
+        """
+        tokens = self._tokens_per_step(self.sessions[index:], hidden.shape[0], prompts)
+        if hidden.shape[1] > tokens:
+            first = self._run(index, hidden[:, :tokens], start_from, hypo_ids, prompts)
+            rest = [self._run(index, part, None, None, None) for part in hidden[:, tokens:].split(tokens, dim=1)]
+            return torch.cat([first, *rest], dim=1)
+        step_id = str(uuid.uuid4())
+        while index < len(self.sessions):
+            session = self.sessions[index]
+            session.previous_server = self._previous_server(index)
+            try:
+                span_prompts = _span_prompts(prompts, session.span)
+                hidden = session.step(hidden, step_id, start_from, self._next_servers(index), hypo_ids, span_prompts)
+                index += 1
+                continue
+            except MissingBlocksError:
+                raise
+            except Exception as e:
+                self._failed(session.span, e, hidden)
+            self._replace_with_retries(index, start_from)
+            if hidden.shape[1] > self._tokens_per_step(self.sessions[index:], hidden.shape[0], prompts):
+                # The replacement takes fewer tokens at a time (a limit learned from its refusal).
+                return self._run(index, hidden, start_from, hypo_ids, prompts)
         return hidden
 
-    def _give_up_after(self, failures: int, span: RouteSpan, error: BaseException) -> None:
-        """Log a server's failure and avoid it for a while; raise SessionError after max_retries failures."""
+    def _tokens_per_step(self, sessions: list[ServerSession], rows: int, prompts: torch.Tensor | None) -> int:
+        """The most new tokens per row that every server of `sessions` takes in one request."""
+        limit = min(self.manager.tokens_per_request(session.span.peer_id) for session in sessions)
+        tokens = limit // rows
+        prefix = prompts.shape[2] if prompts is not None else 0  # deep prompts: in the first request whole
+        if tokens < max(prefix, 1):
+            what = f"{rows} rows" + (f" with a learned prefix of {prefix} positions" if prefix else "")
+            raise RequestRejected(f"a step of {what} does not fit the servers' {limit} tokens per request")
+        return tokens
+
+    def _replace_with_retries(self, index: int, start_from: int | None) -> None:
+        # A replacement chain can fail too, while it replays: that counts as a failure of its own.
+        while True:
+            try:
+                self._replace(index, start_from)
+                return
+            except _ReplayError as e:
+                self._failed(e.span, e.__cause__, e.sent)
+
+    def _failed(self, span: RouteSpan, error: BaseException, sent: torch.Tensor) -> None:
+        """Count a failed request of `sent` to the server of `span`, and ban the server if it was at fault.
+
+        A request the server refused as invalid is our fault: one too large teaches us the server's limit
+        (the next try sends less), any other is raised to the caller, as no server would take it.
+        """
+        self._failures += 1
+        refused = rejection(error, sent.shape[0], sent.shape[1])
+        if refused is None:
+            self._give_up_after(self._failures, span, error)
+        elif refused.token_limit is None:
+            raise RequestRejected(
+                f"server {span.peer_id} refused the request as invalid ({refused.reason}); other servers would too"
+            ) from error
+        else:
+            self.manager.learn_token_limit(span.peer_id, refused.token_limit)
+            self._give_up_after(self._failures, span, error, ban=False)
+
+    def _give_up_after(self, failures: int, span: RouteSpan, error: BaseException, ban: bool = True) -> None:
+        """Log a server's failure and (with `ban`) avoid it for a while; raise SessionError after max_retries
+        failures."""
         blocks, retries = f"blocks {span.start}:{span.end}", self.manager.config.max_retries
         failure = f"server {span.peer_id} failed on {blocks}: {type(error).__name__}: {error}"
-        self.manager.ban(span.peer_id)
+        if ban:
+            self.manager.ban(span.peer_id)
         if failures > retries:
             raise SessionError(
                 f"inference step failed {failures} times (max_retries={retries}); last, {failure}"
             ) from error
-        logger.warning("%s; replacing it (retry %d of %d)", failure[0].upper() + failure[1:], failures, retries)
+        if ban:
+            logger.warning("%s; replacing it (retry %d of %d)", failure[0].upper() + failure[1:], failures, retries)
 
     def _next_servers(self, index: int) -> list[list]:
         """Petals' next_servers: the later servers of the chain that each server pushes its outputs on to,
@@ -386,12 +464,19 @@ class InferenceSession:
             chain.append([receiver.span.peer_id, receiver.session_id, receiver.span.start, receiver.span.end])
         return chain
 
+    def _previous_server(self, index: int) -> str | None:
+        """The server whose pushes sessions[index]'s server may take (none when pushing is off)."""
+        if index == 0 or self.manager.config.use_server_to_server is False:
+            return None
+        return self.sessions[index - 1].span.peer_id
+
     def _start_push_targets(self, hidden: torch.Tensor) -> None:
         """Start the sessions that the server before them will push to, so that the first step is pushed too."""
-        for sender, receiver in zip(self.sessions, self.sessions[1:]):
+        for index, (sender, receiver) in enumerate(zip(self.sessions, self.sessions[1:]), start=1):
             if self.manager.config.use_server_to_server is False:
                 return
             if not receiver.started and self.push_worth_it(sender.span.peer_id, receiver.span.peer_id):
+                receiver.previous_server = self._previous_server(index)
                 try:
                     receiver.start(hidden)
                 except OSError as e:  # the step through it fails and replaces it
@@ -445,18 +530,26 @@ class InferenceSession:
         _close_all([failed])
         replacements = self._open_chain(failed.span.start, failed.span.end)
         if history is not None and history.shape[1] > 0:
-            step_id = str(uuid.uuid4())
-            session = replacements[0]
             try:
-                for chunk in history.split(REPLAY_CHUNK_TOKENS, dim=1):
-                    for session in replacements:
-                        # The first chunk starts the session: it carries the deep prompts, if any.
-                        prompts = _span_prompts(self._prompts, session.span) if session.position == 0 else None
-                        chunk = session.step(chunk, f"{step_id}-{session.position}", None, prompts=prompts)
-            except Exception as e:
+                self._replay(replacements, history)
+            except BaseException:
                 _close_all(replacements)  # not kept: their streams end here
-                raise _ReplayError(session.span) from e
+                raise
         self.sessions[index : index + 1] = replacements
+
+    def _replay(self, sessions: list[ServerSession], history: torch.Tensor) -> None:
+        """Rebuild the caches of a new chain from `history`, in steps that each of its servers takes whole."""
+        tokens = self._tokens_per_step(sessions, history.shape[0], self._prompts)
+        step_id = str(uuid.uuid4())
+        for part in history.split(tokens, dim=1):
+            chunk = part
+            for session in sessions:
+                # The first part starts the session: it carries the deep prompts, if any.
+                prompts = _span_prompts(self._prompts, session.span) if session.position == 0 else None
+                try:
+                    chunk = session.step(chunk, f"{step_id}-{session.position}", None, prompts=prompts)
+                except Exception as e:
+                    raise _ReplayError(session.span, chunk) from e
 
 
 def _span_prompts(prompts: torch.Tensor | None, span: RouteSpan) -> torch.Tensor | None:

@@ -2,6 +2,10 @@
 
 Servers' weights are frozen: backward returns gradients for the hidden states (and deep
 prompts) only, which is what prompt tuning and client-side adapters need.
+
+A server takes a bounded number of tokens (rows x tokens) per request. A forward pass has no cache
+to continue from, so a sequence cannot be split, but the rows of a batch can: they go in as many
+requests as the limit needs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
 from swarm.client.event_loop import run_sync
-from swarm.client.routing import MissingBlocksError, RouteSpan, SequenceManager
+from swarm.client.routing import MissingBlocksError, RequestRejected, RouteSpan, SequenceManager, rejection
 from swarm.names import block_uids, join_chain
 from swarm.wire import deserialize, deserialize_streamed, dumps_metadata, pack_args, serialize
 
@@ -63,10 +67,16 @@ async def _call(
 
 
 async def _with_retries(
-    manager: SequenceManager, start: int, end: int, run, first_route: list[RouteSpan] | None = None
+    manager: SequenceManager,
+    start: int,
+    end: int,
+    run,
+    sent: torch.Tensor,
+    first_route: list[RouteSpan] | None = None,
 ) -> Any:
     """Run `run(route)` on a route for [start, end) (`first_route` first, if given), rerouting around
-    failed servers."""
+    failed servers; `sent`: the hidden states each request carries. A request a server refuses as
+    invalid is raised as RequestRejected: the server is not at fault, and others would refuse it too."""
     last_error: Exception | None = None
     for attempt in range(manager.config.max_retries + 1):
         route = first_route if attempt == 0 and first_route else await manager.make_route(start, end, "throughput")
@@ -76,6 +86,13 @@ async def _with_retries(
             raise
         except _SpanFailed as e:
             last_error = e.__cause__
+            refused = rejection(last_error, sent.shape[0], sent.shape[1])
+            if refused is not None:
+                if refused.token_limit is not None:  # later requests are split to fit it
+                    manager.learn_token_limit(e.span.peer_id, refused.token_limit)
+                raise RequestRejected(
+                    f"server {e.span.peer_id} refused the request as invalid ({refused.reason})"
+                ) from last_error
             logger.warning("Server %s failed (%s); retrying elsewhere", e.span.peer_id, last_error)
             manager.ban(e.span.peer_id)
     raise RuntimeError(f"remote call failed on every server tried; last error: {last_error}")
@@ -118,7 +135,7 @@ async def remote_forward(
             x = out
         return x, trace
 
-    return await _with_retries(manager, start, end, run)
+    return await _with_retries(manager, start, end, run, hidden)
 
 
 async def remote_backward(
@@ -157,7 +174,7 @@ async def remote_backward(
             return grad, span_grad_prompts
 
         span = traced.span
-        grad_output, span_grad_prompts = await _with_retries(manager, span.start, span.end, run, [span])
+        grad_output, span_grad_prompts = await _with_retries(manager, span.start, span.end, run, traced.inputs, [span])
         if grad_prompts is not None:
             for sub, grad in span_grad_prompts:
                 grad_prompts[sub.start : sub.end] += grad.to(grad_prompts.dtype)
@@ -203,4 +220,25 @@ def remote_sequential(
     timeout = manager.config.request_timeout * (manager.config.max_retries + 2) * 4 + 60
     prompts = prompts if prompts is not None else torch.empty(0, device=hidden.device)
     training = torch.is_grad_enabled() and (hidden.requires_grad or prompts.requires_grad)
-    return _RemoteSequentialFunction.apply(hidden, prompts, manager, timeout, training)
+    rows = _rows_per_request(manager, hidden.shape[1])
+    if hidden.shape[0] <= rows:
+        return _RemoteSequentialFunction.apply(hidden, prompts, manager, timeout, training)
+    # Rows are independent: each group is a forward (and later a backward) of its own; autograd joins them.
+    groups = hidden.split(rows)
+    group_prompts = prompts.split(rows, dim=1) if prompts.numel() > 0 else [prompts] * len(groups)
+    outputs = [
+        _RemoteSequentialFunction.apply(group, group_prompt, manager, timeout, training)
+        for group, group_prompt in zip(groups, group_prompts)
+    ]
+    return torch.cat(outputs)
+
+
+def _rows_per_request(manager: SequenceManager, tokens: int) -> int:
+    """How many rows of `tokens` tokens fit in one request to any server known so far."""
+    limit = manager.min_tokens_per_request()
+    if tokens > limit:
+        raise RequestRejected(
+            f"a sequence of {tokens} tokens is longer than the servers take in one request ({limit}); a forward "
+            "pass cannot be split along the sequence (an inference session can: it keeps a cache)"
+        )
+    return max(limit // max(tokens, 1), 1)

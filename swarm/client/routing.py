@@ -4,7 +4,8 @@
   (or the servers' announced pings) and each server's announced per-block speed.
 - Forward/backward: at each position a server is drawn with probability proportional to its
   throughput, which spreads training load over the swarm.
-Failed servers are banned for a while and routes avoid them.
+Failed servers are banned for a while and routes avoid them; a server that refused a request as
+invalid is not (`rejection`): the request, not the server, was at fault.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import dataclasses
 import logging
 import math
 import random
+import re
 import time
 
 from hivemind import DHT
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PHandlerError, PeerID
 
 from swarm.client.config import ClientConfig
 from swarm.data_structures import RemoteSpanInfo
 from swarm.dht import SwarmView, fetch_swarm
 from swarm.ping import ping_server, ping_within
-from swarm.server.handler import TransformerConnectionHandler
+from swarm.server.handler import MAX_BATCH_SIZE, TransformerConnectionHandler
+from swarm.streams import RemoteError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,9 @@ PING_BUDGET = 3.0  # seconds of pinging per refresh at most; the rest keep DEFAU
 # slow link), so a server pinged second may look nearer than it is; the least of a few probes is its round trip.
 PING_PROBES = 2
 PUSH_MIN_SAVING = 0.004  # seconds a push must save per step to be worth both servers' extra CPU
+# The least limit of tokens per request (rows x new tokens) that a server's refusal may teach us. Ours take
+# 8192 (ClientConfig.max_tokens_per_request); a claim of a few tokens would stretch a prefill to thousands of steps.
+MIN_TOKENS_PER_REQUEST = 1024
 
 
 class MissingBlocksError(RuntimeError):
@@ -45,6 +51,44 @@ class MissingBlocksError(RuntimeError):
         super().__init__(message)
         self.model_name = model_name
         self.blocks = blocks  # the uncovered block indices
+
+
+class RequestRejected(ValueError):
+    """A request that a server refused as invalid, or that the servers' limits rule out before it is sent:
+    the request, not a server, is at fault, so no server is banned for it and no other is tried."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """A server's answer that a request of `rows` x `tokens` broke one of its limits (see `rejection`)."""
+
+    reason: str
+    token_limit: int | None = None  # set when the request held more tokens than the server takes at once
+
+
+# How our servers (swarm.server.handler) word the limits a client can break. Its messages travel as bare
+# text (inference streams) or inside hivemind's P2PHandlerError text (forward and backward).
+_TOKEN_LIMIT = re.compile(r"\bat most (\d{1,9}) tokens per request\b")
+_BATCH_LIMIT = re.compile(r"\bbatch size must be between 1 and (\d{1,9})\b")
+
+
+def rejection(error: BaseException, rows: int, tokens: int) -> Rejection | None:
+    """The limit that a server's error says our request of `rows` x `tokens` broke, if it did.
+
+    Only claims that hold for what was sent are believed, and only limits our servers really have: a
+    faulty or hostile server cannot escape a ban by blaming the client (nor slow us down to a token per
+    request).
+    """
+    if not isinstance(error, (RemoteError, P2PHandlerError)):
+        return None  # no answer from the server: a timeout, a broken stream, ...
+    text = str(error)
+    match = _TOKEN_LIMIT.search(text)
+    if match and MIN_TOKENS_PER_REQUEST <= int(match[1]) < rows * tokens:
+        return Rejection(match[0], token_limit=int(match[1]))
+    match = _BATCH_LIMIT.search(text)
+    if match and MAX_BATCH_SIZE <= int(match[1]) < rows:
+        return Rejection(match[0])
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +123,7 @@ class SequenceManager:
         self.view: SwarmView | None = None
         self._updated_at = 0.0
         self._banned_until: dict[str, float] = {}
+        self._token_limits: dict[str, int] = {}  # peer id -> the lower limit its refusal taught us
         self.rtts: dict[str, float] = {}
         self._lock = asyncio.Lock()
 
@@ -137,6 +182,28 @@ class SequenceManager:
         logger.info("Avoiding server %s for %.0f s after a failure", peer_id, self.config.ban_seconds)
         self._banned_until[peer_id] = time.monotonic() + self.config.ban_seconds
         self._updated_at = 0.0  # re-read the swarm before the next route
+
+    def banned(self) -> set[str]:
+        """The servers avoided right now."""
+        now = time.monotonic()
+        return {peer_id for peer_id, until in self._banned_until.items() if until > now}
+
+    def tokens_per_request(self, peer_id: str) -> int:
+        """The most tokens (rows x new tokens) to send this server in one request.
+
+        Servers do not announce their limit: ours is assumed (config.max_tokens_per_request) until a
+        server refuses a request as too large, and its own figure is used from then on.
+        """
+        assumed = self.config.max_tokens_per_request
+        return min(assumed, self._token_limits.get(peer_id, assumed))
+
+    def min_tokens_per_request(self) -> int:
+        """The limit that suits every server known so far (for requests whose route is not chosen yet)."""
+        return min([self.config.max_tokens_per_request, *self._token_limits.values()])
+
+    def learn_token_limit(self, peer_id: str, limit: int) -> None:
+        logger.info("Server %s takes at most %d tokens per request; sending it less at a time", peer_id, limit)
+        self._token_limits[peer_id] = min(limit, self._token_limits.get(peer_id, limit))
 
     def _usable_spans(self) -> list[RemoteSpanInfo]:
         now = time.monotonic()
