@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -73,15 +74,22 @@ def _parse(marker: bytes, payload: bytes, message_type: type[M]) -> M | None:
 # ----- the server side: asyncio streams -----
 
 
-async def read_message(reader: asyncio.StreamReader, message_type: type[M], max_bytes: int) -> M | None:
+async def read_message(
+    reader: asyncio.StreamReader, message_type: type[M], max_bytes: int, hold: Callable[[int], None] | None = None
+) -> M | None:
     """The next message; None when the peer ended the stream. Raises RemoteError for the peer's
-    error frames, FrameError for malformed bytes, asyncio.IncompleteReadError when the stream broke."""
-    marker, payload = await _read_frame(reader, max_bytes)
+    error frames, FrameError for malformed bytes, asyncio.IncompleteReadError when the stream broke.
+    `hold` is told a frame's size before it is read (and may refuse it by raising)."""
+    marker, payload = await _read_frame(reader, max_bytes, hold)
     return _parse(marker, payload, message_type)
 
 
-async def _read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[bytes, bytes]:
+async def _read_frame(
+    reader: asyncio.StreamReader, max_bytes: int, hold: Callable[[int], None] | None = None
+) -> tuple[bytes, bytes]:
     marker, length = _check_header(await reader.readexactly(1 + HEADER_BYTES), max_bytes)
+    if hold is not None:
+        hold(length)
     return marker, await reader.readexactly(length)
 
 

@@ -8,12 +8,14 @@ for that session alone.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from swarm import AutoDistributedModelForCausalLM
@@ -26,7 +28,7 @@ from swarm.server.backend import QueuedStep, SessionKVCache, SpanBackend, load_s
 from swarm.server.batching import CostModel, StepBatcher, _Pending
 from swarm.server.handler import fetch_server_info
 from tests.conftest import DEMO_MODEL, client_peer, start_swarm
-from tests.test_families import FAMILIES, WINDOW, Family, build_model
+from tests.test_families import FAMILIES, WINDOW, WITH_HEAD_DIM, Family, build_model
 
 # float64, so that a stacked matmul summing in another order than a one-row one stays far below it.
 ATOL = 1e-10
@@ -289,3 +291,114 @@ def test_the_cost_model_buckets_rows_by_powers_of_two() -> None:
     cost.record("kind", 4, 0.7)
     assert cost.estimate("kind", 4) == pytest.approx(0.5 + 0.2 * (0.7 - 0.5))  # rows 3 and 4: one bucket
     assert cost.estimate("kind", 5) is None
+
+
+# ----- the bounds of a stacked forward -----
+
+
+def queued_steps(backend: SpanBackend, count: int, length: int, position: int = 0) -> list[_Pending]:
+    pending = []
+    for index in range(count):
+        cache = backend.new_cache(0, 4, 1, position + length)
+        cache.position = position
+        step = QueuedStep(hidden_states(backend, 1, length, seed=index), cache)
+        pending.append(_Pending(step, None, asyncio.Future(loop=asyncio.new_event_loop())))
+    return pending
+
+
+def batch_sizes(batcher: StepBatcher, pending: list[_Pending]) -> list[int]:
+    batcher._queue.extend(pending)
+    sizes = []
+    while batch := batcher._take_batch():
+        sizes.append(len(batch))
+    return sizes
+
+
+def test_a_stacked_forward_carries_no_more_tokens_than_one_request(backends) -> None:
+    """16 sessions replaying 1024-token chunks at once: no forward over the server's 8192 tokens per request
+    (stacked, they made one 16k-token forward with its masks and padded copies)."""
+    backend = backends(FAMILIES[0])
+    batcher = StepBatcher(backend, None)
+    assert batch_sizes(batcher, queued_steps(backend, 16, 1024)) == [8, 8]
+    assert batch_sizes(batcher, queued_steps(backend, 16, 1)) == [16]  # decode steps still stack whole
+
+
+def test_a_stacked_forward_keeps_its_temporary_tensors_within_budget(backends) -> None:
+    """Each row's cache is copied padded to the longest: sessions far into their caches stack fewer at once."""
+    backend = backends(FAMILIES[0])
+    budget = backend.stacked_step_bytes(rows=4, length=1, kv_length=32)
+    batcher = StepBatcher(backend, None, max_batch_bytes=budget)
+    assert batch_sizes(batcher, queued_steps(backend, 8, 1, position=31)) == [4, 4]
+    assert batch_sizes(batcher, queued_steps(backend, 8, 1, position=0)) == [8]
+
+
+def test_closing_the_batcher_settles_the_steps_it_was_computing(backends, monkeypatch) -> None:
+    """A server stopping while a batch computes: its steps get an error instead of waiting for ever."""
+    backend = backends(FAMILIES[0])
+    entered, release = threading.Event(), threading.Event()
+    compute = backend.inference_steps
+
+    def slow(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "inference_steps", slow)
+
+    async def run():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = StepBatcher(backend, executor)
+            step = asyncio.create_task(batcher.step(hidden_states(backend, 1, 1, seed=0), new_cache(backend, 1)))
+            await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
+            await batcher.close()
+            try:
+                with pytest.raises(batching.BatcherClosed, match="shutting down"):
+                    await asyncio.wait_for(step, 5)
+                with pytest.raises(batching.BatcherClosed):
+                    await batcher.step(hidden_states(backend, 1, 1, seed=1), new_cache(backend, 1))
+            finally:
+                release.set()
+
+    asyncio.run(run())
+
+
+def test_the_cost_model_keeps_a_bounded_number_of_kinds() -> None:
+    """Kinds follow what clients send (new tokens per row, adapters): the model forgets the oldest."""
+    cost = CostModel(max_keys=8)
+    for tokens in range(100):
+        cost.record(("step", tokens), 1, 0.1)
+    assert len(cost._seconds) == 8
+    assert cost.estimate(("step", 99), 1) == 0.1 and cost.estimate(("step", 0), 1) is None
+
+
+def test_steps_computed_alone_are_not_measured_one_kind_each(backends) -> None:
+    backend = backends(FAMILIES[0])
+    cache = new_cache(backend, 1)
+    step = QueuedStep(hidden_states(backend, 1, 2, seed=0), cache, prompts=torch.zeros(4, 1, 1, backend.hidden_size))
+    assert _Pending(step, None, None).cost_kind is None  # (its id made a new key per step, kept for ever)
+
+
+DYNAMIC_ROPE = Family(
+    "llama_dynamic_rope",
+    lambda: transformers.LlamaConfig(
+        **{**WITH_HEAD_DIM, "max_position_embeddings": 16},
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    ),
+)
+
+
+def test_dynamic_rope_rows_stacked_together_each_get_their_own_frequencies(backends) -> None:
+    """Dynamic RoPE scales its frequencies by the longest position it sees: a session at position 4 stepping
+    with one past max_position_embeddings must still get what it gets alone."""
+    backend = backends(DYNAMIC_ROPE)
+    prompts = [hidden_states(backend, 1, n, seed=n) for n in (4, 24)]
+    alone = [new_cache(backend, 1) for _ in prompts]
+    together = [new_cache(backend, 1) for _ in prompts]
+    for prompt, cache_alone, cache_together in zip(prompts, alone, together):
+        backend.inference_step(prompt, cache_alone)
+        backend.inference_step(prompt, cache_together)
+    steps = [hidden_states(backend, 1, 1, seed=50 + i) for i in range(2)]
+    expected = [backend.inference_step(hidden, cache) for hidden, cache in zip(steps, alone)]
+    outputs = backend.inference_steps([QueuedStep(h, c) for h, c in zip(steps, together)])
+    for output, wanted in zip(outputs, expected):
+        torch.testing.assert_close(output, wanted, atol=ATOL, rtol=RTOL)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import msgpack
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
@@ -31,7 +32,14 @@ from swarm.client.config import ClientConfig
 from swarm.client.event_loop import run_sync
 from swarm.names import block_uids, join_chain
 from swarm.ping import ping_within
-from swarm.server.handler import INFERENCE_HANDLE, STREAM_CHUNK_BYTES, ShuttingDown, TransformerConnectionHandler
+from swarm.server.handler import (
+    INFERENCE_HANDLE,
+    STREAM_CHUNK_BYTES,
+    HeldBytes,
+    Overloaded,
+    ShuttingDown,
+    TransformerConnectionHandler,
+)
 from swarm.server.server import ServerConfig
 from swarm.streams import BlockingStream, RemoteError, read_message
 from swarm.wire import BadRequest, pack_args, serialize
@@ -307,6 +315,48 @@ def test_sessions_per_peer_are_capped_and_closing_frees_slots(client, server, by
             end(stream)
 
 
+@pytest.mark.integration
+def test_crafted_tensors_metadata_and_pushes_are_refused(client, stub, server, bystander):
+    """The attacks of issue 20 on the real wire: an 8-bit tensor with a huge codebook, metadata of tuples
+    nested 500 deep (it crashed the process), a later frame larger than any step of its session, and
+    pushes into a session from a peer its client did not name."""
+    codebook = runtime_pb2.Tensor(
+        compression=runtime_pb2.CompressionType.BLOCKWISE_8BIT, buffer=bytes(64), size=[1, 1, HIDDEN], dtype="float32"
+    )
+    eight_bit = step(1, max_length=8)
+    eight_bit.tensors[0].CopyFrom(codebook)
+    nested = step(1, max_length=8)
+    nested.metadata = b"\x82\xaamax_length\x08\xaeargs_structure" + _nested_tuples(500)  # {max_length, args_structure}
+    named = "12D3KooWNS8BUH27E7cxS43fK1Ash9ZbpZzHsGvy71oXp7NyQBDU"  # not the attacker
+    with bystander.alongside("8-bit codebooks, 500-deep tuples, oversized later frames, unnamed pushes", server):
+        for _ in range(10):
+            for attack, message in ((eight_bit, "BLOCKWISE_8BIT is not accepted"), (nested, "nests tuples")):
+                stream = session(client, attack)
+                try:
+                    with pytest.raises(RemoteError, match=message):
+                        answer(stream)
+                finally:
+                    stream.close()
+            stream = session(client, step(1, max_length=8, session_id="named", previous_server=named))
+            try:
+                assert answer(stream).tensors
+                pushed = call(stub.rpc_push(step(1, session_id="named", step_id="x", pushed=True), timeout=20))
+                assert not pushed.tensors  # dropped: this peer is not the server the client named
+                stream._socket.sendall(b"\x00" + (10 * 2**20).to_bytes(8, "big"))
+                with pytest.raises(RemoteError, match="larger than the limit"):
+                    answer(stream)  # (the pushed step's outputs would have come first)
+            finally:
+                stream.close()
+
+
+def _nested_tuples(depth: int) -> bytes:
+    """msgpack of one value wrapped in `depth` tuples (hivemind's tuple extension, one item each)."""
+    packed = msgpack.packb(1)
+    for _ in range(depth):
+        packed = msgpack.packb(msgpack.ExtType(MSGPackSerializer._TUPLE_EXT_TYPE_CODE, b"\x91" + packed))
+    return packed
+
+
 # ----- the client's pings of announced servers -----
 
 
@@ -488,7 +538,7 @@ def test_a_session_is_closed_at_its_time_limit_before_the_idle_limit():
         reader = asyncio.StreamReader()
         deadline = asyncio.get_running_loop().time() + handler.session_timeout
         with pytest.raises(BadRequest, match="limit of 0.3 s"):  # the idle limit (60 s) is far away
-            await handler._next_request(reader, 1 << 20, deadline)
+            await handler._next_request(reader, HeldBytes(handler.in_flight, "peer"), 1 << 20, deadline)
 
     asyncio.run(run())
 
@@ -512,5 +562,29 @@ def test_pushes_respect_draining_and_drain_cancels_pushes_in_flight():
         context = SimpleNamespace(remote_id="someone")
         with pytest.raises(ShuttingDown):
             await handler.rpc_push(step(1, session_id="any"), context)
+
+    asyncio.run(run())
+
+
+def test_inference_frames_count_against_the_peers_budget_before_they_are_read():
+    """A frame's size counts from its header on: a peer cannot make the server buffer past its share."""
+    handler = bare_handler(max_stream_bytes_per_peer=10_000)
+
+    async def run():
+        deadline = asyncio.get_running_loop().time() + 60
+        held = HeldBytes(handler.in_flight, "peer")
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"\x00" + (50_000).to_bytes(8, "big"))  # within the frame limit, over the budget
+        with pytest.raises(Overloaded, match="your requests in flight exceed 10000 bytes"):
+            await asyncio.wait_for(handler._next_request(reader, held, 1 << 20, deadline), 10)
+        assert held.nbytes == 0 and not handler.in_flight.by_peer
+
+        frame = step(1, max_length=8).SerializeToString()
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"\x00" + len(frame).to_bytes(8, "big") + frame)
+        assert (await handler._next_request(reader, held, 1 << 20, deadline)).tensors
+        assert handler.in_flight.by_peer["peer"] == held.nbytes == len(frame)  # held until its step is answered
+        held.release()
+        assert not handler.in_flight.by_peer and handler.in_flight.held == 0
 
     asyncio.run(run())

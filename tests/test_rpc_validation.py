@@ -218,8 +218,9 @@ def test_pushed_steps_are_answered_on_the_clients_stream(client, stub):
     def answer(timeout: float = 20) -> runtime_pb2.ExpertResponse | None:
         return stream.receive(runtime_pb2.ExpertResponse, 1 << 20, timeout)
 
+    pusher = p2p.peer_id.to_base58()  # here the client pushes too: it names itself as the previous server
     try:
-        stream.send(step(hidden(2), max_length=16, session_id="push-test", step_id="a"), 10)
+        stream.send(step(hidden(2), max_length=16, session_id="push-test", step_id="a", previous_server=pusher), 10)
         assert answer().tensors
         with pytest.raises(Exception, match="shape"):
             call(stub.rpc_push(request(ALL, [torch.randn(1, 1, 7)], {"session_id": "push-test"}), timeout=20))
@@ -244,3 +245,18 @@ def test_a_session_ended_by_the_client_closes_at_once(client):
     responses = call(inference(client, [step(hidden(2), max_length=8, step_id="a"), step(hidden(1), step_id="b")]))
     assert len(responses) == 2
     assert time.monotonic() - began < LINGER_SECONDS / 2
+
+
+def test_after_the_first_step_a_frame_larger_than_any_step_of_the_session_is_refused_unread(client):
+    """A session of one row and max_length 16 can send at most 16 tokens a step (about 16 KB): a frame
+    claiming 10 MB (within what a first request to 8 blocks may be) is refused from its header."""
+    p2p, peer_id = client
+    stream = BlockingStream(p2p, peer_id, INFERENCE_HANDLE, timeout=10)
+    try:
+        stream.send(step(hidden(2), max_length=16, step_id="a"), 10)
+        assert stream.receive(runtime_pb2.ExpertResponse, 1 << 20, 20).tensors
+        stream._socket.sendall(b"\x00" + (10 * 2**20).to_bytes(8, "big") + bytes(2**16))
+        with pytest.raises(RemoteError, match="larger than the limit"):
+            stream.receive(runtime_pb2.ExpertResponse, 1 << 20, 20)
+    finally:
+        stream.close()

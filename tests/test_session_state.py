@@ -8,12 +8,15 @@ so that a request can be cancelled exactly while its step computes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 import torch
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from transformers import AutoConfig
 
@@ -22,19 +25,26 @@ from swarm.models.registry import family_for, prepare_config
 from swarm.names import block_uids, join_chain
 from swarm.server.backend import load_span
 from swarm.server.batching import StepBatcher
-from swarm.server.handler import TransformerConnectionHandler, _Session
+from swarm.server.handler import INFERENCE_HANDLE, TransformerConnectionHandler, _Session
 from swarm.server.memory_cache import KVCachePool
-from swarm.streams import read_message
+from swarm.server.server import BlockServer
+from swarm.streams import RemoteError, frame, read_message
 from swarm.wire import BadRequest, deserialize, dumps_metadata, loads_metadata, pack_args, serialize
 from tests.conftest import DEMO_MODEL
 
 PREFIX = "demo_model-hf"
+PREVIOUS = "12D3KooWNS8BUH27E7cxS43fK1Ash9ZbpZzHsGvy71oXp7NyQBDU"  # the server before this one in a chain
+STRANGER = "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
+
+
+def load_blocks():
+    config = prepare_config(AutoConfig.from_pretrained(DEMO_MODEL))
+    return load_span(CheckpointFiles(DEMO_MODEL), family_for(config), config, 0, 2, torch.float32, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
 def backend():
-    config = prepare_config(AutoConfig.from_pretrained(DEMO_MODEL))
-    return load_span(CheckpointFiles(DEMO_MODEL), family_for(config), config, 0, 2, torch.float32, torch.device("cpu"))
+    return load_blocks()
 
 
 def step_request(hidden: torch.Tensor, **metadata) -> runtime_pb2.ExpertRequest:
@@ -102,11 +112,10 @@ def test_a_push_cancelled_mid_step_is_applied_once_and_answers_the_client(backen
 
     async def run():
         client = ClientStream()
-        session = _Session(backend.new_cache(0, 2, 1, 64), 0, 2, 64, 1, client)
+        session = _Session(backend.new_cache(0, 2, 1, 64), 0, 2, 64, 1, client, previous_server=PREVIOUS)
         handler._sessions["s"] = session
-        push = asyncio.create_task(
-            handler.rpc_push(step_request(prompt, session_id="s", step_id="one", pushed=True), SimpleNamespace())
-        )
+        pushed = step_request(prompt, session_id="s", step_id="one", pushed=True)
+        push = asyncio.create_task(handler.rpc_push(pushed, SimpleNamespace(remote_id=PREVIOUS)))
         await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 30)
         push.cancel()  # the sender's timeout, while the step computes
         await asyncio.gather(push, return_exceptions=True)
@@ -257,5 +266,72 @@ def test_step_ids_are_short(backend, handler):
         assert not session.seen_steps
         await session.close()
         await handler.batcher.close()
+
+    asyncio.run(run())
+
+
+def test_pushes_are_taken_only_from_the_previous_server_the_client_named(backend, handler):
+    """Anyone who learned a session's id (an earlier server of the chain, one the client replaced) could push
+    steps into it, rewinds included: only the server the session's own client names may push, and a push
+    cannot change who that is."""
+    hidden = torch.randn(1, 3, backend.hidden_size)
+
+    async def push(session_id: str, sender: str, **metadata) -> runtime_pb2.ExpertResponse:
+        request = step_request(hidden, session_id=session_id, pushed=True, **metadata)
+        return await handler.rpc_push(request, SimpleNamespace(remote_id=sender))
+
+    async def run():
+        client = ClientStream()
+        session = _Session(backend.new_cache(0, 2, 1, 64), 0, 2, 64, 1, client)
+        handler._sessions["s"] = session
+        await push("s", PREVIOUS, step_id="unannounced")  # the client named no one yet (as Petals' clients)
+        await apply(handler, session, step_request(hidden, step_id="one", previous_server=PREVIOUS))
+        await push("s", STRANGER, step_id="injected")
+        await push("s", STRANGER, step_id="rewound", start_from_position=0)
+        assert session.cache.position == 3 and list(session.seen_steps) == ["one"]
+        await push("s", PREVIOUS, step_id="two", previous_server=STRANGER)  # the one allowed; cannot hand over
+        assert session.cache.position == 6 and session.previous_server == PREVIOUS
+        await push("s", STRANGER, step_id="three")
+        with pytest.raises(BadRequest, match="previous_server: a peer id is not a valid"):
+            await apply(handler, session, step_request(hidden, step_id="x", previous_server="not a peer id"))
+        await session.close()
+        await handler.batcher.close()
+        return await client.outputs(), session
+
+    outputs, session = asyncio.run(run())
+    assert len(outputs) == 1 and session.cache.position == 6  # only the named server's push was computed
+
+
+def test_a_server_moving_to_other_blocks_ends_open_sessions_before_it_frees_its_blocks():
+    """Sessions still open when a server moves held the old blocks and caches alive (and kept computing on them)
+    while the new blocks loaded: they are ended, their clients told why, and the old blocks freed."""
+
+    async def run():
+        server_p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        client_p2p = await P2P.create(
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server_p2p.get_visible_maddrs()
+        )
+        try:
+            blocks = load_blocks()
+            freed = weakref.ref(blocks)
+            handler = TransformerConnectionHandler(blocks, PREFIX, KVCachePool(2**26), max_length=64)
+            await handler.start(server_p2p)
+            del blocks
+            _, reader, writer = await client_p2p.call_binary_stream_handler(server_p2p.peer_id, INFERENCE_HANDLE)
+            writer.write(frame(step_request(torch.randn(1, 3, 256), max_length=16, step_id="a")))
+            assert (await asyncio.wait_for(read_message(reader, runtime_pb2.ExpertResponse, 1 << 20), 30)).tensors
+            server = SimpleNamespace(
+                handler=handler, config=SimpleNamespace(shutdown_timeout=0.5), device=torch.device("cpu")
+            )
+            del handler
+            await asyncio.wait_for(BlockServer._stop_handler(server), 30)
+            with pytest.raises(RemoteError, match="moved to other blocks"):
+                await asyncio.wait_for(read_message(reader, runtime_pb2.ExpertResponse, 1 << 20), 10)
+            writer.close()
+            gc.collect()
+            assert freed() is None  # nothing holds the old blocks any more
+        finally:
+            await client_p2p.shutdown()
+            await server_p2p.shutdown()
 
     asyncio.run(run())

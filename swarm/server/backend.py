@@ -147,6 +147,7 @@ class SpanBackend:
             block = quantize_block(block, quant_type, dtype)  # quantized as .to() moves it to the device
             self.blocks.append(block.to(device=device, dtype=dtype).eval().requires_grad_(False))
         self.rotary = family.make_rotary(config).to(device) if family.make_rotary else None
+        self._rope_follows_length = _rope_follows_length(self.rotary)
         self.adapters: list[str] = []  # served LoRA adapters, by name
         self._lora_hooks: dict[tuple[int, str], LoraHook] = {}
 
@@ -157,6 +158,16 @@ class SpanBackend:
 
     def cache_bytes(self, num_blocks: int, batch_size: int, max_length: int) -> int:
         return kv_cache_bytes(self.cache_layout, num_blocks, batch_size, max_length, self.dtype)
+
+    def stacked_step_bytes(self, rows: int, length: int, kv_length: int) -> int:
+        """Roughly the temporary bytes of one stacked step: each row's cache padded to `kv_length` (one
+        layer's, refilled layer after layer), the mask, one layer's attention scores and MLP activations."""
+        element = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
+        padded = rows * kv_length * self.cache_layout.bytes_per_token(element)
+        heads = getattr(self.config, "num_attention_heads", 1) or 1
+        scores = rows * (heads + 1) * length * kv_length * element  # + the mask, (rows, 1, length, kv_length)
+        width = self.hidden_size + (getattr(self.config, "intermediate_size", None) or 4 * self.hidden_size)
+        return padded + scores + rows * length * width * element
 
     def new_cache(self, first_block: int, num_blocks: int, batch_size: int, max_length: int) -> SessionKVCache:
         return SessionKVCache(
@@ -212,14 +223,29 @@ class SpanBackend:
             if window not in masks:
                 masks[window] = self._mask(offset, length, window, row_offsets, hidden.dtype)
             if attention.rope not in position_embeddings:
-                rotary = self.rotary
-                embeddings = family.rotary_for(rotary, hidden, positions, attention.rope) if rotary else None
-                position_embeddings[attention.rope] = embeddings
+                position_embeddings[attention.rope] = self._position_embeddings(
+                    hidden, positions, attention.rope, per_row=row_offsets is not None
+                )
             if prompts is not None:
                 hidden = _add_prompt(hidden, prompts[i - (first - self.start)])
             inputs = BlockInputs(masks[window], positions, position_embeddings[attention.rope], alibi, cache)
             hidden = self.family.call_block(self.blocks[i], hidden, inputs)
         return hidden
+
+    def _position_embeddings(self, hidden: torch.Tensor, positions: torch.Tensor, rope: str, per_row: bool) -> object:
+        if self.rotary is None:
+            return None
+        if not (per_row and self._rope_follows_length):
+            return self.family.rotary_for(self.rotary, hidden, positions, rope)
+        # Dynamic and long RoPE pick their frequencies from the longest position they are given: rows of
+        # sessions stepping together each get what their session alone would.
+        rows = [
+            self.family.rotary_for(self.rotary, hidden[i : i + 1], positions[i : i + 1], rope)
+            for i in range(len(positions))
+        ]
+        if isinstance(rows[0], torch.Tensor):
+            return torch.cat(rows)
+        return tuple(torch.cat(parts) for parts in zip(*rows))
 
     def _mask(
         self, offset: int, length: int, window: int | None, row_offsets: torch.Tensor | None, dtype: torch.dtype
@@ -366,6 +392,13 @@ def load_span(
         for prefix in prefixes
     ]
     return SpanBackend(family, config, start, end, block_weights, dtype, device, quant_type)
+
+
+def _rope_follows_length(rotary: nn.Module | None) -> bool:
+    """Whether a rotary module's frequencies depend on the longest position it is called with."""
+    kinds = getattr(rotary, "rope_type", None)
+    kinds = kinds.values() if isinstance(kinds, dict) else [kinds]
+    return any(isinstance(kind, str) and ("dynamic" in kind or kind == "longrope") for kind in kinds)
 
 
 def _add_prompt(hidden: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:

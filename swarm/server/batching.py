@@ -44,6 +44,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_INLINE_SECONDS = 0.01  # the event loop may stall this long for one batch (pings wait seconds), no more
 DEFAULT_MAX_BATCH_ROWS = 64
+# A stacked forward carries at most as many tokens as one request may (64 replaying sessions' 1024-token
+# chunks would otherwise make one 65k-token forward), and its temporary tensors (each session's cache
+# padded to the longest, masks, attention scores: `SpanBackend.stacked_step_bytes`) stay within a budget.
+DEFAULT_MAX_BATCH_TOKENS = 8192
+DEFAULT_MAX_BATCH_BYTES = 2**30
+MAX_COST_KINDS = 256  # measured kinds kept (kinds follow new tokens per row, which clients choose)
 ACTIVE_SECONDS = 1.0  # a session that stepped this recently counts as stepping now
 # A batch waits for due steps at most this share of its own measured cost: at worst (no one comes)
 # its sessions wait that much longer; a step that does come saves a whole batch's overhead.
@@ -72,11 +78,15 @@ def moving_average(previous: float | None, sample: float, smoothing: float) -> f
 
 
 class CostModel:
-    """Seconds per batch, by kind (blocks, new tokens per row) and power-of-two bucket of rows: a moving average."""
+    """Seconds per batch, by kind (blocks, new tokens per row) and power-of-two bucket of rows: a moving average.
 
-    def __init__(self, smoothing: float = 0.2):
+    Only the MAX_COST_KINDS most recently measured keys are kept: clients choose the kinds.
+    """
+
+    def __init__(self, smoothing: float = 0.2, max_keys: int = MAX_COST_KINDS):
         self.smoothing = smoothing
-        self._seconds: dict[Hashable, float] = {}
+        self.max_keys = max_keys
+        self._seconds: collections.OrderedDict[Hashable, float] = collections.OrderedDict()
 
     @staticmethod
     def key(kind: Hashable, rows: int) -> Hashable:
@@ -87,8 +97,10 @@ class CostModel:
 
     def record(self, kind: Hashable, rows: int, seconds: float) -> None:
         key = self.key(kind, rows)
-        previous = self._seconds.get(key)
+        previous = self._seconds.pop(key, None)
         self._seconds[key] = moving_average(previous, seconds, self.smoothing)
+        while len(self._seconds) > self.max_keys:
+            self._seconds.popitem(last=False)
 
 
 @dataclasses.dataclass
@@ -102,9 +114,19 @@ class _Pending:
         return self.step.hidden.shape[0]
 
     @property
+    def tokens(self) -> int:
+        return self.step.hidden.shape[0] * self.step.hidden.shape[1]
+
+    @property
+    def kv_length(self) -> int:
+        """Keys and values its rows attend to in this step."""
+        return self.step.cache.position + self.step.hidden.shape[1]
+
+    @property
     def cost_kind(self) -> Hashable:
-        """What its cost is measured as: its stacking kind, or itself if it computes alone."""
-        return "step", self.stack_key() or id(self)
+        """What its cost is measured as: its stacking kind; None (not measured) if it computes alone."""
+        key = self.stack_key()
+        return None if key is None else ("step", key)
 
     def stack_key(self) -> Hashable | None:
         """Steps with equal keys may share a forward; None: this one computes alone."""
@@ -112,6 +134,10 @@ class _Pending:
         if self.step.prompts is not None and cache.position == 0:
             return None  # its deep prompts apply to this step's leading tokens
         return cache.first_block, cache.num_blocks, self.adapter, self.step.hidden.shape[1], self.step.hidden.dtype
+
+
+class BatcherClosed(RuntimeError):
+    """The server stopped computing steps (it is shutting down)."""
 
 
 class StepBatcher:
@@ -124,11 +150,15 @@ class StepBatcher:
         *,
         inline_seconds: float = DEFAULT_INLINE_SECONDS,
         max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ):
         self.backend = backend
         self.executor = executor
         self.inline_seconds = inline_seconds
         self.max_batch_rows = max_batch_rows
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_bytes = max_batch_bytes
         self.costs = CostModel()
         self._sessions: dict[int, _SessionTiming] = {}  # by id of a session's cache, latest step last
         self.batches = 0  # forwards computed
@@ -136,6 +166,8 @@ class StepBatcher:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._computing: list[_Pending] = []  # the batch being computed
+        self._closed = False
 
     async def step(
         self,
@@ -146,6 +178,8 @@ class StepBatcher:
         adapter: str | None = None,
     ) -> torch.Tensor:
         """One session's step; returns its outputs once its batch has computed."""
+        if self._closed:
+            raise BatcherClosed("this server is shutting down; choose another server")
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
@@ -191,11 +225,15 @@ class StepBatcher:
         return await self._place(kind, rows, fn, *args)
 
     async def close(self) -> None:
+        """Stop: every step queued or computing gets BatcherClosed (none is left waiting for ever)."""
+        self._closed = True
+        unsettled = self._computing  # (the worker forgets its batch once cancelled)
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        for pending in self._queue:
-            pending.future.cancel()
+        closed = BatcherClosed("this server is shutting down; choose another server")
+        for pending in [*unsettled, *self._queue]:
+            _settle(pending.future, error=closed)
         self._queue.clear()
 
     async def _work(self) -> None:
@@ -233,7 +271,7 @@ class StepBatcher:
         return sum(pending.rows for pending in self._queue)
 
     def _take_batch(self) -> list[_Pending]:
-        """The oldest live step and every queued step that can stack with it, up to the row limit."""
+        """The oldest live step and every queued step that can stack with it, within the limits."""
         while self._queue and self._queue[0].future.done():  # its session gave up (cancelled)
             self._queue.popleft()
         if not self._queue:
@@ -243,20 +281,40 @@ class StepBatcher:
         key = first.stack_key()
         if key is None:
             return batch
-        rows, kept = first.rows, collections.deque()
+        rows, tokens, kv_length, kept = first.rows, first.tokens, first.kv_length, collections.deque()
         while self._queue:
             pending = self._queue.popleft()
             if pending.future.done():
                 continue
-            if pending.stack_key() == key and rows + pending.rows <= self.max_batch_rows:
+            if pending.stack_key() == key and self._fits(
+                rows + pending.rows, tokens + pending.tokens, kv_length, pending
+            ):
                 batch.append(pending)
-                rows += pending.rows
+                rows, tokens, kv_length = (
+                    rows + pending.rows,
+                    tokens + pending.tokens,
+                    max(kv_length, pending.kv_length),
+                )
             else:
                 kept.append(pending)
         self._queue = kept
         return batch
 
+    def _fits(self, rows: int, tokens: int, kv_length: int, pending: _Pending) -> bool:
+        if rows > self.max_batch_rows or tokens > self.max_batch_tokens:
+            return False
+        length = pending.step.hidden.shape[1]
+        temporary = self.backend.stacked_step_bytes(rows, length, max(kv_length, pending.kv_length))
+        return temporary <= self.max_batch_bytes
+
     async def _compute(self, batch: list[_Pending]) -> None:
+        self._computing = batch  # for close(): the worker may be cancelled while the batch computes
+        try:
+            await self._compute_batch(batch)
+        finally:
+            self._computing = []
+
+    async def _compute_batch(self, batch: list[_Pending]) -> None:
         steps = [pending.step for pending in batch]
         adapter = batch[0].adapter
         rows = sum(pending.rows for pending in batch)

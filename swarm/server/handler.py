@@ -32,7 +32,7 @@ from swarm import __version__
 from swarm.names import block_uids, join_chain, parse_block_uid, split_chain
 from swarm.server.activations import MAX_KEEP_ID_LENGTH, ActivationStore
 from swarm.server.backend import SessionKVCache, SpanBackend
-from swarm.server.batching import StepBatcher
+from swarm.server.batching import BatcherClosed, StepBatcher
 from swarm.server.memory_cache import CacheAllocationError, KVCachePool
 from swarm.streams import FrameError, RemoteError, close_when_peer_ends, read_message, write_error, write_message
 from swarm.wire import (
@@ -58,6 +58,7 @@ MAX_NEXT_SERVERS = 64  # servers after this one in a pushed chain
 MAX_CHAIN_BLOCKS = 4096  # blocks a pushed chain may span (models have a few hundred at most)
 INFERENCE_HANDLE = "TransformerConnectionHandler.rpc_inference"  # served on a raw stream, see swarm.streams
 MAX_STREAM_PARTS = 100_000
+REQUEST_OVERHEAD_BYTES = 2**20  # a request's metadata (at most 64 KiB), hypo ids and framing
 # One message of a streamed forward/backward: Petals splits tensors in parts of DEFAULT_MAX_MSG_SIZE
 # (and repeats the metadata in each), we in half that. Larger messages are refused unread.
 MAX_STREAM_MESSAGE_BYTES = 2 * DEFAULT_MAX_MSG_SIZE
@@ -81,6 +82,8 @@ class _Session:
     applying: set[asyncio.Future] = dataclasses.field(default_factory=set)  # steps being applied (see _apply_step)
     closed: bool = False  # ended: steps that come later change nothing
     broken: str | None = None  # why a step failed mid-computation: the cache is not trusted after it
+    previous_server: str | None = None  # the one peer whose pushes this session's client accepts (see rpc_push)
+    uses_prompts: bool = False  # a step carried deep prompts: later steps may too (see _step_request_bytes)
 
     def track(self, applying: asyncio.Future) -> None:
         """Keep a step being applied until it is done (see `close`)."""
@@ -108,12 +111,7 @@ def _check_next_servers(next_servers: Any, after: int) -> None:
         if not isinstance(entry, (list, tuple)) or len(entry) != 4:
             raise BadRequest("each of next_servers must be [peer_id, session_id, start, end]")
         peer_id, session_id, start, end = entry
-        if not isinstance(peer_id, str) or not 0 < len(peer_id) <= MAX_PEER_ID_LENGTH:
-            raise BadRequest("next_servers: a peer id must be a short string")
-        try:
-            PeerID.from_base58(peer_id)
-        except Exception:
-            raise BadRequest("next_servers: a peer id is not a valid base58 peer id") from None
+        _check_peer_id(peer_id, "next_servers")
         if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID_LENGTH:
             raise BadRequest(f"next_servers: a session id must be 1 to {MAX_SESSION_ID_LENGTH} characters")
         if any(isinstance(x, bool) or not isinstance(x, int) for x in (start, end)) or start != after:
@@ -123,12 +121,64 @@ def _check_next_servers(next_servers: Any, after: int) -> None:
         after = end
 
 
+def _check_peer_id(peer_id: Any, what: str) -> str:
+    if not isinstance(peer_id, str) or not 0 < len(peer_id) <= MAX_PEER_ID_LENGTH:
+        raise BadRequest(f"{what}: a peer id must be a short string")
+    try:
+        PeerID.from_base58(peer_id)
+    except Exception:
+        raise BadRequest(f"{what}: a peer id is not a valid base58 peer id") from None
+    return peer_id
+
+
 class ShuttingDown(RuntimeError):
     """The server refuses new work while it drains before going offline."""
 
 
 class Overloaded(RuntimeError):
     """The server (or this peer's share of it) is at a limit; the request may be retried later or elsewhere."""
+
+
+class InFlightBytes:
+    """Bytes of requests received and not yet answered, per peer and in all, within two budgets: a peer
+    cannot make the server buffer more than its share, and all peers together no more than the total."""
+
+    def __init__(self, per_peer: int, total: int):
+        self.per_peer, self.total = per_peer, total
+        self.held = 0
+        self.by_peer: Counter[PeerID] = Counter()
+
+    def hold(self, peer: PeerID, nbytes: int) -> None:
+        if self.by_peer[peer] + nbytes > self.per_peer:
+            raise Overloaded(f"your requests in flight exceed {self.per_peer} bytes; wait for the previous ones")
+        if self.held + nbytes > self.total:
+            raise Overloaded("this server is receiving too many large requests; try again later")
+        self.held += nbytes
+        self.by_peer[peer] += nbytes
+
+    def release(self, peer: PeerID, nbytes: int) -> None:
+        if not nbytes:
+            return
+        self.held -= nbytes
+        self.by_peer[peer] -= nbytes
+        if self.by_peer[peer] <= 0:
+            del self.by_peer[peer]
+
+
+class HeldBytes:
+    """What one request (or one session's current step) holds of a peer's in-flight budget."""
+
+    def __init__(self, budget: InFlightBytes, peer: PeerID):
+        self.budget, self.peer = budget, peer
+        self.nbytes = 0
+
+    def hold(self, nbytes: int) -> None:
+        self.budget.hold(self.peer, nbytes)
+        self.nbytes += nbytes
+
+    def release(self) -> None:
+        self.budget.release(self.peer, self.nbytes)
+        self.nbytes = 0
 
 
 class TransformerConnectionHandler(ServicerBase):
@@ -149,7 +199,7 @@ class TransformerConnectionHandler(ServicerBase):
         session_timeout: float = 3600.0,  # a whole inference session, besides each step's step_timeout
         max_sessions_per_peer: int = 64,  # a chat site serves all its users from one peer
         max_active_requests: int = 1024,  # requests and sessions in flight, all peers together
-        max_stream_bytes: int = 2 * 2**30,  # streamed requests being gathered, all peers together
+        max_stream_bytes: int = 2 * 2**30,  # requests received and not yet answered, all peers together
         max_stream_bytes_per_peer: int = 2**30,
         max_pushes: int = 64,  # server-to-server pushes in flight; when full, steps are not pushed
         push_timeout: float = 10.0,
@@ -164,12 +214,15 @@ class TransformerConnectionHandler(ServicerBase):
         self.max_tokens_per_request = max_tokens_per_request
         self.dht_client_mode = dht_client_mode
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        self.batcher = StepBatcher(backend, self.executor)  # all torch work goes through it
+        # All torch work goes through the batcher; a stacked forward carries no more tokens than one request.
+        self.batcher = StepBatcher(backend, self.executor, max_batch_tokens=max_tokens_per_request)
         self.accepting = True
         self.active_requests = 0
         self.p2p: P2P | None = None
         self._sessions: dict[str, _Session] = {}  # by session_id, for rpc_push
         self._pushes: set[asyncio.Task] = set()
+        self._session_tasks: set[asyncio.Task] = set()  # open inference streams, for end_sessions
+        self._ending: str | None = None  # why end_sessions() ended them
         self.activations = ActivationStore(max_kept_activation_bytes, max_kept_activation_bytes // 2)
         self.steps_served = 0
         self.tokens_served = 0
@@ -177,16 +230,13 @@ class TransformerConnectionHandler(ServicerBase):
         self.session_timeout = session_timeout
         self.max_sessions_per_peer = max_sessions_per_peer
         self.max_active_requests = max_active_requests
-        self.max_stream_bytes = max_stream_bytes
-        self.max_stream_bytes_per_peer = max_stream_bytes_per_peer
+        self.in_flight = InFlightBytes(max_stream_bytes_per_peer, max_stream_bytes)
         self.max_pushes = max_pushes
         self.push_timeout = push_timeout
         self._open_session_ids: set[str] = set()  # reserved from a session's first request until its end
         self._sessions_by_peer: Counter[PeerID] = Counter()
         self.max_cache_share_per_peer = max_cache_share_per_peer
         self._cache_bytes_by_peer: Counter[PeerID] = Counter()
-        self._stream_bytes = 0
-        self._stream_bytes_by_peer: Counter[PeerID] = Counter()
 
     async def start(self, p2p: P2P) -> None:
         self.p2p = p2p
@@ -410,28 +460,18 @@ class TransformerConnectionHandler(ServicerBase):
         request is answered, and a stream larger than any valid request (`tensors` hidden-state
         tensors plus prompts) is refused as soon as it grows past that, before more is buffered.
         """
-        peer = context.remote_id
         max_bytes = self._max_request_bytes(tensors)
         first: runtime_pb2.ExpertRequest | None = None
         parts: list[runtime_pb2.Tensor] = []
-        held = 0
+        held = HeldBytes(self.in_flight, context.remote_id)
         try:
             async for request in requests:
                 size = request.ByteSize()
-                if held + size > max_bytes:
+                if held.nbytes + size > max_bytes:
                     raise BadRequest(
                         f"the streamed request exceeds {max_bytes} bytes, more than any valid request to these blocks"
                     )
-                if self._stream_bytes_by_peer[peer] + size > self.max_stream_bytes_per_peer:
-                    raise Overloaded(
-                        f"your streamed requests in flight exceed {self.max_stream_bytes_per_peer} bytes; "
-                        "wait for the previous ones"
-                    )
-                if self._stream_bytes + size > self.max_stream_bytes:
-                    raise Overloaded("this server is receiving too many streamed requests; try again later")
-                held += size
-                self._stream_bytes += size
-                self._stream_bytes_by_peer[peer] += size
+                held.hold(size)
                 first = first or request
                 parts.extend(request.tensors)
                 if len(parts) > MAX_STREAM_PARTS:
@@ -442,10 +482,7 @@ class TransformerConnectionHandler(ServicerBase):
             del parts
             yield first, gathered
         finally:
-            self._stream_bytes -= held
-            self._stream_bytes_by_peer[peer] -= held
-            if self._stream_bytes_by_peer[peer] <= 0:
-                del self._stream_bytes_by_peer[peer]
+            held.release()
 
     def _adapter(self, metadata: dict[str, Any]) -> str | None:
         """The request's `active_adapter` (Petals' key): a served adapter's name, or None (also for "")."""
@@ -503,6 +540,11 @@ class TransformerConnectionHandler(ServicerBase):
             if session is None:  # as Petals does: the session may have ended, or never been opened here
                 logger.debug("Ignoring a push from %s for an unknown session", context.remote_id)
                 return runtime_pb2.ExpertResponse()
+            if session.previous_server is None or str(context.remote_id) != session.previous_server:
+                # Anyone who once learned the session id (an earlier server of the chain, one the client has
+                # replaced since) could otherwise inject or rewind this session's steps.
+                logger.debug("Ignoring a push from %s: not this session's previous server", context.remote_id)
+                return runtime_pb2.ExpertResponse()
             await self._inference_step(session, request, metadata, pushed=True)
             return runtime_pb2.ExpertResponse()
 
@@ -512,13 +554,20 @@ class TransformerConnectionHandler(ServicerBase):
         """rpc_inference: one stream per session, read and written frame by frame (see swarm.streams)."""
         max_bytes = self._max_request_bytes()
         peer_ended = errored = False
+        task = asyncio.current_task()
+        self._session_tasks.add(task)
         try:
             async with self._request():
                 with self._peer_session(stream_info.peer_id):
-                    peer_ended = await self._run_session(stream_info.peer_id, reader, writer, max_bytes)
+                    peer_ended = await self._run_session(stream_info.peer_id, reader, writer)
+        except asyncio.CancelledError:
+            if self._ending is None:
+                raise
+            errored = True  # ended by end_sessions(): the client is told why
+            await _report(writer, self._ending)
         except (asyncio.IncompleteReadError, ConnectionError):
             peer_ended = True  # the client went away; its cache was freed on the way out
-        except (BadRequest, FrameError, CacheAllocationError, ShuttingDown, Overloaded) as e:
+        except (BadRequest, FrameError, CacheAllocationError, ShuttingDown, BatcherClosed, Overloaded) as e:
             errored = True
             await _report(writer, str(e))
         except Exception as e:
@@ -526,11 +575,22 @@ class TransformerConnectionHandler(ServicerBase):
             logger.warning("Inference session from %s failed", stream_info.peer_id, exc_info=True)
             await _report(writer, f"{type(e).__name__}: {e}")
         finally:
+            self._session_tasks.discard(task)
             if peer_ended:
                 writer.close()
             else:
                 # After an error frame, wait for the client's close: its end-of-stream may have crossed our error.
                 await close_when_peer_ends(reader, writer, max_bytes, until_eof=errored)
+
+    async def end_sessions(self, reason: str) -> None:
+        """End every open inference session, telling its client `reason` (clients replay elsewhere): once they
+        are gone nothing holds this handler's blocks or caches, so a server moving to other blocks frees them
+        before it loads the new ones."""
+        self._ending = reason
+        tasks = list(self._session_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @contextlib.contextmanager
     def _peer_session(self, peer: PeerID) -> Iterator[None]:
@@ -548,12 +608,23 @@ class TransformerConnectionHandler(ServicerBase):
             if self._sessions_by_peer[peer] <= 0:
                 del self._sessions_by_peer[peer]
 
-    async def _run_session(
-        self, peer: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int
+    async def _run_session(self, peer: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Serve one session; True if it ended with the client's end-of-stream (nothing more to read).
+
+        Each request's bytes count against the in-flight budgets from its frame header until its step is
+        answered; after the first step, a frame may be no larger than a valid step of this session.
+        """
+        held = HeldBytes(self.in_flight, peer)
+        try:
+            return await self._serve_session(peer, reader, writer, held)
+        finally:
+            held.release()
+
+    async def _serve_session(
+        self, peer: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, held: HeldBytes
     ) -> bool:
-        """Serve one session; True if it ended with the client's end-of-stream (nothing more to read)."""
         deadline = asyncio.get_running_loop().time() + self.session_timeout
-        request = await self._next_request(reader, max_bytes, deadline)
+        request = await self._next_request(reader, held, self._max_request_bytes(), deadline)
         if request is None:
             return True
         first, last = self._parse_chain(request.uid)
@@ -583,10 +654,13 @@ class TransformerConnectionHandler(ServicerBase):
                     self._sessions[session_id] = session  # so that the previous server can push steps here
                 try:
                     while request is not None and request.tensors:  # a request without tensors ends the session
-                        response = await self._inference_step(session, request, metadata)
+                        try:
+                            response = await self._inference_step(session, request, metadata)
+                        finally:
+                            held.release()
                         if response is not None:
                             await write_message(writer, response)
-                        request = await self._next_request(reader, max_bytes, deadline)
+                        request = await self._next_request(reader, held, self._step_request_bytes(session), deadline)
                         metadata = loads_metadata(request.metadata) if request is not None else {}
                 finally:
                     if session_id is not None and self._sessions.get(session_id) is session:
@@ -625,8 +699,9 @@ class TransformerConnectionHandler(ServicerBase):
             self._open_session_ids.discard(session_id)
 
     async def _next_request(
-        self, reader: asyncio.StreamReader, max_bytes: int, deadline: float
+        self, reader: asyncio.StreamReader, held: HeldBytes, max_bytes: int, deadline: float
     ) -> runtime_pb2.ExpertRequest | None:
+        """The session's next request, its bytes `held` from its header on (the caller releases them)."""
         left = deadline - asyncio.get_running_loop().time()
         session_over = BadRequest(
             f"the inference session reached this server's limit of {self.session_timeout:g} s; "
@@ -636,7 +711,7 @@ class TransformerConnectionHandler(ServicerBase):
             raise session_over
         try:
             async with asyncio.timeout(min(self.step_timeout, left)):
-                return await read_message(reader, runtime_pb2.ExpertRequest, max_bytes)
+                return await read_message(reader, runtime_pb2.ExpertRequest, max_bytes, held.hold)
         except TimeoutError:
             if left <= self.step_timeout:
                 raise session_over from None
@@ -645,7 +720,17 @@ class TransformerConnectionHandler(ServicerBase):
     def _max_request_bytes(self, tensors: int = 1) -> int:
         """The largest valid request: `tensors` full tensors of hidden states plus one prompt per block."""
         hidden_bytes = self.max_tokens_per_request * self.backend.hidden_size * 4
-        return hidden_bytes * (tensors + self.backend.end - self.backend.start) + 2**20
+        return hidden_bytes * (tensors + self.backend.end - self.backend.start) + REQUEST_OVERHEAD_BYTES
+
+    def _step_request_bytes(self, session: _Session) -> int:
+        """The largest valid next step of an open session: its rows over at most its max_length (a step may
+        rewind), with deep prompts only if an earlier step carried some (Petals' clients send them each step)."""
+        if not session.steps_computed:
+            return self._max_request_bytes()  # (an opening empty step says nothing of the next)
+        tokens = min(self.max_tokens_per_request, session.batch_size * session.max_length)
+        hidden_bytes = tokens * self.backend.hidden_size * 4
+        blocks = session.last - session.first if session.uses_prompts else 0
+        return hidden_bytes * (1 + blocks) + REQUEST_OVERHEAD_BYTES
 
     async def _inference_step(
         self, session: _Session, request: runtime_pb2.ExpertRequest, metadata: dict[str, Any], pushed: bool = False
@@ -682,12 +767,16 @@ class TransformerConnectionHandler(ServicerBase):
                     return None  # the other copy (pushed or the client's) came first
             if metadata.get("next_servers"):
                 _check_next_servers(metadata["next_servers"], session.last)
+            if not pushed and "previous_server" in metadata:  # only the session's client says who may push
+                previous = metadata["previous_server"]
+                session.previous_server = None if previous is None else _check_peer_id(previous, "previous_server")
             cache = session.cache
             args = unpack_args(deserialize(request.tensors), metadata.get("args_structure"))
             hidden = self._check_hidden(args[0])
             if hidden.shape[0] != session.batch_size:
                 raise BadRequest(f"this session's batch size is {session.batch_size}, got {hidden.shape[0]}")
             prompts = self._check_prompts(args[1] if len(args) > 1 else None, hidden, session.last - session.first)
+            session.uses_prompts = session.uses_prompts or prompts is not None
             hypo_ids = self._check_hypo_ids(args[2] if len(args) > 2 else None, session.batch_size)
             start_from = metadata.get("start_from_position")
             if start_from is not None and (

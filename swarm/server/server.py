@@ -44,6 +44,7 @@ from swarm.server.throughput import DEFAULT_BANDWIDTH_MBPS, loading_weights, mea
 logger = logging.getLogger(__name__)
 
 MAX_NEXT_PINGS = 8
+SESSION_MOVED = "this server moved to other blocks; open the session on another server"
 T = TypeVar("T")
 
 
@@ -479,7 +480,8 @@ class BlockServer:
         await handler.drain(self.config.shutdown_timeout)
         await handler.remove_p2p_handlers(handler.p2p)
         await handler.p2p.remove_binary_stream_handler(INFERENCE_HANDLE)
-        # Sessions still open after the drain fail on their next step that needs the compute thread.
+        # Sessions still open hold the old blocks and their caches: end them before the new blocks load.
+        await handler.end_sessions(SESSION_MOVED)
         handler.executor.shutdown(wait=False, cancel_futures=True)
         del handler
         gc.collect()
