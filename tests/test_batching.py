@@ -24,11 +24,11 @@ from swarm.client.event_loop import run_sync
 from swarm.models.family import CacheLayout
 from swarm.models.registry import family_for, prepare_config
 from swarm.server import batching
-from swarm.server.backend import QueuedStep, SessionKVCache, SpanBackend, load_span
+from swarm.server.backend import QueuedStep, SessionKVCache, SpanBackend, StackedCaches, load_span
 from swarm.server.batching import CostModel, StepBatcher, _Pending
 from swarm.server.handler import fetch_server_info
 from tests.conftest import DEMO_MODEL, client_peer, start_swarm
-from tests.test_families import FAMILIES, WINDOW, WITH_HEAD_DIM, Family, build_model
+from tests.test_families import FAMILIES, FAMILIES_BY_NAME, WINDOW, WITH_HEAD_DIM, Family, build_model
 
 # float64, so that a stacked matmul summing in another order than a one-row one stays far below it.
 ATOL = 1e-10
@@ -324,12 +324,18 @@ def test_a_stacked_forward_carries_no_more_tokens_than_one_request(backends) -> 
 
 
 def test_a_stacked_forward_keeps_its_temporary_tensors_within_budget(backends) -> None:
-    """Each row's cache is copied padded to the longest: sessions far into their caches stack fewer at once."""
-    backend = backends(FAMILIES[0])
-    budget = backend.stacked_step_bytes(rows=4, length=1, kv_length=32)
-    batcher = StepBatcher(backend, None, max_batch_bytes=budget)
-    assert batch_sizes(batcher, queued_steps(backend, 8, 1, position=31)) == [4, 4]
-    assert batch_sizes(batcher, queued_steps(backend, 8, 1, position=0)) == [8]
+    """Where each row's cache is copied padded to the longest (BLOOM's own attention), sessions far into their
+    caches stack fewer at once; where sessions attend each over its own cache, nothing grows with them."""
+    padded = backends(FAMILIES_BY_NAME["bloom"])
+    assert not padded.per_session_attention
+    budget = padded.stacked_step_bytes(rows=4, length=1, kv_length=32)
+    batcher = StepBatcher(padded, None, max_batch_bytes=budget)
+    assert batch_sizes(batcher, queued_steps(padded, 8, 1, position=31)) == [4, 4]
+    assert batch_sizes(batcher, queued_steps(padded, 8, 1, position=0)) == [8]
+    per_session = backends(FAMILIES[0])
+    assert per_session.per_session_attention
+    batcher = StepBatcher(per_session, None, max_batch_bytes=per_session.stacked_step_bytes(8, 1, 32))
+    assert batch_sizes(batcher, queued_steps(per_session, 8, 1, position=31)) == [8]
 
 
 def test_closing_the_batcher_settles_the_steps_it_was_computing(backends, monkeypatch) -> None:
@@ -402,3 +408,22 @@ def test_dynamic_rope_rows_stacked_together_each_get_their_own_frequencies(backe
     outputs = backend.inference_steps([QueuedStep(h, c) for h, c in zip(steps, together)])
     for output, wanted in zip(outputs, expected):
         torch.testing.assert_close(output, wanted, atol=ATOL, rtol=RTOL)
+
+
+def test_stacked_sessions_attend_over_their_own_caches_without_copies(backends, monkeypatch) -> None:
+    """Families whose layers call transformers' attention interface stack sessions without copying their caches
+    into padded tensors (O(sessions x position) bytes per token): each attends over its own cache views."""
+    backend = backends(FAMILIES[0])
+    made: list[StackedCaches] = []
+    original = StackedCaches.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(StackedCaches, "__init__", recording)
+    caches = [new_cache(backend, 1) for _ in range(2)]
+    for cache, length in zip(caches, (20, 1)):
+        backend.inference_step(hidden_states(backend, 1, length, seed=length), cache)
+    backend.inference_steps([QueuedStep(hidden_states(backend, 1, 1, seed=i), c) for i, c in enumerate(caches)])
+    assert len(made) == 1 and made[0]._padded is None

@@ -26,6 +26,7 @@ DEEPSEEK_V3 = register_family(
         DeepseekV3RMSNorm,
         DeepseekV3RotaryEmbedding,
         cache_layout=_latent_cache,
+        cache_to_attention=False,  # its cache holds compressed latents, expanded before attention
         convert_block_weights=lambda weights, config: fuse_experts(
             weights, experts="mlp.experts", gate="gate_proj", up="up_proj", down="down_proj"
         ),

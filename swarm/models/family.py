@@ -206,6 +206,9 @@ class ModelFamily:
     # additive float masks (Gemma 2's attention soft-capping, BLOOM).
     attn_implementation: Callable[[PretrainedConfig], str] = lambda config: "sdpa"
     always_mask: bool = False  # pass a mask even where none is needed, as the family's own model does
+    # Whether the layers hand what the cache's update() returns straight to transformers' attention interface,
+    # so that stacked sessions can attend each over its own cache (swarm.server.session_attention).
+    cache_to_attention: bool = True
     cache_layout: Callable[[PretrainedConfig, int], CacheLayout] = grouped_query_cache
     checkpoint: CheckpointNames = CheckpointNames()
     # Checkpoint layout -> transformers' module layout (e.g. per-expert MoE tensors -> fused ones).

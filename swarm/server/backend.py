@@ -15,11 +15,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from swarm.checkpoint import CheckpointFiles
-from swarm.models.family import BlockInputs, CacheLayout, ModelFamily
+from swarm.models.family import BlockInputs, CacheLayout, ModelFamily, call_decoder_layer
 from swarm.server.activations import KeptForward
 from swarm.server.adapters import LoraHook, LoraWeights, attach_adapter, using_adapter
 from swarm.server.attention_masks import attention_mask, needs_mask, stacked_attention_mask
 from swarm.server.quantization import quantize_block
+from swarm.server.session_attention import ATTENTION_NAME, SessionParts
 
 
 def span_cache_layout(family: ModelFamily, config: PretrainedConfig, start: int, end: int) -> CacheLayout:
@@ -75,18 +76,23 @@ class SessionKVCache:
 class StackedCaches:
     """The caches of sessions stepping together, behind the one `update()` that attention calls.
 
-    Each session's rows write their new keys and values into its own cache at its own position;
-    attention gets every row's cached keys and values padded on the right to `kv_length`. The
-    padded tensors are allocated once per step and refilled layer after layer: each row's length
-    is the same in every layer, so its padding stays zero (finite, and masked out).
+    Each session's rows write their new keys and values into its own cache at its own position.
+    With `per_session` (families that call transformers' attention interface), attention gets each
+    session's own cache views and attends session by session (`swarm.server.session_attention`):
+    nothing is copied. Otherwise it gets every row's cached keys and values padded on the right to
+    `kv_length`: the padded tensors are allocated once per step and refilled layer after layer; each
+    row's length is the same in every layer, so its padding stays zero (finite, and masked out).
     """
 
-    def __init__(self, caches: list[SessionKVCache], kv_length: int):
+    def __init__(self, caches: list[SessionKVCache], kv_length: int, per_session: bool = False):
         self.caches = caches
         self.kv_length = kv_length
+        self.per_session = per_session
         self._padded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.per_session:
+            return self._update_sessions(key_states, value_states, layer_idx)
         if self._padded is None:
             rows, key_heads, _, key_dim = key_states.shape
             _, value_heads, _, value_dim = value_states.shape
@@ -103,6 +109,20 @@ class StackedCaches:
             values[row:end_row, :, : session_values.shape[2]] = session_values
             row = end_row
         return keys, values
+
+    def _update_sessions(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+    ) -> tuple[SessionParts, SessionParts]:
+        rows = [cache.batch_size for cache in self.caches]
+        keys, values, row = [], [], 0
+        for cache, count in zip(self.caches, rows):
+            session_keys, session_values = cache.update(
+                key_states[row : row + count], value_states[row : row + count], layer_idx
+            )
+            keys.append(session_keys)
+            values.append(session_values)
+            row += count
+        return SessionParts(keys, rows), SessionParts(values, rows)
 
 
 @dataclasses.dataclass
@@ -137,6 +157,14 @@ class SpanBackend:
         self.cache_layout = span_cache_layout(family, config, start, end)
         self.attention = [family.layer_attention(config, index) for index in range(start, end)]
         self._additive_masks = family.attn_implementation(config) == "eager"
+        # Stacked sessions attend each over its own cache where the layers call transformers' attention interface.
+        self.per_session_attention = (
+            family.call_block is call_decoder_layer
+            and family.cache_to_attention
+            and getattr(config, "_attn_implementation", None) == "sdpa"
+        )
+        if self.per_session_attention:
+            config._attn_implementation = ATTENTION_NAME  # plain SDPA for everything but stacked sessions
         if getattr(config, "_experts_implementation", None) is None:
             config._experts_implementation = "grouped_mm"  # MoE layers: what transformers picks for whole models
         self.blocks = nn.ModuleList()
@@ -160,14 +188,17 @@ class SpanBackend:
         return kv_cache_bytes(self.cache_layout, num_blocks, batch_size, max_length, self.dtype)
 
     def stacked_step_bytes(self, rows: int, length: int, kv_length: int) -> int:
-        """Roughly the temporary bytes of one stacked step: each row's cache padded to `kv_length` (one
-        layer's, refilled layer after layer), the mask, one layer's attention scores and MLP activations."""
+        """Roughly the temporary bytes of one stacked step: one layer's attention scores and masks (with padded
+        copies, every row's cache padded to `kv_length`, refilled layer after layer) and MLP activations."""
         element = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
-        padded = rows * kv_length * self.cache_layout.bytes_per_token(element)
         heads = getattr(self.config, "num_attention_heads", 1) or 1
-        scores = rows * (heads + 1) * length * kv_length * element  # + the mask, (rows, 1, length, kv_length)
+        scores = (heads + 1) * length * kv_length * element  # one row's scores and mask
+        if self.per_session_attention:  # sessions attend one after another, each over its own cache
+            attention = scores
+        else:
+            attention = rows * (kv_length * self.cache_layout.bytes_per_token(element) + scores)
         width = self.hidden_size + (getattr(self.config, "intermediate_size", None) or 4 * self.hidden_size)
-        return padded + scores + rows * length * width * element
+        return attention + rows * length * width * element
 
     def new_cache(self, first_block: int, num_blocks: int, batch_size: int, max_length: int) -> SessionKVCache:
         return SessionKVCache(
@@ -221,7 +252,11 @@ class SpanBackend:
             attention = self.attention[i]
             window = attention.sliding_window
             if window not in masks:
-                masks[window] = self._mask(offset, length, window, row_offsets, hidden.dtype)
+                if isinstance(cache, StackedCaches) and cache.per_session:  # each session's own mask
+                    parts = [self._mask(c.position, length, window, None, hidden.dtype) for c in cache.caches]
+                    masks[window] = SessionParts(parts, [c.batch_size for c in cache.caches])
+                else:
+                    masks[window] = self._mask(offset, length, window, row_offsets, hidden.dtype)
             if attention.rope not in position_embeddings:
                 position_embeddings[attention.rope] = self._position_embeddings(
                     hidden, positions, attention.rope, per_row=row_offsets is not None
@@ -317,7 +352,7 @@ class SpanBackend:
         row_offsets = torch.tensor(
             [cache.position for cache in caches for _ in range(cache.batch_size)], device=self.device
         )
-        stacked = StackedCaches(caches, int(row_offsets.max()) + length)
+        stacked = StackedCaches(caches, int(row_offsets.max()) + length, self.per_session_attention)
         output = self._run(hidden, first, first + caches[0].num_blocks, 0, None, stacked, adapter, row_offsets)
         for cache in caches:
             cache.position += length
