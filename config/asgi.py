@@ -1,5 +1,6 @@
 """ASGI entry point: Django for HTTP, Channels for websockets (status updates, chat); each app's
-websocket routes carry their own origin check."""
+websocket routes carry their own origin check. Request bodies are capped before they are read whole,
+in daphne itself and here (config/bodies.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from config.bodies import BodyLimit, install_daphne_cap  # noqa: E402
 from config.proxy import TrustedProxyHeaders  # noqa: E402
 from monitor.routing import websocket_urlpatterns as monitor_websockets  # noqa: E402
 from playground.routing import websocket_urlpatterns as playground_websockets  # noqa: E402
@@ -20,8 +22,9 @@ from playground.routing import websocket_urlpatterns as playground_websockets  #
 application = TrustedProxyHeaders(
     ProtocolTypeRouter(
         {
-            "http": django_asgi_app,
+            "http": BodyLimit(django_asgi_app),
             "websocket": URLRouter([*monitor_websockets, *playground_websockets]),
         }
     )
 )
+install_daphne_cap()  # daphne imports this module before it starts listening

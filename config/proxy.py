@@ -1,6 +1,7 @@
 """The client's address behind reverse proxies: `X-Forwarded-For`, believed only from trusted proxies.
 
-Per-client limits (chat sessions, reachability probes) key on the client's address. Behind a proxy
+Per-client limits (chat sessions, reachability probes) key on the client's address (`client_key`:
+an IPv6 client by its /64). Behind a proxy
 every request comes from the proxy, so its `X-Forwarded-For` must name the client; but anyone can
 send that header, so it is read only when the connection comes from an address in
 `settings.TRUSTED_PROXIES` (addresses or networks), and then from the right: the first address
@@ -49,6 +50,20 @@ def client_address(peer: str, forwarded_for: str | None, networks: tuple[Network
             except ValueError:
                 return peer  # garbage from beyond our proxies: keep the address we know
     return hops[0] if hops else peer  # every hop is one of ours
+
+
+def client_key(address: str) -> str:
+    """What per-client limits count under: an IPv4 address, or the /64 network of an IPv6 one (a
+    single subscriber commonly holds a whole /64 and could take a fresh address for every request)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # a zone index names no other host
+    except ValueError:
+        return address  # "unknown", a unix socket...
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class TrustedProxyHeaders:

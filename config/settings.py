@@ -55,6 +55,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "config.health.HealthCheckMiddleware",  # first: health checks pass before any Host or scheme check
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -121,6 +122,11 @@ STORAGES = {
     },
 }
 WHITENOISE_USE_FINDERS = envbool("WHITENOISE_USE_FINDERS", not _MANIFEST)
+
+# The largest request body accepted: bigger ones are refused (413) before they are read whole
+# (config/bodies.py); Django's own limit on what it reads into memory is the same.
+MAX_REQUEST_BODY_BYTES = envint("MAX_REQUEST_BODY_BYTES", 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BODY_BYTES
 
 # Reverse proxies whose X-Forwarded-For names the client (addresses or networks, e.g. 172.16.0.0/12):
 # per-client limits then count clients, not the proxy. Nobody's header is believed by default.

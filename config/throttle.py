@@ -1,7 +1,8 @@
 """Probes that dial out on a stranger's request (`/api/v1/is_reachable/<peer>`), cached and rate-limited.
 
 Each answer is reused for `ttl` seconds and concurrent askers for the same key share one probe;
-a client may start at most `per_client` new probes per `window` seconds, and at most `concurrency`
+a client (an IPv6 client: its /64, `config.proxy.client_key`) may start at most `per_client` new
+probes per `window` seconds, and at most `concurrency`
 probes run at once. Beyond that the caller gets `TooManyProbes` (answer 429), not a dial.
 Lives on the ASGI event loop of one process (no locks needed).
 """
@@ -13,6 +14,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from config.proxy import client_key
 
 MAX_KEYS = 10_000  # bounds the memory a flood of distinct keys or clients can take
 
@@ -55,7 +58,7 @@ class ProbeLimiter:
     def _admit(self, client: str, now: float) -> None:
         if len(self._running) >= self.concurrency:
             raise TooManyProbes("too many reachability checks are running; try again in a few seconds")
-        starts = self._starts.setdefault(client, deque())
+        starts = self._starts.setdefault(client_key(client), deque())
         while starts and now - starts[0] >= self.window:
             starts.popleft()
         if len(starts) >= self.per_client:

@@ -1,15 +1,10 @@
-"""Top-level URL routes; each app owns its own."""
+"""Top-level URL routes; each app owns its own. (`/healthz` is config/health.py's middleware.)"""
 
 from __future__ import annotations
 
-from django.http import HttpRequest, HttpResponseRedirect, JsonResponse
+from django.http import HttpRequest, HttpResponseRedirect
 from django.templatetags.static import static
 from django.urls import include, path
-
-
-def healthz(request: HttpRequest) -> JsonResponse:
-    """Liveness probe for container orchestrators."""
-    return JsonResponse({"ok": True})
 
 
 def favicon(request: HttpRequest) -> HttpResponseRedirect:
@@ -19,7 +14,6 @@ def favicon(request: HttpRequest) -> HttpResponseRedirect:
 
 
 urlpatterns = [
-    path("healthz", healthz, name="healthz"),
     path("favicon.ico", favicon, name="favicon"),
     path("", include("playground.urls")),
     path("", include("monitor.urls")),

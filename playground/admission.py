@@ -1,7 +1,8 @@
 """Bounds on concurrent inference sessions: per client address and per process.
 
 Each open session reserves attention caches on every server of its route, so the number a
-single visitor (or everyone together) may hold open is capped.
+single visitor (or everyone together) may hold open is capped. A client is an IPv4 address or an
+IPv6 /64 (`config.proxy.client_key`).
 """
 
 from __future__ import annotations
@@ -11,20 +12,21 @@ from collections import Counter
 
 from django.conf import settings
 
+from config.proxy import client_key
 from playground.errors import LimitExceeded
 
 
 class SessionSlot:
     """One held session; `release()` is idempotent."""
 
-    def __init__(self, admission: Admission, address: str):
-        self._admission, self.address = admission, address
+    def __init__(self, admission: Admission, key: str):
+        self._admission, self.key = admission, key
         self.released = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._admission._release(self.address)
+            self._admission._release(self.key)
 
 
 class Admission:
@@ -38,25 +40,26 @@ class Admission:
 
     def acquire(self, address: str) -> SessionSlot:
         per_client, overall = settings.PLAYGROUND_SESSIONS_PER_CLIENT, settings.PLAYGROUND_MAX_SESSIONS
+        key = client_key(address)
         with self._lock:
-            if self._per_address[address] >= per_client:
+            if self._per_address[key] >= per_client:
                 raise LimitExceeded(
                     f"too many open sessions from your address (limit {per_client}); close another chat first"
                 )
             if self.total >= overall:
                 raise LimitExceeded(f"the server is busy ({overall} sessions open); try again in a minute")
-            self._per_address[address] += 1
-        return SessionSlot(self, address)
+            self._per_address[key] += 1
+        return SessionSlot(self, key)
 
-    def _release(self, address: str) -> None:
+    def _release(self, key: str) -> None:
         with self._lock:
-            self._per_address[address] -= 1
-            if self._per_address[address] <= 0:
-                del self._per_address[address]
+            self._per_address[key] -= 1
+            if self._per_address[key] <= 0:
+                del self._per_address[key]
 
     def count(self, address: str) -> int:
         with self._lock:
-            return self._per_address[address]
+            return self._per_address[client_key(address)]
 
 
 admission = Admission()

@@ -5,8 +5,10 @@ caches live until the socket closes (or the next `open_inference_session`), and 
 sends only the new tokens. Extensions: `{"type": "stop"}` ends the reply being generated,
 `user_message` sends one chat turn, `regenerate` answers the last one again,
 `open_inference_session` may carry the `system_prompt` and the `history` of a chat the browser
-kept, and the last message of a reply also carries `stop_reason`, `tokens_per_second`, `route`
-(peer ids, public names and block spans) and `tokens_sent`.
+kept (too long for the session, its oldest exchanges are left out and the answer says how many
+messages: `dropped_messages`), and the last message of a reply also carries `stop_reason`,
+`tokens_per_second`, `route` (peer ids, public names and block spans) and `tokens_sent`. A socket
+idle for PLAYGROUND_IDLE_TIMEOUT is closed with code 4000, which is no error.
 
 Replies run in their own task, so that `stop` is read while tokens stream; every error is
 answered with `{"ok": false, "traceback": "<message>"}` and the socket stays usable.
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 # JSON escapes may take 6 characters per input character; anything larger is not a valid request.
 MESSAGE_OVERHEAD_CHARS = 64 * 1024
 EXPECTED_TYPES = "open_inference_session, generate or stop"
+IDLE_CLOSE_CODE = 4000  # the socket sat idle for PLAYGROUND_IDLE_TIMEOUT: closed, the session's caches freed
 
 
 class GenerateConsumer(AsyncWebsocketConsumer):
@@ -102,7 +105,7 @@ class GenerateConsumer(AsyncWebsocketConsumer):
         try:
             chat = await registry.aload(request.model)
             conversation = Conversation(chat, request.max_length)
-            conversation.resume(request.system_prompt, request.history)
+            dropped = conversation.resume(request.system_prompt, request.history)
         except Exception:
             self.slot.release()
             self.slot = None
@@ -111,7 +114,8 @@ class GenerateConsumer(AsyncWebsocketConsumer):
         logger.info(
             "Session opened: model %s, max_length %d, client %s", request.model, request.max_length, self.address
         )
-        await self._send({"ok": True})
+        # A chat longer than the session goes on without its oldest exchanges; the page says so.
+        await self._send({"ok": True, "dropped_messages": 2 * dropped} if dropped else {"ok": True})
 
     def _generate(self, message: dict[str, Any]) -> None:
         request = schemas.parse_generate(message)  # bad parameters are named first, whatever the state
@@ -162,8 +166,8 @@ class GenerateConsumer(AsyncWebsocketConsumer):
         while True:
             await asyncio.sleep(min(max(timeout / 4, 0.05), 5.0))
             if not self._replying and time.monotonic() - self.last_activity >= timeout:
-                await self._send_error(BadRequest(f"closing this connection after {timeout:g} s without messages"))
-                await self.close(code=1000)
+                # Not an error: the page reconnects (and resends its chat) with the next message.
+                await self.close(code=IDLE_CLOSE_CODE, reason=f"idle for {timeout:g} s")
                 return
 
     # ----- outgoing messages -----

@@ -34,6 +34,11 @@ class UnknownModel(PlaygroundError):
     code = "model_not_found"
 
 
+class TooLarge(PlaygroundError):
+    status = 413
+    code = "request_too_large"
+
+
 class LimitExceeded(PlaygroundError):
     status = 429
     code = "limit_exceeded"
@@ -50,11 +55,17 @@ class StepTimeout(SwarmUnavailable):
 
 def public_message(error: BaseException, context: str = "request") -> PlaygroundError:
     """A client-safe error for `error`; anything unexpected is logged with a reference to quote."""
+    from django.conf import settings
+    from django.core.exceptions import RequestDataTooBig
+
     from swarm.client.inference_session import SessionError
     from swarm.client.routing import MissingBlocksError
 
     if isinstance(error, PlaygroundError):
         return error
+    if isinstance(error, RequestDataTooBig):  # Django's own cap on the body it reads
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return TooLarge(f"the request body is larger than this site accepts ({limit} bytes)")
     if isinstance(error, MissingBlocksError):
         # The engine's message names the model's local path; say which blocks, not where the model lives.
         logger.warning("%s: %s", context, error)

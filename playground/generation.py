@@ -64,6 +64,9 @@ class ReplyChunk:
     tokens_sent: int | None = None  # token positions this reply sent to the servers
 
 
+# The share of a session a resumed chat leaves free for the next exchange (its oldest exchanges go first).
+RESUME_ROOM = 0.25
+
 # Public names are peer-supplied text: shown escaped by the page, and cut to a readable length here.
 PUBLIC_NAME_MAX_CHARS = 64
 
@@ -88,25 +91,40 @@ class Conversation:
 
     def encode(self, text: str) -> list[int]:
         """Token ids for text appended to this conversation (BOS once, at the very start)."""
+        return self._encode(text, at_start=not self.ids)
+
+    def _encode(self, text: str, at_start: bool) -> list[int]:
         tokenizer = self.chat.tokenizer
         ids = tokenizer(text, add_special_tokens=False).input_ids
         bos = tokenizer.bos_token_id
-        if not self.ids and bos is not None and (not ids or ids[0] != bos):
+        if at_start and bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
         return ids
 
-    def resume(self, system_prompt: str, history: Sequence[tuple[str, str]]) -> None:
-        """Start from a chat the browser kept (user and assistant texts); nothing is sent until the next reply."""
-        chat_format = self.chat.chat_format
+    def resume(self, system_prompt: str, history: Sequence[tuple[str, str]]) -> int:
+        """Start from a chat the browser kept (user and assistant texts); nothing is sent until the next reply.
+
+        A chat too long for the session goes on with its latest exchanges: the oldest are left out
+        until the rest leaves `RESUME_ROOM` of the session free for the next one (the system prompt
+        stays, at the start of the first exchange kept). Returns how many exchanges were left out.
+        """
         self.system_prompt = system_prompt
-        for user, assistant in history:
-            text = chat_format.user_turn(user, first=not self.ids, reply_ended=True, system=system_prompt)
-            self.ids += self.encode(text)
-            self.ids += self.encode(chat_format.closed_reply(assistant))
-        if len(self.ids) >= self.max_length:
-            raise BadRequest(
-                f"this chat already has {len(self.ids)} tokens, but a session holds {self.max_length}; start a new chat"
-            )
+        limit = self.max_length - int(self.max_length * RESUME_ROOM)
+        start, later = len(history), 0  # history[start:] is kept; `later`: tokens after its first exchange
+        for index in reversed(range(len(history))):
+            if len(self._exchange(*history[index], first=True)) + later > limit:
+                break
+            later += len(self._exchange(*history[index], first=False))
+            start = index
+        for index in range(start, len(history)):
+            self.ids += self._exchange(*history[index], first=index == start)
+        return start
+
+    def _exchange(self, user: str, assistant: str, first: bool) -> list[int]:
+        """One kept exchange's ids; the first one of a conversation carries the BOS and the system prompt."""
+        chat_format = self.chat.chat_format
+        text = chat_format.user_turn(user, first=first, reply_ended=True, system=self.system_prompt)
+        return self._encode(text, at_start=first) + self._encode(chat_format.closed_reply(assistant), at_start=False)
 
     def rewind_to_last_turn(self) -> None:
         """Forget the last chat reply, keeping the user message it answered (for `regenerate`)."""

@@ -178,8 +178,13 @@ def parse_open(message: Mapping[str, Any]) -> OpenRequest:
     if max_length is None:
         raise BadRequest("`max_length` is required: the most tokens this session will hold")
     system_prompt = _text(message, "system_prompt", settings.PLAYGROUND_MAX_INPUT_CHARS) or ""
-    history = _history(message.get("history"), budget=settings.PLAYGROUND_MAX_INPUT_CHARS * 4 - len(system_prompt))
+    history = _history(message.get("history"), budget=max_history_chars() - len(system_prompt))
     return OpenRequest(model=model, max_length=max_length, system_prompt=system_prompt, history=history)
+
+
+def max_history_chars() -> int:
+    """Characters a resumed chat's `history` and system prompt may have together (the page keeps to it)."""
+    return settings.PLAYGROUND_MAX_INPUT_CHARS * 4
 
 
 def _history(value: Any, budget: int) -> tuple[tuple[str, str], ...]:

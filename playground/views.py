@@ -7,7 +7,6 @@ import logging
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
@@ -15,7 +14,7 @@ from django.views.decorators.http import require_GET, require_POST
 from playground import availability, schemas
 from playground.catalog import configured_models
 from playground.csrf import csrf_protect_browsers
-from playground.errors import BadRequest, LimitExceeded, public_message
+from playground.errors import BadRequest, public_message
 from playground.replies import fit_session, plan_reply, temporary_conversation
 
 logger = logging.getLogger(__name__)
@@ -36,6 +35,9 @@ def chat_page(request: HttpRequest) -> HttpResponse:
         "models": models,
         "max_new_tokens": settings.PLAYGROUND_MAX_NEW_TOKENS,
         "max_input_chars": settings.PLAYGROUND_MAX_INPUT_CHARS,
+        # What a resumed chat may send (the oldest messages beyond it are left out, and the page says so).
+        "max_history_chars": schemas.max_history_chars(),
+        "max_history_messages": schemas.MAX_MESSAGES,
         "sampling_limits": {
             key: {"min": low, "max": high, "min_excluded": excluded}
             for key, (low, high, excluded) in schemas.SAMPLING_LIMITS.items()
@@ -92,8 +94,6 @@ def _parameters(request: HttpRequest) -> dict[str, Any]:
                 raise BadRequest("the request body must be a JSON object")
             return body
         return schemas.coerce_form({**request.GET.dict(), **request.POST.dict()})
-    except RequestDataTooBig:
-        raise LimitExceeded("the request body is too large") from None
     except (ValueError, RecursionError):
         raise BadRequest("the request body is not valid JSON") from None
 

@@ -1,7 +1,8 @@
 """docker-compose.yml describes the full stack: checked with `docker compose config` (which also
 resolves the public address and ports from .env) and by reading the YAML (services, commands,
-volumes, the GPU reservation); the image's static files; the client address behind a proxy; and
-the cache and limits of is_reachable's probes."""
+volumes, the GPU reservation); the web port on loopback behind exactly one trusted proxy; the
+health check against a real daphne with a real ALLOWED_HOSTS; the image's static files; the client
+address behind a proxy; and the cache and limits of is_reachable's probes."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
 
 from config.proxy import TrustedProxyHeaders, client_address, parse_networks
 from config.throttle import ProbeLimiter, TooManyProbes
+from swarm.local_swarm import SwarmProcess
 from tests.conftest import ROOT, unavailable
 
 SERVICES = {"redis", "postgres", "migrate", "web", "worker", "beat", "bootstrap", "blockserver"}
@@ -36,7 +41,7 @@ def test_services_and_their_commands(compose):
     services = compose["services"]
     assert set(services) == SERVICES
     assert "daphne" in command(services["web"]) and "config.asgi:application" in command(services["web"])
-    assert "8000:8000" in services["web"]["ports"]
+    assert any(port.endswith(":8000:8000") for port in services["web"]["ports"])
     assert "celery -A config worker" in command(services["worker"])
     assert "celery -A config beat" in command(services["beat"])
     assert "migrate" in command(services["migrate"])
@@ -133,6 +138,74 @@ def test_public_address_and_fixed_ports_come_from_the_environment(tmp_path):
     assert "--host-maddrs /ip4/0.0.0.0/tcp/4002 --announce-maddrs /ip4/198.51.100.7/tcp/4002" in command(server)
     for name, service in services.items():
         assert "/tcp/0" not in command(service), f"{name} listens on a random port"
+
+
+def resolved(tmp_path, extra_env: str = "") -> dict:
+    result = compose_config(tmp_path, (ROOT / ".env.example").read_text() + extra_env)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def host_ips(service: dict) -> set[str]:
+    """The host addresses a service's ports are published on (0.0.0.0: every one)."""
+    ips = set()
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            ips.add(port.get("host_ip") or "0.0.0.0")
+        else:
+            parts = str(port).split("/")[0].split(":")
+            ips.add(":".join(parts[:-2]) or "0.0.0.0")
+    return ips
+
+
+def test_the_site_is_published_on_loopback_and_trusts_exactly_the_proxys_address(tmp_path):
+    config = resolved(tmp_path)
+    web = config["services"]["web"]
+    assert host_ips(web) == {"127.0.0.1"} and published(web) == {("8000", 8000)}
+    # A proxy on this host reaching 127.0.0.1:8000 arrives through the project network's gateway:
+    # that one address is trusted, not a network every container on the host shares.
+    gateway = config["networks"]["default"]["ipam"]["config"][0]["gateway"]
+    trusted = parse_networks(web["environment"]["TRUSTED_PROXIES"].split())
+    assert [str(network) for network in trusted] == [f"{gateway}/32"]
+
+    # Without TRUSTED_PROXIES in .env the default is the same; WEB_BIND opens the port on purpose.
+    env = "\n".join(
+        line for line in (ROOT / ".env.example").read_text().splitlines() if not line.startswith("TRUSTED_PROXIES=")
+    )
+    (tmp_path / "bare").mkdir()
+    result = compose_config(tmp_path / "bare", env + "\nWEB_BIND=0.0.0.0\n")
+    assert result.returncode == 0, result.stderr
+    web = yaml.safe_load(result.stdout)["services"]["web"]
+    assert web["environment"]["TRUSTED_PROXIES"] == gateway and host_ips(web) == {"0.0.0.0"}
+
+
+def test_the_health_check_passes_with_a_real_allowed_hosts(tmp_path):
+    """The web service's health check, run against daphne with the web service's settings from
+    .env.example (ALLOWED_HOSTS=swarm.example.org, SECURE_PROXY=1, DEBUG off); only the services
+    (PostgreSQL, Redis) and the port differ."""
+    web = resolved(tmp_path)["services"]["web"]
+    env = {key: str(value) for key, value in web["environment"].items()}
+    assert env["ALLOWED_HOSTS"] == "swarm.example.org" and env["SECURE_PROXY"] == "1" and "DEBUG" not in env
+    for name in ("DATABASE_URL", "REDIS_URL", "SWARM_INITIAL_PEERS_FILE"):
+        env.pop(name)
+    env.update(VAR_DIR=str(tmp_path / "var"), DJANGO_SETTINGS_MODULE="config.settings", PYTHONPATH=str(ROOT), DEBUG="")
+    daphne = str(Path(sys.executable).parent / "daphne")
+    argv = [daphne, "-e", "tcp:port=0:interface=127.0.0.1", "config.asgi:application"]
+    server = SwarmProcess("daphne", argv, env, tmp_path / "daphne.log")
+    try:
+        line = server.wait_for_line(lambda line: "Listening on TCP address" in line, timeout=120)
+        port = line.rsplit(":", 1)[1].strip()
+        kind, program, *args = web["healthcheck"]["test"]
+        assert kind == "CMD" and program == "python"
+        args = [arg.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for arg in args]
+        check = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stderr
+        # The site itself still refuses that Host: only the health check is exempt.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/state", timeout=30)
+        assert refused.value.code == 400
+    finally:
+        server.stop(timeout=15)
 
 
 def test_compose_refuses_to_run_without_a_public_address(tmp_path):

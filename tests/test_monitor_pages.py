@@ -35,7 +35,7 @@ def test_status_page_before_the_first_crawl(client):
 
 
 def test_status_page_shows_every_server_by_state(client):
-    a, b, c, d, e = (peer(i) for i in "abcde")
+    a, b, c, d, e, f = (peer(i) for i in "abcdef")
     write_snapshot(
         crawl_result(
             {
@@ -45,17 +45,18 @@ def test_status_page_shows_every_server_by_state(client):
                     span(c, 0, 8),
                     span(d, 0, 8, ServerState.OFFLINE),
                     span(e, 2, 3, ServerState.JOINING),
+                    span(f, 0, 8),  # not pinged (over the budget): unknown
                 ],
                 BIG: [span(peer("bloom"), 0, 35, public_name="half of bloom")],
             },
-            {a: REACHABLE, b: REACHABLE, c: UNREACHABLE},
+            {a: REACHABLE, b: REACHABLE, c: UNREACHABLE, peer("bloom"): REACHABLE},
             bootstrap={peer("boot"): REACHABLE},
         )
     )
     html = client.get("/").content.decode()
 
     assert sorted(_rows(html, MODEL.dht_prefix)) == sorted(
-        [("online", a), ("online", b), ("unreachable", c), ("offline", d), ("joining", e)]
+        [("online", a), ("online", b), ("unreachable", c), ("offline", d), ("joining", e), ("unknown", f)]
     )
     assert _rows(html, BIG.dht_prefix) == [("online", peer("bloom"))]
     demo = html.split(f'data-dht-prefix="{MODEL.dht_prefix}"', 1)[1].split("</section>", 1)[0]
@@ -183,7 +184,7 @@ def test_each_servers_adapters_are_shown_escaped(client):
     assert '<span title="org/lora-a">lora-a</span>' in row
     assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in row
     plain = html.split(f'data-peer-id="{b}"', 1)[1].split("</tr>", 1)[0]
-    assert '<td class="adapters"></td>' in plain
+    assert '<td class="adapters" data-label="Adapters"></td>' in plain
     page = client.get(reverse("monitor:peer", args=[a])).content.decode()
     assert "adapters org/lora-a, org/&lt;img" in page and "<img" not in page
 

@@ -1,6 +1,7 @@
 """The monitor's pages in headless Chromium at a phone's width (390×844) and a desktop's: no page scrolls
-sideways, the status table's span bars are on screen, rows expand to their details, and plotly's mode bar
-covers no title. The site is a real daphne on a SQLite database seeded with crawls (with a gap in them)."""
+sideways, the status table's span bars are on screen, rows expand to their details, a phone's rows name
+their values (no header row there), and plotly's mode bar covers no title. The site is a real daphne on
+a SQLite database seeded with crawls (with a gap in them)."""
 
 from __future__ import annotations
 
@@ -143,6 +144,33 @@ def test_status_page_fits_and_shows_the_span_bars(site, browser, viewport):
         contribute = page.locator("#contribute pre.command").first
         assert contribute.is_visible() and "runblockserver" in contribute.inner_text()
         assert page.locator("#reachability").is_visible()
+    finally:
+        page.close()
+
+
+# Each cell of a server row that shows a value: [its generated label (CSS ::before), its text].
+CELL_LABELS = """(row) => Array.from(row.querySelectorAll('td'))
+    .filter((td) => td.offsetParent !== null && !td.matches('.toggle, .blocks'))
+    .map((td) => [getComputedStyle(td, '::before').content, td.textContent.trim()])"""
+
+
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
+def test_server_rows_name_their_values_where_the_header_is_hidden(site, browser, viewport):
+    page = _open(browser, site + "/", viewport)
+    try:
+        row = page.locator(f'tr.server[data-peer-id="{peer("a")}"]')
+        row.wait_for()
+        cells = row.evaluate(CELL_LABELS)
+        header = page.locator(f'section[data-dht-prefix="{MODEL.dht_prefix}"] table.servers thead')
+        if viewport is PHONE:  # no header row: every value comes with its column's name
+            assert header.is_hidden()
+            labels = {label.strip('"'): text for label, text in cells}
+            assert all(label not in ("none", "normal", "") for label, _ in cells), cells
+            assert labels["Version"].startswith("2.3.0") and labels["Span"] == "0:4", labels
+            assert {"Server", "Contributor", "Throughput, req/s", "Cache/block", "Adapters"} <= set(labels)
+            _assert_no_sideways_scroll(page)
+        else:  # the header names the columns: no labels repeated in the cells
+            assert header.is_visible() and {label for label, _ in cells} == {"none"}, cells
     finally:
         page.close()
 

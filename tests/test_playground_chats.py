@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser]
 PUBLIC_NAME = "chat-test-server"
 MODELS = {"demo": {"path": DEMO_MODEL, "display_name": "Demo (tiny Llama, 8 blocks)"}}
 CHROMIUM = "/usr/bin/chromium"
+IDLE_TIMEOUT = 4  # seconds; the site's PLAYGROUND_IDLE_TIMEOUT
+STORAGE_KEY = "swarm-chats-v1"
 LAST_DONE = (
     "(n) => { const all = document.querySelectorAll('.message.assistant');"
     " return all.length === n && all[n - 1].dataset.state === 'done'; }"
@@ -64,6 +67,8 @@ def site(swarm, tmp_path_factory) -> Iterator[str]:
         "SWARM_INITIAL_PEERS": " ".join(swarm.initial_peers),
         "PLAYGROUND_MODELS": json.dumps(MODELS),
         "PLAYGROUND_SESSIONS_PER_CLIENT": "16",  # every reload opens a socket; closed ones free theirs
+        # Sockets idle this long are closed; the page reconnects with the next message (a test waits for it).
+        "PLAYGROUND_IDLE_TIMEOUT": str(IDLE_TIMEOUT),
     }
     daphne = str(Path(sys.executable).parent / "daphne")
     process = swarm.spawn_command(
@@ -129,6 +134,24 @@ def say(page, text: str, replies: int) -> str:
 
 def texts(page) -> list[str]:
     return page.eval_on_selector_all(".message .text", "(nodes) => nodes.map((n) => n.textContent)")
+
+
+def stored_chats(page) -> dict:
+    return page.evaluate(f"JSON.parse(localStorage.getItem('{STORAGE_KEY}'))")
+
+
+def keep_chats(page, site: str, store: dict) -> None:
+    """Put `store` in the browser's localStorage (as an earlier visit left it) and open the chat page."""
+    page.goto(f"{site}/v1/models")  # another page of the site: the chat page saves its own store as it goes
+    page.evaluate(f"(store) => localStorage.setItem('{STORAGE_KEY}', JSON.stringify(store))", store)
+    open_chat_page(page, site)
+
+
+def kept_chat(chat_id: str, model: str, exchanges: list[tuple[str, str]]) -> dict:
+    messages = []
+    for user, assistant in exchanges:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant, "state": "done"}]
+    return {"id": chat_id, "title": "", "model": model, "system": "", "messages": messages, "updated": 1.7e9}
 
 
 def test_a_reload_keeps_the_chat_and_the_list_switches_chats(page, site, swarm):
@@ -250,3 +273,56 @@ def test_the_chat_page_fits_a_phone(browser, site):
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (selector, box)
     finally:
         context.close()
+
+
+def test_a_chat_whose_model_was_renamed_in_the_catalog_is_kept_and_goes_on(page, site):
+    """The chat was with "demo-old", which the catalog now calls "demo": the chat stays, says so, goes on."""
+    chat = kept_chat("renamed", "demo-old", [("What is a list?", "A list is a sequence of items.")])
+    keep_chats(page, site, {"chats": [chat], "current": "renamed"})
+    assert texts(page) == ["What is a list?", "A list is a sequence of items."]
+    assert page.locator("#chat-list .chat-item").count() == 1
+    note = page.inner_text("#chat-note")
+    assert "“demo-old”, which this site no longer offers" in note and "Demo (tiny Llama, 8 blocks)" in note
+
+    say(page, "And a tuple?", 2)
+    assert page.is_hidden("#chat-error")
+    stored = stored_chats(page)["chats"]
+    assert len(stored) == 1 and stored[0]["model"] == "demo" and stored[0]["formerModel"] == "demo-old"
+    assert len(stored[0]["messages"]) == 4
+
+
+def test_a_long_chat_goes_on_after_a_reload_without_its_oldest_messages(page, site):
+    """72 messages, 72,000 characters: more than a session's history may carry (64,000 characters) and
+    far more tokens than the session holds (2048). The page sends the latest messages that the limits
+    allow, the server leaves out more (tokens), and the page says how many the model does not see."""
+    question, answer = "tell me more about lists and tuples, " * 8, "a list can change, a tuple not; " * 54
+    exchanges = [(f"Question {i}: {question}", f"Answer {i}: {answer}") for i in range(36)]
+    keep_chats(page, site, {"chats": [kept_chat("long", "demo", exchanges)], "current": "long"})
+    sent: list[dict] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(json.loads(payload))))
+
+    say(page, "One more question?", 37)
+    assert page.is_hidden("#chat-error")
+    opened = [message for message in sent if message["type"] == "open_inference_session"][-1]
+    history = opened["history"]
+    assert sum(len(message["content"]) for message in history) <= 64000 and len(history) < 72
+    assert history[-1]["content"] == exchanges[-1][1]  # the latest messages go
+
+    note = page.inner_text("#chat-note")
+    dropped = int(re.search(r"its (\d+) oldest messages are left out", note).group(1))
+    assert dropped > 72 - len(history)  # the server left out some more: 2048 tokens hold few of them
+    assert page.locator(".message[data-context=out]").count() == dropped
+    assert page.locator(".message").nth(dropped).get_attribute("data-context") is None
+    assert len(stored_chats(page)["chats"][0]["messages"]) == 74  # nothing is deleted from the chat
+
+
+def test_an_idle_close_is_not_an_error_and_the_next_message_reconnects(page):
+    with page.expect_websocket() as first:
+        say(page, "What is a list?", 1)
+    first.value.wait_for_event("close", timeout=(IDLE_TIMEOUT + 30) * 1000)  # the server closed it, idle
+    assert page.is_hidden("#chat-error")
+    assert page.locator(".message.assistant").last.get_attribute("data-state") == "done"
+
+    with page.expect_websocket() as second:  # a new socket, and a session with the chat so far
+        say(page, "And a tuple?", 2)
+    assert second.value is not first.value and page.is_hidden("#chat-error")

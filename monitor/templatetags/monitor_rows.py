@@ -23,16 +23,17 @@ ROW = (
     '<tr class="server {state}" data-peer-id="{peer_id}">'
     '<td class="toggle"><button type="button" class="expand" aria-expanded="false" title="details">'
     '<span aria-hidden="true">▸</span><span class="sr-only">details</span></button></td>'
-    '<td><a href="{url}" title="{peer_id}">{short_peer_id}</a></td>'
-    "<td>{contributor}</td>"
-    "<td>{version}</td>"
-    '<td class="num">{throughput}</td>'
-    "<td>{precision}</td>"
-    '<td class="adapters">{adapters}</td>'
-    '<td class="num">{cache}</td>'
-    "<td>{connection}</td>"
-    '<td class="num">{latency}</td>'
-    "<td>{start}:{end}</td>"
+    # data-label: the column's name, shown before the value where a phone lays the row out without a header
+    '<td data-label="Server"><a href="{url}" title="{peer_id}">{short_peer_id}</a></td>'
+    '<td data-label="Contributor">{contributor}</td>'
+    '<td data-label="Version">{version}</td>'
+    '<td class="num" data-label="Throughput, req/s">{throughput}</td>'
+    '<td data-label="Precision">{precision}</td>'
+    '<td class="adapters" data-label="Adapters">{adapters}</td>'
+    '<td class="num" data-label="Cache/block">{cache}</td>'
+    '<td data-label="Connection">{connection}</td>'
+    '<td class="num" data-label="Ping">{latency}</td>'
+    '<td data-label="Span">{start}:{end}</td>'
     '<td class="blocks"><div class="track"><span class="bar {state}" style="left:{left};width:{width}" '
     'title="{state}: blocks {start}:{end}"></span></div></td>'
     "</tr>\n"

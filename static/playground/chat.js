@@ -1,6 +1,9 @@
 // Chat page: one websocket to /api/v2/generate, one inference session per chat.
 // Chats live in this browser (localStorage): a reload, or switching to an older chat, opens a
 // new session that carries the chat's system prompt and history, and the servers pick up from there.
+// A chat too long for that goes on without its oldest messages, and the page says so; a chat whose
+// model the site no longer offers goes on with another. The server closes a socket left idle (code
+// 4000): the next message simply opens a new one.
 // Everything that came from the network (model text, peer ids and names, errors) is shown with
 // textContent, never as HTML.
 "use strict";
@@ -10,7 +13,7 @@
   const format = window.siteFormat;
   const $ = (id) => document.getElementById(id);
   const ui = {
-    model: $("model"), status: $("model-status"), messages: $("messages"), error: $("chat-error"),
+    model: $("model"), status: $("model-status"), messages: $("messages"), error: $("chat-error"), note: $("chat-note"),
     form: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"), newChat: $("new-chat"),
     system: $("system-prompt"), chatList: $("chat-list"), samplingError: $("sampling-error"),
     doSample: $("do-sample"), temperature: $("temperature"), topP: $("top-p"), topK: $("top-k"),
@@ -20,6 +23,7 @@
   const LIMITED = { temperature: ui.temperature, top_p: ui.topP, top_k: ui.topK, repetition_penalty: ui.repetitionPenalty };
   const STORAGE_KEY = "swarm-chats-v1";
   const MAX_CHATS = 50;
+  const IDLE_CLOSE = 4000; // the server's close code for a socket left idle: not an error
 
   let socket = null;        // the open WebSocket, or null
   let sessionChat = null;   // id of the chat whose conversation the socket's session holds, in sync
@@ -28,6 +32,7 @@
   const availability = {};
 
   const modelConfig = (name = ui.model.value) => config.models.find((m) => m.name === name);
+  const modelName = (name) => (modelConfig(name) ? modelConfig(name).display_name : name);
 
   // ----- chats in localStorage -----
 
@@ -49,14 +54,24 @@
       data = null; // unreadable: start afresh rather than break the page
     }
     const chats = Array.isArray(data && data.chats) ? data.chats : [];
-    const valid = chats.filter((c) => c && typeof c.id === "string" && modelConfig(c.model)
+    const valid = chats.filter((c) => c && typeof c.id === "string" && typeof c.model === "string"
       && Array.isArray(c.messages) && c.messages.every(validMessage));
     for (const chat of valid) {
       chat.system = typeof chat.system === "string" ? chat.system : "";
+      chat.dropped = Number.isInteger(chat.dropped) ? chat.dropped : 0;
+      adoptModel(chat);
       for (const m of chat.messages) if (m.state === "streaming") m.state = "stopped"; // the page went away mid-reply
     }
     const current = valid.some((c) => c.id === (data && data.current)) ? data.current : null;
     return { chats: valid, current };
+  }
+
+  // A chat whose model is no longer offered (renamed or removed in the site's catalog) is kept: it goes
+  // on with the first model offered and remembers which model it was with.
+  function adoptModel(chat) {
+    if (modelConfig(chat.model) || !config.models.length) return;
+    chat.formerModel = chat.formerModel || chat.model;
+    chat.model = config.models[0].name;
   }
 
   function save() {
@@ -103,7 +118,7 @@
       title.textContent = chatTitle(chat);
       const when = document.createElement("span");
       when.className = "chat-time";
-      when.textContent = `${modelConfig(chat.model).display_name} · ${format.utcTime(chat.updated)}`;
+      when.textContent = `${modelName(chat.model)} · ${format.utcTime(chat.updated)}`;
       open.append(title, when);
       open.addEventListener("click", () => switchChat(chat.id));
       const remove = document.createElement("button");
@@ -142,8 +157,27 @@
       ui.system.value = chat.system;
       chat.messages.forEach((message) => renderMessage(message));
     }
+    showNote(chat);
     renderChatList();
     updateActions();
+  }
+
+  // What the model does not see of this chat, or that it changed models: said once, above the messages.
+  function showNote(chat) {
+    const notes = [];
+    if (chat && chat.formerModel) {
+      notes.push(`This chat was with “${chat.formerModel}”, which this site no longer offers; it goes on with ${modelName(chat.model)}.`);
+    }
+    const dropped = chat ? Math.min(chat.dropped || 0, chat.messages.length) : 0;
+    if (dropped) {
+      notes.push(`This chat is longer than the model can take in: its ${dropped} oldest messages are left out, and the model answers from the later ones.`);
+    }
+    ui.note.textContent = notes.join(" ");
+    ui.note.hidden = !notes.length;
+    ui.messages.querySelectorAll(".message").forEach((element, index) => {
+      if (index < dropped) element.dataset.context = "out";
+      else delete element.dataset.context;
+    });
   }
 
   function switchChat(id) {
@@ -170,6 +204,7 @@
     const chat = currentChat();
     if (chat && !chat.messages.length) {
       chat.model = ui.model.value; // an empty chat is reused, not piled up
+      delete chat.formerModel;
     } else {
       store.current = null;
     }
@@ -404,11 +439,16 @@
       ws.onopen = () => resolve(ws);
       ws.onerror = () => reject(new Error("could not connect to the server"));
       ws.onmessage = (event) => onMessage(ws, JSON.parse(event.data));
-      ws.onclose = () => {
+      ws.onclose = (event) => {
         if (socket !== ws) return; // a socket we left on purpose
         socket = null;
-        sessionChat = null;
-        if (waiting) waiting.reject(new Error("the connection closed"));
+        sessionChat = null; // the next message opens a new socket and session, quietly (an idle close is no error)
+        const idle = event.code === IDLE_CLOSE;
+        if (waiting) waiting.reject(Object.assign(new Error("the connection closed"), { idle }));
+        if (reply && idle && !reply.message.content && !reply.resent) {
+          resend(reply); // closed for idling just as the message went: it goes again on a new socket
+          return;
+        }
         if (reply) {
           showError("The connection to the server closed; send your message again to continue this chat.");
           finishReply("error");
@@ -422,7 +462,7 @@
     if (waiting) {
       const pending = waiting;
       waiting = null;
-      if (message.ok) pending.resolve();
+      if (message.ok) pending.resolve(message);
       else pending.reject(new Error(message.traceback || "could not open a session"));
       return;
     }
@@ -449,38 +489,74 @@
     }
   }
 
-  // Whole exchanges (a user message and the reply to it) of `messages`, for a new session.
-  function history(messages) {
-    const turns = [];
+  // Whole exchanges (a user message and the reply to it) of `messages` for a new session: the latest
+  // that the server's limits on a history allow. {turns, dropped: how many messages were left out}.
+  function history(messages, system) {
+    const pairs = [];
     for (let i = 0; i + 1 < messages.length; i += 2) {
       if (messages[i].role !== "user" || messages[i + 1].role !== "assistant") break;
-      turns.push({ role: "user", content: messages[i].content }, { role: "assistant", content: messages[i + 1].content });
+      pairs.push([messages[i].content, messages[i + 1].content]);
     }
-    return turns;
+    let chars = pairs.reduce((sum, [user, assistant]) => sum + user.length + assistant.length, 0);
+    const budget = config.max_history_chars - system.length;
+    let start = 0;
+    while (start < pairs.length && (chars > budget || 2 * (pairs.length - start) > config.max_history_messages)) {
+      chars -= pairs[start][0].length + pairs[start][1].length;
+      start += 1;
+    }
+    const turns = pairs.slice(start).flatMap(([user, assistant]) => [
+      { role: "user", content: user }, { role: "assistant", content: assistant },
+    ]);
+    return { turns, dropped: 2 * start };
   }
 
-  // A session holding `chat` up to (not including) `upTo` messages.
-  async function openSession(chat, upTo) {
+  // A session holding `chat` up to (not including) `upTo` messages. The server may leave out more of
+  // its oldest messages (its tokens, not characters, decide); the page shows how many are out.
+  async function openSession(chat, upTo, retried = false) {
     if (!socket || socket.readyState !== WebSocket.OPEN) {
       socket = await connect();
       sessionChat = null;
     }
-    await new Promise((resolve, reject) => {
-      waiting = { resolve, reject };
-      socket.send(JSON.stringify({
-        type: "open_inference_session", model: chat.model, max_length: modelConfig(chat.model).max_length,
-        system_prompt: chat.system, history: history(chat.messages.slice(0, upTo)),
-      }));
-    });
+    const { turns, dropped } = history(chat.messages.slice(0, upTo), chat.system);
+    let answer;
+    try {
+      answer = await new Promise((resolve, reject) => {
+        waiting = { resolve, reject };
+        socket.send(JSON.stringify({
+          type: "open_inference_session", model: chat.model, max_length: modelConfig(chat.model).max_length,
+          system_prompt: chat.system, history: turns,
+        }));
+      });
+    } catch (e) {
+      if (e.idle && !retried) return openSession(chat, upTo, true); // closed for idling just as we spoke
+      throw e;
+    }
     sessionChat = chat.id;
+    chat.dropped = dropped + (answer.dropped_messages || 0);
+    if (chat.id === store.current) showNote(chat);
   }
 
   function startReply(chat) {
     const message = { role: "assistant", content: "", state: "streaming" };
     chat.messages.push(message);
     const element = renderMessage(message);
-    reply = { chat, message, element };
+    reply = { chat, message, element, sampling: samplingParameters(), resent: false };
     setBusy(true);
+  }
+
+  // The reply's request again, in a new session holding the chat up to its user message.
+  async function resend(pending) {
+    pending.resent = true;
+    const { chat } = pending;
+    try {
+      await openSession(chat, chat.messages.length - 2);
+      const user = chat.messages[chat.messages.length - 2];
+      socket.send(JSON.stringify({ type: "generate", user_message: user.content, ...pending.sampling }));
+    } catch (e) {
+      if (reply !== pending) return;
+      showError(e.message);
+      finishReply("error");
+    }
   }
 
   async function send(text) {
@@ -509,7 +585,7 @@
     startReply(chat);
     save();
     renderChatList();
-    socket.send(JSON.stringify({ type: "generate", user_message: text, ...samplingParameters() }));
+    socket.send(JSON.stringify({ type: "generate", user_message: text, ...reply.sampling }));
     return true;
   }
 
@@ -541,7 +617,7 @@
     }
     startReply(chat);
     const request = live ? { regenerate: true } : { user_message: last.content };
-    socket.send(JSON.stringify({ type: "generate", ...request, ...samplingParameters() }));
+    socket.send(JSON.stringify({ type: "generate", ...request, ...reply.sampling }));
   }
 
   // ----- wiring -----
@@ -569,7 +645,10 @@
     applyDefaults();
     newChat();
     const chat = currentChat();
-    if (chat) chat.model = model;
+    if (chat) {
+      chat.model = model;
+      delete chat.formerModel;
+    }
   });
   ui.doSample.addEventListener("change", applyMode);
   for (const input of [...Object.values(LIMITED), ui.maxNewTokens]) input.addEventListener("input", validateSampling);
