@@ -10,8 +10,6 @@ from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
-from hivemind import DHT
-from hivemind.dht.node import DHTNode
 
 from config.throttle import ProbeLimiter, TooManyProbes
 from monitor import charts, conf, swarm_client
@@ -20,7 +18,7 @@ from monitor.history import model_history, parse_since
 from monitor.metrics import prometheus_metrics
 from monitor.models import ModelStatus
 from monitor.reports import current_report, state_json
-from swarm.ping import PingResult, ping_server
+from swarm.ping import PingResult, ping_server_in_dht
 
 NO_SNAPSHOT = {"error": "no crawl has finished yet"}
 REACHABILITY_PROBES = ProbeLimiter()  # this process's cache and limits of is_reachable's dials
@@ -42,10 +40,6 @@ def metrics(request: HttpRequest) -> HttpResponse:
     return HttpResponse(prometheus_metrics(report), content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-async def _ping_in_dht(dht: DHT, node: DHTNode, *, peer_id: str, timeout: float) -> PingResult:
-    return await ping_server(node.p2p, peer_id, timeout)
-
-
 async def is_reachable(request: HttpRequest, peer_id: str) -> JsonResponse:
     """Ping the peer: servers call this to learn whether the world can reach them. Strangers choose the
     peer, so answers are cached and probes rate-limited per client (config/throttle.py)."""
@@ -59,7 +53,8 @@ async def is_reachable(request: HttpRequest, peer_id: str) -> JsonResponse:
         # Starting the DHT client blocks for seconds the first time: keep it off the event loop.
         dht = await sync_to_async(swarm_client.get_dht, thread_sensitive=False)(conf.initial_peers())
         timeout = float(conf.crawl_options().ping_timeout)
-        future = dht.run_coroutine(partial(_ping_in_dht, peer_id=peer_id, timeout=timeout), return_future=True)
+        # run in the DHT process, which imports it by name: not from here (Django models)
+        future = dht.run_coroutine(partial(ping_server_in_dht, peer_id=peer_id, timeout=timeout), return_future=True)
         try:  # a wedged DHT must not hold this request (nor the probes sharing it) forever
             return await asyncio.wait_for(future, timeout + 5)  # MPFuture is awaitable
         except TimeoutError:

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -17,6 +18,9 @@ import threading
 import time
 from collections.abc import Sequence
 from functools import partial
+from multiprocessing import forkserver
+from multiprocessing.process import AuthenticationString
+from pathlib import Path
 from typing import Any
 
 from hivemind import DHT
@@ -25,7 +29,7 @@ from hivemind.utils import get_dht_time
 
 from swarm.data_structures import ModelInfo, RemoteSpanInfo, ServerInfo, ServerState
 from swarm.names import MODELS_INDEX_KEY, block_uid, is_private_prefix, is_valid_dht_prefix
-from swarm.process_locks import install_in_hivemind
+from swarm.process_locks import hivemind_locks, install_in_hivemind, use_in_hivemind
 from swarm.relays import relay_p2pd_flags, set_p2pd_flags
 
 logger = logging.getLogger(__name__)
@@ -37,6 +41,19 @@ MAX_INDEXED_MODELS = 1_000
 DHT_START_TIMEOUT = 120.0  # seconds for a DHT peer to start and join; p2pd has its own, shorter startup timeout
 ORPHAN_POLL_SECONDS = 0.5  # how often a DHT process checks that its owner is alive
 ORPHAN_GRACE_SECONDS = 5.0  # after its owner is gone, how long a DHT process may take to stop before SIGKILL
+READY_POLL_SECONDS = 0.5  # while a DHT process starts, how often its owner checks that it has not died
+
+# DHT processes are forked by multiprocessing's fork server, a single-threaded process that has hivemind
+# loaded (it is started with the first DHT of a program), not by their owner: a fork copies the locks the
+# owner's other threads hold at that instant (a web server's, Celery's), and a child that needs one hangs.
+_FORK_SERVER = multiprocessing.get_context("forkserver")
+_FORK_SERVER.set_forkserver_preload([__name__])
+
+
+def start_fork_server() -> None:
+    """Start the fork server now: it spends seconds importing hivemind and torch, which then overlap with the
+    caller's own start-up (a block server's reachability check) instead of delaying its first DHT."""
+    forkserver.ensure_running()
 
 
 @dataclasses.dataclass
@@ -116,27 +133,52 @@ class OwnedDHT(DHT):
     """hivemind's DHT process, owned by the process that starts it: only the owner stops it, and it never
     outlives the owner.
 
+    - It is started by the fork server (see _FORK_SERVER), with the owner's logging levels and format and
+      its MPFuture locks (swarm.process_locks). Coroutines passed to `run_coroutine` are imported there by
+      name: their modules must import without the owner's set-up (no Django models).
     - It runs in a session of its own, with its p2pd. A signal to the owner's process group (Ctrl-C,
       systemd, `timeout`, `kill -TERM -- -PGID`) reaches the owner alone, which can still use the DHT to
       say goodbye (a server announces OFFLINE) before shutting it down. Were p2pd in the owner's group,
       it would die first and the DHT's own shutdown would hang on it.
     - SIGTERM (hivemind's "hard way", multiprocessing's exit handler) stops it together with its p2pd.
-      Without this it would run the handler inherited from its owner (fork copies them) and ignore SIGTERM.
     - A thread notices when the owner is gone (even SIGKILLed) and stops it together with its p2pd.
     """
+
+    _start_method = "forkserver"
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        _use_multiprocessing_key(multiprocessing.current_process())
+        _use_multiprocessing_key(process_obj)
+        return _FORK_SERVER.Process._Popen(process_obj)
 
     def __init__(
         self, *args: Any, start_timeout: float = DHT_START_TIMEOUT, relay: RelaySettings | None = None, **kwargs: Any
     ):
-        self._owner_pid = os.getpid()
+        self._owner = _process_identity(os.getpid())
+        self._owner_logging = _logging_setup()
+        self._locks = hivemind_locks()
         relay = relay or RelaySettings()
         self._p2pd_flags = relay.p2pd_flags()  # set in the DHT process, which starts the p2pd
         super().__init__(*args, start=False, **relay.p2p_kwargs(), **kwargs)
         try:
-            self.run_in_background(await_ready=True, timeout=start_timeout)
+            self.start()
+            self._wait_until_ready(start_timeout)
         except BaseException:
             self.shutdown()
             raise
+
+    def _wait_until_ready(self, timeout: float) -> None:
+        """hivemind's wait, but a DHT process that died on its way up is an error at once, not at the timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._ready.result(timeout=max(0.0, min(READY_POLL_SECONDS, deadline - time.monotonic())))
+            except TimeoutError:
+                if not self.is_alive():
+                    raise RuntimeError(f"the DHT process exited with code {self.exitcode} as it started") from None
+                if time.monotonic() >= deadline:
+                    raise
 
     def shutdown(self) -> None:
         """hivemind's shutdown, and a SIGKILL to the process and its p2pd if they are still there after it
@@ -154,12 +196,67 @@ class OwnedDHT(DHT):
 
     def run(self) -> None:
         os.setsid()
-        signal.set_wakeup_fd(-1)  # the owner's event loop may have set it: its pipe is not ours to write to
+        signal.set_wakeup_fd(-1)  # whatever the process that forked it had set is not ours to write to
         signal.signal(signal.SIGTERM, _stop_own_group)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        threading.Thread(target=_stop_when_orphaned, args=(self._owner_pid,), name="owner-watch", daemon=True).start()
+        _use_logging_setup(self._owner_logging)
+        use_in_hivemind(self._locks)  # results travel to the owner through pipes other DHT processes share
+        threading.Thread(target=_stop_when_orphaned, args=(self._owner,), name="owner-watch", daemon=True).start()
         set_p2pd_flags(self._p2pd_flags)  # this process starts the peer's p2pd
         super().run()
+
+
+def _use_multiprocessing_key(process: Any) -> None:
+    """The same key, as multiprocessing's own type. billiard (Celery's pool) makes itself the current process,
+    with a key of its type, which multiprocessing refuses to pass to a process it starts."""
+    key = process._config.get("authkey")
+    if key is not None and type(key) is not AuthenticationString:
+        process._config["authkey"] = AuthenticationString(bytes(key))
+
+
+def _process_identity(pid: int) -> tuple[int, str] | None:
+    """A running process's pid and start time (a pid alone may be reused); None once it has exited."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state, *fields = stat[stat.rindex(")") + 2 :].split()
+    if state in ("Z", "X"):  # exited, not yet reaped
+        return None
+    return pid, fields[18]  # field 22 of proc(5), starttime
+
+
+def _logging_setup() -> tuple[int, int, logging.Formatter | None]:
+    """What a DHT process needs to log as its owner does: the root and hivemind levels, the root's format."""
+    root = logging.getLogger()
+    formatters = [handler.formatter for handler in root.handlers if type(handler.formatter) is logging.Formatter]
+    return root.level, logging.getLogger("hivemind").level, formatters[0] if formatters else None
+
+
+def _use_logging_setup(setup: tuple[int, int, logging.Formatter | None]) -> None:
+    root_level, hivemind_level, formatter = setup
+    root = logging.getLogger()
+    if formatter is not None and not root.handlers:
+        handler = logging.StreamHandler()  # the owner's stderr: the fork server inherited it
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(root_level)
+    logging.getLogger("hivemind").setLevel(hivemind_level)
+
+
+def _forget_inherited_fork_server() -> None:
+    """In a process forked from an owner (a Celery pool process): its fork server is the parent's child,
+    which multiprocessing cannot check on from here (waitpid fails); this process starts one of its own."""
+    server = forkserver._forkserver
+    if getattr(server, "_forkserver_pid", None) is None:  # none started (or another Python's internals)
+        return
+    with contextlib.suppress(OSError):
+        os.close(server._forkserver_alive_fd)  # the parent's fork server need not wait for this process
+    server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
+    server._lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_forget_inherited_fork_server)
 
 
 def _stop_own_group(*_: Any) -> None:
@@ -168,8 +265,8 @@ def _stop_own_group(*_: Any) -> None:
     os.killpg(0, signal.SIGTERM)
 
 
-def _stop_when_orphaned(owner_pid: int) -> None:
-    while os.getppid() == owner_pid:
+def _stop_when_orphaned(owner: tuple[int, str] | None) -> None:
+    while owner is not None and _process_identity(owner[0]) == owner:
         time.sleep(ORPHAN_POLL_SECONDS)
     logger.warning("The process that started this DHT peer is gone; shutting the peer down")
     os.killpg(0, signal.SIGTERM)

@@ -59,6 +59,11 @@ async def ping_server(p2p: P2P, peer_id: str, timeout: float) -> PingResult:
         return PingResult(reachable=False, error=_describe(e))
 
 
+async def ping_server_in_dht(dht: object, node: DHTNode, *, peer_id: str, timeout: float) -> PingResult:
+    """`ping_server` from inside a DHT process (`DHT.run_coroutine`, which imports it there by name)."""
+    return await ping_server(node.p2p, peer_id, timeout)
+
+
 async def ping_dht_peer(node: DHTNode, peer_id: str, timeout: float) -> PingResult:
     """A DHT-level ping, for peers that run only the DHT (they do not serve rpc_info)."""
     try:

@@ -96,7 +96,8 @@ def test_a_sigkilled_worker_leaves_no_dht_or_p2pd(celery_worker, victim):
     p2pds = [proc for proc in tree(worker.pid) if is_p2pd(proc)]
     assert p2pds, f"the worker started no p2pd: {still_running(tree(worker.pid))}"
     dhts = [proc.parent() for proc in p2pds]  # each p2pd's DHT process
-    owners = [dht.parent() for dht in dhts]  # the pool processes that started them
+    fork_servers = [dht.parent() for dht in dhts]  # which forked it (swarm.dht.OwnedDHT)
+    owners = [server.parent() for server in fork_servers]  # the pool processes that started them
     assert all(owner.pid != worker.pid and owner.ppid() == worker.pid for owner in owners)
     if victim == "worker-group":  # the main process and its pool (the DHTs run in sessions of their own)
         os.killpg(worker.pid, signal.SIGKILL)
@@ -107,7 +108,7 @@ def test_a_sigkilled_worker_leaves_no_dht_or_p2pd(celery_worker, victim):
     else:  # what Celery does at a task's hard time limit, or the kernel when memory runs out
         for owner in owners:
             owner.send_signal(signal.SIGKILL)
-    wait_until_gone([*owners, *dhts, *p2pds])
+    wait_until_gone([*owners, *fork_servers, *dhts, *p2pds])
     assert "Traceback" not in worker.output(), worker.output()[-3000:]
 
 

@@ -27,7 +27,15 @@ from transformers import AutoConfig
 from swarm import __version__
 from swarm.checkpoint import CheckpointFiles, is_local_checkpoint, missing_local_path
 from swarm.data_structures import MAX_ADAPTERS, MAX_STRING_LENGTH, ModelInfo, ServerInfo, ServerState
-from swarm.dht import RelaySettings, announce_blocks, announce_model, create_dht, dht_start_error, fetch_swarm
+from swarm.dht import (
+    RelaySettings,
+    announce_blocks,
+    announce_model,
+    create_dht,
+    dht_start_error,
+    fetch_swarm,
+    start_fork_server,
+)
 from swarm.models.registry import dht_prefix_for, family_for, prepare_config
 from swarm.names import is_private_prefix, is_valid_dht_prefix
 from swarm.ping import ping_server
@@ -180,6 +188,7 @@ class BlockServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
+        start_fork_server()  # (imports in the background while the reachability check runs)
         self.using_relay = await self._needs_relay()
         try:
             self.dht = self._join_swarm()

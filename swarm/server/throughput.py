@@ -9,15 +9,24 @@ and tokens/s are the same number:
 - throughput: the minimum of the three, as announced (PROTOCOL.md: requests/s for one block).
 
 Each rate is the steady rate of several timed rounds (`steady_rate`). Servers sharing a cache folder measure
-one at a time, and never while another is loading weights (`loading_weights`). Cached figures are keyed by
-the model, the span's length (not its position: identical servers announce the same figure), the device (its
-name, for GPUs), dtype, quantization, torch and its thread count, and expire after MAX_AGE_S; a measurement
-whose rounds disagreed (the machine was busy) after UNSTEADY_MAX_AGE_S, so the next start measures again.
+one at a time, and never while another is loading weights (`loading_weights`); a measurement and the log lines
+that tell its figure stay inside that lock. Cached figures are keyed by the model, the span's length (not its
+position: identical servers announce the same figure), the device (its name, for GPUs), dtype, quantization,
+torch and its thread count, and expire after MAX_AGE_S.
+
+A figure measured while the machine was busy is announced (it is what the server can do now) but cached only
+for UNSTEADY_MAX_AGE_S, and reused within that time only while the machine is still busy (`busy_reasons`):
+- its rounds disagreed (MAX_SPREAD),
+- other processes used the cores it computes on (`contended`: their CPU time from /proc/stat, a steady load
+  slows every round alike),
+- it is far below the best quiet figure of the same key (FAR_BELOW_BEST).
+The best quiet figure of each key is kept beside its latest one, so a busy measurement replaces neither.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -25,7 +34,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -43,6 +52,10 @@ MAX_SPREAD = 0.2  # rounds disagreeing by more than this (relative) mean the mac
 MAX_AGE_S = 30 * 24 * 3600.0  # re-measure monthly: drivers, clocks and neighbours change
 UNSTEADY_MAX_AGE_S = 600.0  # a busy machine's figure: only for servers started alongside (a test run, a demo)
 LOCK_WAIT_S = 600.0  # after this long waiting for other servers, measure anyway (and do not cache)
+BUSY_CORES_MARGIN = 0.5  # other processes using more cores than torch leaves idle, plus this: contended
+FAR_BELOW_BEST = 0.5  # a figure under this fraction of the key's best quiet one was not taken on a quiet machine
+QUIET_CHECK_S = 0.5  # how long to watch the machine before reusing a figure measured while it was busy
+RATES = ("inference_rps", "forward_rps")  # what is measured and cached (the network's rate is not)
 
 
 def cache_path() -> Path:
@@ -93,6 +106,116 @@ def is_fresh(entry: object, now: float | None = None) -> bool:
     max_age = min(max_age, MAX_AGE_S) if isinstance(max_age, int | float) else 0.0
     age = (time.time() if now is None else now) - measured_at
     return 0 <= age <= max_age
+
+
+# ----- a busy machine -----
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuSample:
+    """CPU time used so far: by this process (all its threads), and by the whole machine (None: unknown)."""
+
+    wall_s: float
+    own_s: float
+    machine_s: float | None
+
+    @classmethod
+    def now(cls) -> CpuSample:
+        return cls(time.monotonic(), time.process_time(), _machine_busy_s())
+
+
+def others_cores(before: CpuSample, after: CpuSample) -> float | None:
+    """How many cores other processes kept busy on average between two samples (None: unknown)."""
+    wall = after.wall_s - before.wall_s
+    if before.machine_s is None or after.machine_s is None or wall <= 0:
+        return None
+    others = (after.machine_s - before.machine_s) - (after.own_s - before.own_s)
+    return max(0.0, others / wall)
+
+
+def contended(others: float | None, cpus: int, own_threads: int) -> bool:
+    """Did other processes take cores this process computes on? Beyond the cores its threads leave idle,
+    a parallel region waits for its slowest thread, so even one core taken slows every step."""
+    return others is not None and others > max(0, cpus - own_threads) + BUSY_CORES_MARGIN
+
+
+def busy_reasons(
+    rates: dict, disagreement: float, others: float | None, threads: int, best: object, now: float | None = None
+) -> list[str]:
+    """Why a measurement may not be what this machine does when quiet (none: it is)."""
+    reasons = []
+    if disagreement > MAX_SPREAD:
+        reasons.append(f"its rounds varied by {100 * disagreement:.0f}%")
+    if contended(others, _cpus(), threads):
+        reasons.append(f"other processes kept {others:.1f} of {_cpus()} cores busy")
+    if is_best(best, now):
+        for name in RATES:
+            if rates[name] < FAR_BELOW_BEST * best[name]:
+                reasons.append(f"{name} {rates[name]:.1f} is far below this device's best, {best[name]:.1f}")
+    return reasons
+
+
+def is_best(entry: object, now: float | None = None) -> bool:
+    """A usable best quiet figure: well-formed and younger than MAX_AGE_S (clocks and drivers change)."""
+    return isinstance(entry, dict) and is_fresh({**entry, "max_age_s": MAX_AGE_S}, now)
+
+
+def cache_entry(rates: dict, disagreement: float, reasons: list[str], previous: object, now: float) -> dict:
+    """What to cache for a measurement: kept MAX_AGE_S if taken on a quiet machine, else UNSTEADY_MAX_AGE_S;
+    the best quiet figure so far goes along, raised only by a quiet measurement."""
+    best = previous.get("best") if isinstance(previous, dict) else None
+    best = best if is_best(best, now) else None
+    if not reasons and (best is None or any(rates[name] > best[name] for name in RATES)):
+        best = {name: max(rates[name], best[name] if best else 0.0) for name in RATES} | {"measured_at": now}
+    entry = {
+        **{name: rates[name] for name in RATES},
+        "spread": round(disagreement, 3),
+        "measured_at": now,
+        "max_age_s": UNSTEADY_MAX_AGE_S if reasons else MAX_AGE_S,
+        "busy": reasons,
+    }
+    return entry | {"best": best} if best is not None else entry
+
+
+def measured_busy(entry: dict) -> bool:
+    """Was this cached figure measured while the machine was busy? (Older entries only say so by their age.)"""
+    max_age = entry.get("max_age_s", MAX_AGE_S)
+    return bool(entry.get("busy")) or (isinstance(max_age, int | float) and max_age < MAX_AGE_S)
+
+
+def worth_reusing(entry: object, still_busy: Callable[[], bool], now: float | None = None) -> bool:
+    """A fresh cached figure; one measured while the machine was busy only while it still is (asked last: the
+    answer takes QUIET_CHECK_S)."""
+    return is_fresh(entry, now) and (not measured_busy(entry) or still_busy())
+
+
+def _busy_now(threads: int) -> bool:
+    """Are other processes using this process's cores right now (watched for QUIET_CHECK_S)?"""
+    before = CpuSample.now()
+    time.sleep(QUIET_CHECK_S)
+    return contended(others_cores(before, CpuSample.now()), _cpus(), threads)
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds all processes have used since boot (/proc/stat: all but idle and iowait), or None."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpus() -> int:
+    return os.cpu_count() or 1  # as /proc/stat counts them: the whole machine's
+
+
+def _threads(device: torch.device) -> int:
+    """The cores a measurement computes on: torch's threads on a CPU, the launching thread for a GPU."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
 
 
 # ----- coordination between the servers of one machine -----
@@ -152,39 +275,46 @@ def loading_weights() -> Iterator[None]:
 
 
 def measure_throughput(backend: SpanBackend, *, cache_key: str, bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS) -> dict:
-    """The rates to announce, in tokens/s per block: from the cache if fresh, else measured (and cached if steady)."""
+    """The rates to announce, in tokens/s per block: from the cache if worth reusing, else measured (and cached:
+    for long only if the machine was quiet)."""
     key = f"{cache_key}|{_machine(backend.device)}"
     path = cache_path()
     network = network_rps(bandwidth_mbps, backend.hidden_size)
+    threads = _threads(backend.device)
     with _lock(exclusive=True, wait_s=LOCK_WAIT_S) as alone:
-        entry = _read_cache(path).get(key)
-        if is_fresh(entry):
+        previous = _read_cache(path).get(key)
+        if worth_reusing(previous, lambda: _busy_now(threads)):
             logger.info("Throughput for %s from cache %s", key, path)
-            return _announced(entry, network)
+            return _announced(previous, network)
+        if is_fresh(previous):
+            logger.info("The cached throughput was measured while this machine was busy; it is quiet now")
         logger.info("Measuring throughput (%d rounds; cached in %s)", ROUNDS, path)
-        num_blocks = backend.end - backend.start
-        inference = [rate * num_blocks for rate in _measure_inference(backend)]
-        forward = [rate * num_blocks for rate in _measure_forward(backend)]
-        disagreement = max(spread(inference), spread(forward))
-        steady = disagreement <= MAX_SPREAD
-        entry = {
-            "inference_rps": steady_rate(inference),
-            "forward_rps": steady_rate(forward),
-            "spread": round(disagreement, 3),
-            "measured_at": time.time(),
-            "max_age_s": MAX_AGE_S if steady else UNSTEADY_MAX_AGE_S,
-        }
-        if not steady:
+        entry = _measure(backend, previous, threads)
+        if entry["busy"]:
             logger.warning(
-                "Throughput rounds varied by %.0f%% (the machine was busy): kept %.0f s only, then measured again",
-                100 * disagreement,
+                "Throughput measured while the machine was busy (%s): announced, but cached for %.0f s only",
+                "; ".join(entry["busy"]),
                 UNSTEADY_MAX_AGE_S,
             )
         if alone:
             _write_cache(path, key, entry)
         else:
             logger.warning("Throughput measured without waiting for the other servers: not cached")
-    return _announced(entry, network)
+        return _announced(entry, network)  # its log line too: another server's must not come between
+
+
+def _measure(backend: SpanBackend, previous: object, threads: int) -> dict:
+    num_blocks = backend.end - backend.start
+    before = CpuSample.now()
+    inference = [rate * num_blocks for rate in _measure_inference(backend)]
+    forward = [rate * num_blocks for rate in _measure_forward(backend)]
+    others = others_cores(before, CpuSample.now())
+    disagreement = max(spread(inference), spread(forward))
+    rates = {"inference_rps": steady_rate(inference), "forward_rps": steady_rate(forward)}
+    best = previous.get("best") if isinstance(previous, dict) else None
+    now = time.time()
+    reasons = busy_reasons(rates, disagreement, others, threads, best, now)
+    return cache_entry(rates, disagreement, reasons, previous, now)
 
 
 def _announced(entry: dict, network: float) -> dict[str, float]:
