@@ -13,7 +13,13 @@ the monitor: crawl, tasks, views and APIs import this module, never the other wa
   it is interrupted (soft), then before its worker process is killed (hard; its DHT process exits with it)
 - MONITOR_BLOCKS_PER_TASK (32): a larger model is crawled in block ranges, one Celery task each
 - MONITOR_PING_PARALLEL (128): pings in flight per worker
-- MONITOR_MAX_PINGS (5000): servers pinged per crawl; the rest are recorded as not checked
+- MONITOR_MAX_PINGS (5000): servers pinged per crawl (per part when fanned out; answers from the ping
+  cache are free); the rest are recorded as not checked ("unknown", not online) and pinged by later crawls
+- MONITOR_PING_BUDGET (30): seconds all pings of a crawl (of a part, and of the final step) may take
+  together; what has not answered by then is not checked, and the crawl keeps what did answer
+- MONITOR_KNOWN_GOOD_CRAWLS (10): a server that answered the monitor's ping in any of this many latest
+  crawls is "known good": pinged first, kept first under the per-model cap, and it ranks its model
+  among the indexed ones
 - MONITOR_MAX_CUSTOM_MODELS (20), MONITOR_MAX_NUM_BLOCKS (1000): bounds on models taken from the index
 - MONITOR_MAX_SERVERS_PER_MODEL (5000): servers stored per model and crawl; the rest are counted
 - MONITOR_PUBLIC_NAME_MIN_BLOCKS (10): a server's public name shows if it holds this many blocks
@@ -47,6 +53,8 @@ TASK_TIME_LIMIT = 360
 BLOCKS_PER_TASK = 32
 PING_PARALLEL = 128
 MAX_PINGS = 5000
+PING_BUDGET = 30.0
+KNOWN_GOOD_CRAWLS = 10
 MAX_CUSTOM_MODELS = 20
 MAX_NUM_BLOCKS = 1000
 MAX_SERVERS_PER_MODEL = 5000
@@ -68,6 +76,7 @@ class CrawlOptions:
     ping_timeout: float = PING_TIMEOUT
     ping_parallel: int = PING_PARALLEL
     max_pings: int = MAX_PINGS  # per crawl (per part when Celery fans it out); the rest are not checked
+    ping_budget: float = PING_BUDGET  # seconds for all pings of one crawl (or one part)
     blocks_per_part: int = BLOCKS_PER_TASK
     max_custom_models: int = MAX_CUSTOM_MODELS
     max_num_blocks: int = MAX_NUM_BLOCKS
@@ -88,6 +97,7 @@ def crawl_options(*, ping: bool = True) -> CrawlOptions:
         ping_timeout=float(setting("PING_TIMEOUT")),
         ping_parallel=int(setting("PING_PARALLEL")),
         max_pings=int(setting("MAX_PINGS")),
+        ping_budget=float(setting("PING_BUDGET")),
         blocks_per_part=int(setting("BLOCKS_PER_TASK")),
         max_custom_models=int(setting("MAX_CUSTOM_MODELS")),
         max_num_blocks=int(setting("MAX_NUM_BLOCKS")),
@@ -117,6 +127,10 @@ def gap_seconds() -> float:
 
 def retention_seconds() -> int:
     return int(setting("RETENTION"))
+
+
+def known_good_crawls() -> int:
+    return int(setting("KNOWN_GOOD_CRAWLS"))
 
 
 def ping_cache_seconds() -> float:

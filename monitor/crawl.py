@@ -12,10 +12,11 @@ import asyncio
 import dataclasses
 import logging
 import math
+import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -24,10 +25,10 @@ from hivemind.dht.node import DHTNode
 
 from monitor.conf import CrawlOptions  # (also importable from here, as before)
 from monitor.gcpause import paused_gc
-from monitor.targets import ModelTarget, choose_targets
+from monitor.targets import ModelTarget, choose_targets, salted_key
 from swarm.data_structures import RemoteSpanInfo, ServerInfo, ServerState
-from swarm.dht import fetch_model_index, fetch_swarm_in_dht
-from swarm.ping import PingResult, ping_dht_peer, ping_server
+from swarm.dht import MAX_PEERS_PER_MODEL, fetch_model_index, fetch_swarm_in_dht
+from swarm.ping import PingResult, ping_dht_peer, ping_server, ping_within
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,35 @@ PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{20,128}")  # base58
 # Peer ids per call into the DHT process: hivemind's pipe into it breaks on messages over ~60 KB
 # (uvloop makes it non-blocking), and that kills the DHT process.
 PING_BATCH = 200
+# Reading blocks from the DHT: hivemind packs about sqrt(keys) blocks of one `get_many` into one request,
+# and a block's value holds every server announced there (about 1 MB under a flood of 6000). A reply over
+# p2pd's 4 MB message limit fails, as do requests that time out when hundreds are in flight at a peer
+# holding large values; hivemind then blacklists the peer and drops it from its routing table, and the next
+# crawls read nothing from it ("the crawl found 0 servers"; see also swarm_client.CRAWL_REQUEST_TIMEOUT).
+# So a part is read FETCH_BLOCKS_PER_READ blocks at a time (one block per request), at most
+# FETCH_READS_AT_ONCE reads at once per call into the DHT process.
+FETCH_BLOCKS_PER_READ = 2
+FETCH_READS_AT_ONCE = 8
+# Seconds past the ping budget that a call into the DHT process may take to return what it has: past it,
+# the DHT process is taken as wedged (its batch's servers stay unchecked).
+PING_GRACE = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownGood:
+    """What earlier crawls verified, loaded from the database by the task layer (the crawl has no Django):
+    servers that answered the monitor's own pings, and per model how many distinct such servers it had.
+
+    It ranks servers for the ping budget and the per-model cap, and indexed models for the crawl, by what
+    the monitor saw rather than by what anyone announces (any stranger can claim ONLINE on every block)."""
+
+    peers: frozenset[str] = frozenset()
+    models: Mapping[str, int] = dataclasses.field(default_factory=dict)  # dht_prefix -> verified servers
+
+
+def new_salt() -> bytes:
+    """A fresh secret per crawl for `salted_key`: strangers cannot pick peer ids that sort first."""
+    return os.urandom(16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +90,7 @@ class PartResult:
     spans: dict[str, RemoteSpanInfo]
     invalid_entries: int = 0
     pings: dict[str, PingResult] = dataclasses.field(default_factory=dict)
+    dht_timeouts: int = 0  # calls into the DHT process that did not answer in time (pings left unchecked)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able form for Celery results (values are re-validated by `from_json`)."""
@@ -68,6 +99,7 @@ class PartResult:
             "spans": [[s.peer_id, s.start, s.end, _finite(s.server_info.to_tuple())] for s in self.spans.values()],
             "invalid_entries": self.invalid_entries,
             "pings": {peer: [p.reachable, p.rtt, p.error] for peer, p in self.pings.items()},
+            "dht_timeouts": self.dht_timeouts,
         }
 
     @classmethod
@@ -76,7 +108,8 @@ class PartResult:
         for peer_id, start, end, value in data["spans"]:
             spans[peer_id] = RemoteSpanInfo(peer_id, start, end, ServerInfo.from_tuple(_infinite(value)))
         pings = {peer: PingResult(*fields) for peer, fields in data["pings"].items()}
-        return cls(FetchPart.from_json(data["part"]), spans, data["invalid_entries"], pings)
+        timeouts = data.get("dht_timeouts", 0)
+        return cls(FetchPart.from_json(data["part"]), spans, data["invalid_entries"], pings, timeouts)
 
 
 def _finite(value: Any) -> Any:
@@ -111,7 +144,8 @@ class CrawlResult:
     bootstrap: dict[str, PingResult]  # by bootstrap peer id, in configuration order
     invalid_index_entries: int = 0
     skipped_models: int = 0
-    unchecked_servers: int = 0  # online servers left unpinged by `max_pings`
+    unchecked_servers: int = 0  # online servers left unpinged (over `max_pings` or the ping budget)
+    dht_timeouts: int = 0  # calls into this process's DHT that did not answer: its client should be restarted
 
     @property
     def invalid_entries(self) -> int:
@@ -185,23 +219,44 @@ def dht_result(future: Any, timeout: float, what: str) -> Any:
 
 
 def fetch_parts(dht: DHT, parts: list[FetchPart], timeout: float) -> list[PartResult]:
-    """Read every part's blocks concurrently, in one call into the DHT process."""
-    future = dht.run_coroutine(partial(_fetch_parts_in_dht, parts=parts), return_future=True)
+    """Read every part's blocks, a few at a time (see FETCH_BLOCKS_PER_READ), in one call into the DHT process."""
+    future = dht.run_coroutine(
+        partial(_fetch_parts_in_dht, parts=parts, per_read=FETCH_BLOCKS_PER_READ, at_once=FETCH_READS_AT_ONCE),
+        return_future=True,
+    )
     with paused_gc():  # unpickling thousands of spans
         return dht_result(future, timeout, f"reading {len(parts)} parts")
 
 
-async def _fetch_parts_in_dht(dht: DHT, node: DHTNode, *, parts: list[FetchPart]) -> list[PartResult]:
-    with paused_gc():
-        views = await asyncio.gather(
-            *(
-                fetch_swarm_in_dht(dht, node, prefix=p.dht_prefix, num_blocks=p.num_blocks, start=p.start, end=p.end)
-                for p in parts
-            )
-        )
-    return [
-        _without_bad_peer_ids(PartResult(part, view.spans, view.invalid_entries)) for part, view in zip(parts, views)
+async def _fetch_parts_in_dht(
+    dht: DHT, node: DHTNode, *, parts: list[FetchPart], per_read: int, at_once: int
+) -> list[PartResult]:
+    reads = [
+        (number, start, min(start + max(per_read, 1), part.end))
+        for number, part in enumerate(parts)
+        for start in range(part.start, part.end, max(per_read, 1))
     ]
+    limit = asyncio.Semaphore(max(at_once, 1))
+
+    async def read(number: int, start: int, end: int) -> tuple[int, Any]:
+        part = parts[number]
+        async with limit:
+            view = await fetch_swarm_in_dht(
+                dht, node, prefix=part.dht_prefix, num_blocks=part.num_blocks, start=start, end=end
+            )
+        return number, view
+
+    results = [PartResult(part, {}) for part in parts]
+    with paused_gc():
+        for number, view in await asyncio.gather(*(read(*args) for args in reads)):
+            result = results[number]
+            result.invalid_entries += view.invalid_entries
+            for span in view.spans.values():
+                if len(result.spans) >= MAX_PEERS_PER_MODEL and span.peer_id not in result.spans:
+                    result.invalid_entries += 1  # a flood: as `spans_from_entries` bounds one read
+                    continue
+                _merge_span(result.spans, span)
+    return [_without_bad_peer_ids(result) for result in results]
 
 
 def _without_bad_peer_ids(result: PartResult) -> PartResult:
@@ -213,26 +268,47 @@ def _without_bad_peer_ids(result: PartResult) -> PartResult:
     return result
 
 
-def fetch_part_and_ping(dht: DHT, part: FetchPart, options: CrawlOptions, cache: PingCache | None) -> PartResult:
-    """One fan-out task's work: read a block range, then ping the online servers whose span starts in it."""
+def fetch_part_and_ping(
+    dht: DHT,
+    part: FetchPart,
+    options: CrawlOptions,
+    cache: PingCache | None,
+    known_good: KnownGood = KnownGood(),
+    salt: bytes = b"",
+) -> PartResult:
+    """One fan-out task's work: read a block range, then ping the online servers whose span starts in it
+    (known good ones first, then in the crawl's salted order), within the ping budget."""
     result = fetch_parts(dht, [part], options.dht_timeout)[0]
     if options.ping:
-        peers = [s.peer_id for s in ping_order(result.spans.values()) if part.start <= s.start < part.end]
-        result.pings, _ = ping_peers(dht, peers[: options.max_pings], [], options, cache)
+        spans = [s for s in result.spans.values() if part.start <= s.start < part.end]
+        peers = [s.peer_id for s in ping_order(spans, known_good.peers, salt)]
+        result.pings, _, result.dht_timeouts = ping_peers(dht, peers, [], options, cache)
     return result
 
 
 def ping_peers(
-    dht: DHT, servers: list[str], bootstrap: list[str], options: CrawlOptions, cache: PingCache | None
-) -> tuple[dict[str, PingResult], dict[str, PingResult]]:
-    """Ping block servers (rpc_info) and bootstrap peers (DHT ping) in parallel; servers seen recently
-    are answered from `cache`."""
+    dht: DHT,
+    servers: list[str],
+    bootstrap: list[str],
+    options: CrawlOptions,
+    cache: PingCache | None,
+    *,
+    max_pings: int | None = None,
+) -> tuple[dict[str, PingResult], dict[str, PingResult], int]:
+    """Ping block servers (rpc_info) and bootstrap peers (DHT ping) in parallel, in the order given:
+    (server results, bootstrap results, DHT calls that timed out).
+
+    Servers seen recently are answered from `cache` and cost nothing; at most `max_pings` others are
+    pinged (default `options.max_pings`), all within one time budget (`options.ping_budget`). What did not
+    answer in time is left out (not checked): a slow or wedged part never costs the results of the rest."""
     cached = cache.fresh(servers) if cache else {}
-    missing = list(dict.fromkeys(peer for peer in servers if peer not in cached))
+    limit = options.max_pings if max_pings is None else max_pings
+    missing = [peer for peer in dict.fromkeys(servers) if peer not in cached][: max(limit, 0)]
     if not missing and not bootstrap:
-        return cached, {}
+        return cached, {}, 0
+    budget = max(min(options.ping_budget, options.dht_timeout), 0.0)
+    deadline = time.monotonic() + budget + PING_GRACE
     batches = [missing[i : i + PING_BATCH] for i in range(0, len(missing), PING_BATCH)] or [[]]
-    deadline = time.monotonic() + options.dht_timeout  # for all batches: they run concurrently
     futures = [
         dht.run_coroutine(
             partial(
@@ -241,6 +317,7 @@ def ping_peers(
                 bootstrap=bootstrap if number == 0 else [],
                 timeout=options.ping_timeout,
                 parallel=options.ping_parallel,
+                budget=budget,
             ),
             return_future=True,
         )
@@ -248,21 +325,35 @@ def ping_peers(
     ]
     fresh: dict[str, PingResult] = {}
     boot: dict[str, PingResult] = {}
+    timeouts = 0
     for future in futures:
-        batch_pings, batch_boot = dht_result(future, deadline - time.monotonic(), f"pinging {len(missing)} servers")
+        try:
+            batch_pings, batch_boot = dht_result(future, deadline - time.monotonic(), "pinging servers")
+        except DHTTimeoutError as e:
+            timeouts += 1
+            logger.warning("%s: its servers stay unchecked in this crawl", e)
+            continue
         fresh.update(batch_pings)
         boot.update(batch_boot)
     if cache:
         cache.store(fresh)
-    return {**cached, **fresh}, boot
+    return {**cached, **fresh}, boot, timeouts
 
 
 _ping_limits: dict[tuple[int, int], asyncio.Semaphore] = {}
 
 
 async def _ping_in_dht(
-    dht: DHT, node: DHTNode, *, servers: list[str], bootstrap: list[str], timeout: float, parallel: int
+    dht: DHT,
+    node: DHTNode,
+    *,
+    servers: list[str],
+    bootstrap: list[str],
+    timeout: float,
+    parallel: int,
+    budget: float,
 ) -> tuple[dict[str, PingResult], dict[str, PingResult]]:
+    """Ping within `budget` seconds; what has not answered by then is left out of the result."""
     # One limit for all batches in flight: they run concurrently in the DHT process's event loop.
     limit = _ping_limits.setdefault((id(asyncio.get_running_loop()), parallel), asyncio.Semaphore(max(parallel, 1)))
 
@@ -270,22 +361,30 @@ async def _ping_in_dht(
         async with limit:
             return await ping_server(node.p2p, peer, timeout)
 
-    boot = asyncio.gather(*(ping_dht_peer(node, peer, timeout) for peer in bootstrap))
-    pings = await asyncio.gather(*(ping(peer) for peer in servers))
-    return dict(zip(servers, pings)), dict(zip(bootstrap, await boot))
+    async def ping_boot(peer: str) -> PingResult:
+        return await ping_dht_peer(node, peer, timeout)
+
+    pings, boot = await asyncio.gather(
+        ping_within(servers, ping, concurrency=parallel, budget=budget),
+        ping_within(bootstrap, ping_boot, concurrency=max(len(bootstrap), 1), budget=budget),
+    )
+    return pings, boot
 
 
-def ping_order(spans: Iterable[RemoteSpanInfo]) -> list[RemoteSpanInfo]:
-    """Online servers, the most useful first (long spans, high throughput): they are pinged first
-    when a flood of announcements exceeds the ping budget."""
+def ping_order(
+    spans: Iterable[RemoteSpanInfo], known_good: Collection[str] = frozenset(), salt: bytes = b""
+) -> list[RemoteSpanInfo]:
+    """Online servers in the order they are pinged when they exceed the ping budget: those earlier crawls
+    found reachable first, then the rest in the crawl's salted order. Never by what servers announce
+    (span length, throughput): a flood of strangers claiming the most would take the whole budget."""
     online = [span for span in spans if span.state == ServerState.ONLINE]
-    return sorted(online, key=lambda s: (-s.length, -s.server_info.throughput, s.peer_id))
+    return sorted(online, key=lambda s: (s.peer_id not in known_good, salted_key(salt, s.peer_id)))
 
 
 # ----- merging -----
 
 
-def merge_parts(targets: list[ModelTarget], results: Iterable[PartResult], max_servers: int) -> list[ModelCrawl]:
+def merge_parts(targets: list[ModelTarget], results: Iterable[PartResult]) -> list[ModelCrawl]:
     """Join the parts of each model: a server seen in several parts keeps its highest state and the
     union of its spans."""
     crawls = {target.dht_prefix: ModelCrawl(target, {}) for target in targets}
@@ -294,27 +393,54 @@ def merge_parts(targets: list[ModelTarget], results: Iterable[PartResult], max_s
         if crawl is None:
             continue
         crawl.invalid_entries += result.invalid_entries
-        for peer_id, span in result.spans.items():
-            known = crawl.spans.get(peer_id)
-            if known is None or known.state < span.state:
-                crawl.spans[peer_id] = span
-            elif known.state == span.state and (span.start < known.start or span.end > known.end):
-                start, end = min(known.start, span.start), max(known.end, span.end)
-                crawl.spans[peer_id] = dataclasses.replace(known, start=start, end=end)
-    for crawl in crawls.values():
-        _cap_servers(crawl, max_servers)
+        for span in result.spans.values():
+            _merge_span(crawl.spans, span)
     return list(crawls.values())
 
 
-def _cap_servers(crawl: ModelCrawl, max_servers: int) -> None:
+def _merge_span(spans: dict[str, RemoteSpanInfo], span: RemoteSpanInfo) -> None:
+    """Add a server's span read from some blocks: it keeps its highest state and the union of its spans."""
+    known = spans.get(span.peer_id)
+    if known is None or known.state < span.state:
+        spans[span.peer_id] = span
+    elif known.state == span.state and (span.start < known.start or span.end > known.end):
+        start, end = min(known.start, span.start), max(known.end, span.end)
+        spans[span.peer_id] = dataclasses.replace(known, start=start, end=end)
+
+
+def verified_rank(
+    span: RemoteSpanInfo, pings: Mapping[str, PingResult], known_good: Collection[str], salt: bytes
+) -> tuple[int, bool, bytes]:
+    """How a server ranks for the per-model cap, lowest first, by what the monitor itself saw:
+    0 answered its ping now, 1 answered in earlier crawls (not pinged now), 2 pinged and unreachable,
+    3 not checked (over the ping budget, or not announced online). Ties: known good first, then salted."""
+    ping = pings.get(span.peer_id)
+    good = span.peer_id in known_good
+    checked_tier = 0 if ping is not None and ping.reachable else 2
+    return checked_tier if ping is not None else 1 if good else 3, not good, salted_key(salt, span.peer_id)
+
+
+def cap_servers(
+    crawl: ModelCrawl,
+    max_servers: int,
+    pings: Mapping[str, PingResult] | None = None,
+    known_good: Collection[str] = frozenset(),
+    salt: bytes = b"",
+) -> None:
+    """Keep at most `max_servers` of a model's servers, verified ones first (`verified_rank`)."""
     if len(crawl.spans) <= max_servers:
         return
-    ranked = sorted(crawl.spans.values(), key=lambda s: (-s.state, -s.length, -s.server_info.throughput, s.peer_id))
+    pings = pings or {}
+    ranked = sorted(crawl.spans.values(), key=lambda s: verified_rank(s, pings, known_good, salt))
     crawl.capped_servers = len(ranked) - max_servers
     crawl.spans = {span.peer_id: span for span in ranked[:max_servers]}
     logger.warning(
         "Model %s: kept %d servers, dropped %d more", crawl.target.dht_prefix, max_servers, crawl.capped_servers
     )
+
+
+def _has_reachable_server(crawl: ModelCrawl, pings: Mapping[str, PingResult]) -> bool:
+    return any((ping := pings.get(peer)) is not None and ping.reachable for peer in crawl.spans)
 
 
 def finish_crawl(
@@ -326,47 +452,72 @@ def finish_crawl(
     options: CrawlOptions,
     cache: PingCache | None,
     *,
+    known_good: KnownGood = KnownGood(),
+    salt: bytes = b"",
     invalid_index_entries: int = 0,
     skipped_models: int = 0,
 ) -> CrawlResult:
-    """Merge the parts, ping what the parts did not (bootstrap peers, servers spanning parts), and time it."""
-    models = merge_parts(targets, results, options.max_servers_per_model)
+    """Merge the parts, ping what the parts did not (bootstrap peers, servers spanning parts), cap each
+    model's servers by what was verified, and time it. An indexed model is listed only when a server the
+    monitor reached holds it."""
+    models = merge_parts(targets, results)
     pings: dict[str, PingResult] = {}
     for result in results:
         for peer, ping in result.pings.items():
             if peer not in pings or (ping.reachable and not pings[peer].reachable):
                 pings[peer] = ping
-    online = list(dict.fromkeys(s.peer_id for model in models for s in ping_order(model.spans.values())))
-    unchecked = 0
+    timeouts = 0  # of this process's calls (a part's own were its task's business)
     bootstrap: dict[str, PingResult] = {}
     if options.ping:
-        budget = max(options.max_pings - len(pings), 0)
-        todo = [peer for peer in online if peer not in pings]
-        unchecked = max(len(todo) - budget, 0)
-        more, bootstrap = ping_peers(dht, todo[:budget], bootstrap_peer_ids(initial_peers), options, cache)
+        spans = (s for model in models for s in model.spans.values())
+        order = dict.fromkeys(s.peer_id for s in ping_order(spans, known_good.peers, salt))
+        todo = [peer for peer in order if peer not in pings]
+        more, bootstrap, more_timeouts = ping_peers(
+            dht,
+            todo,
+            bootstrap_peer_ids(initial_peers),
+            options,
+            cache,
+            max_pings=max(options.max_pings - len(pings), 0),
+        )
         pings.update(more)
-    else:
-        unchecked = len(online)
-    known = set(online)
+        timeouts += more_timeouts
+    listed = [m for m in models if m.target.official or _has_reachable_server(m, pings)]
+    skipped_models += len(models) - len(listed)
+    for model in listed:
+        cap_servers(model, options.max_servers_per_model, pings, known_good.peers, salt)
+    kept = {s.peer_id for model in listed for s in model.spans.values()}
+    online = {s.peer_id for model in listed for s in model.spans.values() if s.state == ServerState.ONLINE}
     return CrawlResult(
         started_at=started_at,
         duration=time.time() - started_at,
-        models=models,
-        pings={peer: ping for peer, ping in pings.items() if peer in known},
+        models=listed,
+        pings={peer: ping for peer, ping in pings.items() if peer in kept},
         bootstrap=bootstrap,
         invalid_index_entries=invalid_index_entries,
         skipped_models=skipped_models,
-        unchecked_servers=unchecked,
+        unchecked_servers=len(online - pings.keys()),
+        dht_timeouts=timeouts,
     )
 
 
 def discover_targets(
-    dht: DHT, configured: list[ModelTarget], options: CrawlOptions
+    dht: DHT,
+    configured: list[ModelTarget],
+    options: CrawlOptions,
+    known_good: KnownGood = KnownGood(),
+    salt: bytes = b"",
 ) -> tuple[list[ModelTarget], int, int]:
-    """Configured models plus the indexed ones: (targets, invalid index entries, skipped models)."""
+    """Configured models plus the indexed ones worth crawling (`choose_targets`): (targets, invalid index
+    entries, skipped models)."""
     index, invalid = dht_result(fetch_model_index(dht, wait=False), options.dht_timeout, "reading the model index")
     targets, skipped = choose_targets(
-        configured, index, max_custom_models=options.max_custom_models, max_num_blocks=options.max_num_blocks
+        configured,
+        index,
+        max_custom_models=options.max_custom_models,
+        max_num_blocks=options.max_num_blocks,
+        verified=known_good.models,
+        salt=salt,
     )
     return targets, invalid, skipped
 
@@ -377,10 +528,12 @@ def run_crawl(
     initial_peers: list[str],
     options: CrawlOptions,
     cache: PingCache | None = None,
+    known_good: KnownGood = KnownGood(),
 ) -> CrawlResult:
     """A whole crawl in this process: model index, every model's blocks, pings."""
     started_at = time.time()
-    targets, invalid_index, skipped = discover_targets(dht, configured, options)
+    salt = new_salt()
+    targets, invalid_index, skipped = discover_targets(dht, configured, options, known_good, salt)
     results = fetch_parts(dht, plan_parts(targets, options.blocks_per_part), options.dht_timeout)
     return finish_crawl(
         dht,
@@ -390,6 +543,8 @@ def run_crawl(
         initial_peers,
         options,
         cache,
+        known_good=known_good,
+        salt=salt,
         invalid_index_entries=invalid_index,
         skipped_models=skipped,
     )

@@ -3,6 +3,10 @@
 Metric names follow health.petals.dev (update_duration, servers_num_total, ping_pct, blocks, rps_avg, ...)
 so existing dashboards keep working; crawl_* gauges add the crawl's own health. Samples of one metric
 stay together under one TYPE line, and label values (a version string is peer-supplied) are escaped.
+
+Strangers can announce anything, so only servers the monitor verified (display state "online": announced
+ONLINE and answered its ping) feed the aggregates: rps, versions, relays, next-server pings. The counts of
+servers seen (`servers_num_total`, `servers_num`, `blocks`) list every row, by state.
 """
 
 from __future__ import annotations
@@ -85,13 +89,20 @@ def _all_rows(report: StatusReport) -> Iterable[dict]:
         yield from model.rows
 
 
+def _verified(row: dict) -> bool:
+    return row["display_state"] == "online"
+
+
 def _server_metrics(out: Exposition, report: StatusReport) -> None:
-    servers = relay = with_pings = 0
+    servers = online = relay = with_pings = 0
     pings: list[float] = []
     infinite = 0
     versions: Counter[str] = Counter()
     for row in _all_rows(report):
         servers += 1
+        if not _verified(row):
+            continue
+        online += 1
         relay += bool(row["using_relay"])
         if row["next_pings"] is not None:
             with_pings += 1
@@ -105,14 +116,15 @@ def _server_metrics(out: Exposition, report: StatusReport) -> None:
     if with_pings and pings:
         out.add("peers_per_srv", (len(pings) + infinite) / with_pings, help_text="next servers each server pings")
         out.add("pings_inf_share", infinite / (len(pings) + infinite), help_text="share of failed next-server pings")
-    out.add("servers_num_total", servers, help_text="servers seen across all models")
-    out.add("servers_num_relay", relay, help_text="servers reachable only through a relay")
+    out.add("servers_num_total", servers, help_text="servers seen across all models, verified or not")
+    out.add("servers_num_online", online, help_text="servers online and reached by the monitor's ping")
+    out.add("servers_num_relay", relay, help_text="online servers reachable only through a relay")
     if pings:
         pings.sort()
         for pct in (25, 50, 75, 90, 95):
             out.add("ping_pct", percentile(pings, pct), {"pct": str(pct)}, "next-server round trips (s), percentiles")
     for version, count in versions.most_common(100):
-        out.add("server_version", count, {"version_number": version}, "servers per announced version")
+        out.add("server_version", count, {"version_number": version}, "online servers per announced version")
 
 
 def _model_metrics(out: Exposition, report: StatusReport) -> None:
@@ -123,11 +135,13 @@ def _model_metrics(out: Exposition, report: StatusReport) -> None:
         total = [0] * status.num_blocks
         rps = {kind: [0.0] * status.num_blocks for kind in RPS_KINDS}
         for row in model.rows:
+            verified = _verified(row)
             for block in range(row["start"], min(row["end"], status.num_blocks)):
                 total[block] += 1
                 per_state[row["display_state"]][block] += 1
-                for kind in RPS_KINDS:
-                    rps[kind][block] += row[f"{kind}_rps"] or 0.0
+                if verified:
+                    for kind in RPS_KINDS:
+                        rps[kind][block] += row[f"{kind}_rps"] or 0.0
         out.add("model_healthy", int(status.healthy), labels, "1 when every block is served by an online server")
         out.add("n_blocks", status.num_blocks, labels, "blocks in the model")
         out.add("servers_num", len(model.rows), labels, "servers of the model")
@@ -137,5 +151,7 @@ def _model_metrics(out: Exposition, report: StatusReport) -> None:
             out.add("blocks", sum(per_state[state]), {**labels, "state": state}, "block replicas by server state")
         for kind in RPS_KINDS:
             values = rps[kind] or [0.0]
-            out.add("rps_avg", sum(values) / len(values), {**labels, "rps": kind}, "requests/s per block, mean")
+            out.add(
+                "rps_avg", sum(values) / len(values), {**labels, "rps": kind}, "requests/s per block of online servers"
+            )
             out.add("rps_min", min(values), {**labels, "rps": kind}, "requests/s per block, worst block")

@@ -2,6 +2,11 @@
 
 Rows are plain dicts read with one query per table: the page lists thousands of servers and Django
 templates resolve dict keys fastest.
+
+Every server is listed, but only those the monitor verified (announced ONLINE and answered its ping:
+display state "online") count anywhere: top contributors, what other servers report about their next
+servers (`pings_to_me`, reachability issues), and the aggregates of `/metrics`. A server not checked
+is "unknown".
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from django.utils import timezone
 from config.formatting import block_range, block_ranges
 from monitor import conf
 from monitor.models import BlockCoverage, BootstrapObservation, ModelStatus, ServerObservation, ServerState, Snapshot
+from monitor.snapshots import display_state
 
 SERVER_FIELDS = (
     "model_id",
@@ -41,7 +47,7 @@ SERVER_FIELDS = (
     "next_pings",
 )
 STATE_NAMES = {state.value: state.label for state in ServerState}
-STATES = ("online", "joining", "unreachable", "offline")
+STATES = ("online", "joining", "unreachable", "unknown", "offline")
 MAX_LISTED_ISSUES = 200
 
 
@@ -165,21 +171,26 @@ def _issue(peer_id: str, kind: str, err: str) -> dict[str, Any]:
 
 
 def _note_reachability(issues: dict[str, dict[str, Any]], status: ModelStatus, rows: list[dict[str, Any]]) -> None:
-    """What the crawl saw of each server's announced addresses: the monitor's own ping failed, or other
-    servers of the model report that they cannot reach it (an unreachable next server in their pings)."""
+    """What the crawl saw of each server's announced addresses: the monitor's own ping failed, or most of
+    the verified servers of the model that ping it report they cannot reach it (an unreachable next server
+    in their pings). Reports of servers the monitor did not reach are not heard: a stranger's `next_pings`
+    must not put a healthy server here."""
     failed_from: Counter[str] = Counter()
     tried_from: Counter[str] = Counter()
     for row in rows:
+        if row["display_state"] != "online":
+            continue
         for target, rtt in (row["next_pings"] or {}).items():
             tried_from[target] += 1
             failed_from[target] += rtt is None
     for row in rows:
         peer = row["peer_id"]
         where = f"{status.dht_prefix} {block_range(row['start'], row['end'])}"
+        failed = failed_from[peer]
         if row["reachable"] is False:
             issue = issues.setdefault(peer, _issue(peer, "server", row["error"] or "unreachable"))
-        elif failed_from[peer] and row["display_state"] == "online":
-            err = f"{failed_from[peer]} of {tried_from[peer]} servers that ping it cannot reach it"
+        elif failed and 2 * failed > tried_from[peer] and row["display_state"] == "online":
+            err = f"{failed} of {tried_from[peer]} servers that ping it cannot reach it"
             issue = issues.setdefault(peer, _issue(peer, "server", err))
         else:
             continue
@@ -194,9 +205,7 @@ def describe_blocks(blocks: list[int]) -> str:
 
 def _decorate(row: dict[str, Any], num_blocks: int, public_name_min_blocks: int) -> None:
     """Add what the page shows: display state, the span bar's geometry, per-block cache, a short id."""
-    state = STATE_NAMES[row["state"]]
-    if state == "online" and row["reachable"] is False:
-        state = "unreachable"
+    state = display_state(row["state"], row["reachable"])
     length = row["end"] - row["start"]
     row["display_state"] = state
     row["short_peer_id"] = "…" + row["peer_id"][-6:]
@@ -248,6 +257,8 @@ def _model_json(model: ModelReport) -> dict[str, Any]:
     status = model.status
     pings_to: dict[str, dict[str, float | None]] = defaultdict(dict)
     for row in model.rows:
+        if row["display_state"] != "online":
+            continue  # what unverified servers say about others is not repeated
         for target, rtt in (row["next_pings"] or {}).items():
             pings_to[target][row["peer_id"]] = rtt
     name = status.name

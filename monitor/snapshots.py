@@ -2,7 +2,12 @@
 
 Every value comes from a stranger and was validated by `swarm` (types, finite non-negative numbers,
 bounded strings); here it is also made storable everywhere: NUL characters (PostgreSQL text refuses
-them) are dropped, integers and rates are clamped, `inf` round trips become null.
+them) are dropped, integers and rates are clamped, `inf` round trips become null. A throughput is
+clamped to what one block can plausibly do (MAX_THROUGHPUT).
+
+Only what the monitor verified counts: a server covers its blocks (coverage, health, the chat's
+availability, aggregates) only when it announced ONLINE *and* answered the monitor's ping in this crawl
+(`server_counts_as_online`). Anyone can announce ONLINE on every block with a huge throughput.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ from monitor.push import announce_snapshot
 from swarm.data_structures import RemoteSpanInfo
 from swarm.ping import PingResult
 
-MAX_RATE = 1e9  # requests/s; a larger claim is a lie, and sums of lies must stay finite
+MAX_SECONDS = 1e9  # a round trip longer than this is a lie, and sums of lies must stay finite
+# Tokens/s of one-token inference steps through one block (what `throughput` means, PROTOCOL.md): a step
+# is several kernel launches or a Python round trip (tens of microseconds at least), so 1e5 is beyond any
+# real server (this project's demo model on 2 CPU cores announces ~400; large models on GPUs, thousands).
+MAX_THROUGHPUT = 1e5
+# Tokens/s of long sequences through one block (forward_rps) or over the uplink (network_rps): 1e7 tokens/s
+# of even a 64-wide hidden state in 16 bits is 20 Gbit/s.
+MAX_TOKEN_RATE = 1e7
 MAX_BIGINT = 2**63 - 1
 
 
@@ -30,19 +42,27 @@ def _text(value: str | None, limit: int) -> str:
     return (value or "").replace("\x00", "")[:limit]
 
 
-def _rate(value: float | None) -> float | None:
-    return None if value is None else min(float(value), MAX_RATE)
+def _rate(value: float | None, limit: float) -> float | None:
+    return None if value is None else min(float(value), limit)
 
 
 def _pings(pings: dict[str, float] | None) -> dict[str, float | None] | None:
     if pings is None:
         return None
-    return {_text(peer, 128): (None if math.isinf(rtt) else min(rtt, MAX_RATE)) for peer, rtt in pings.items()}
+    return {_text(peer, 128): (None if math.isinf(rtt) else min(rtt, MAX_SECONDS)) for peer, rtt in pings.items()}
 
 
 def server_counts_as_online(state: int, reachable: bool | None) -> bool:
-    """Whether a server covers its blocks: announced ONLINE and not found unreachable."""
-    return state == ServerState.ONLINE and reachable is not False
+    """Whether a server covers its blocks: announced ONLINE and reached by the monitor's ping. One not
+    checked (`reachable` None: over the ping budget) is "unknown", not online."""
+    return state == ServerState.ONLINE and reachable is True
+
+
+def display_state(state: int, reachable: bool | None) -> str:
+    """online / unknown / unreachable / joining / offline, as pages and APIs show a server."""
+    if state == ServerState.ONLINE:
+        return {True: "online", None: "unknown", False: "unreachable"}[reachable]
+    return ServerState(state).label
 
 
 def block_coverage(num_blocks: int, spans: list[tuple[int, int, float]]) -> tuple[list[int], list[float]]:
@@ -171,10 +191,10 @@ def _server_values(span: RemoteSpanInfo, ping: PingResult | None) -> dict[str, A
         "reachable": ping.reachable if ping else None,
         "error": _text(ping.error if ping else None, 300),
         "rpc_latency": ping.rtt if ping else None,
-        "throughput": _rate(info.throughput),
-        "inference_rps": _rate(info.inference_rps),
-        "forward_rps": _rate(info.forward_rps),
-        "network_rps": _rate(info.network_rps),
+        "throughput": _rate(info.throughput, MAX_THROUGHPUT),
+        "inference_rps": _rate(info.inference_rps, MAX_THROUGHPUT),  # the same rate as throughput's bound
+        "forward_rps": _rate(info.forward_rps, MAX_TOKEN_RATE),
+        "network_rps": _rate(info.network_rps, MAX_TOKEN_RATE),
         "cache_tokens_left": None if info.cache_tokens_left is None else min(info.cache_tokens_left, MAX_BIGINT),
         "version": _text(info.version, 256),
         "public_name": _text(info.public_name, 256),

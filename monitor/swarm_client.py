@@ -27,6 +27,10 @@ _dht: DHT | None = None
 _dht_peers: tuple[str, ...] = ()
 _dht_pid = 0
 _ping_cache: PingCache | None = None
+# Seconds a DHT request of the crawler may take (hivemind's default: 3). A block's value holds every server
+# announced there (about 1 MB under a flood); a slower reply counts as a failure, and hivemind then drops
+# the peer from its routing table, so that the next crawls read nothing from it ("found 0 servers").
+CRAWL_REQUEST_TIMEOUT = 20.0
 
 
 def get_dht(initial_peers: list[str]) -> DHT:
@@ -60,6 +64,7 @@ def start_dht(initial_peers: list[str], timeout: float = DHT_START_TIMEOUT) -> D
         num_workers=32,
         cache_locally=False,
         cache_nearest=0,
+        wait_timeout=CRAWL_REQUEST_TIMEOUT,
         start_timeout=timeout,
     )
     try:

@@ -6,7 +6,10 @@ Plain Python (no Django), so the crawl can run anywhere; `monitor.conf` feeds it
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
@@ -14,6 +17,23 @@ from swarm.data_structures import ModelInfo
 from swarm.names import is_private_prefix, is_valid_dht_prefix
 
 HF_URL = "https://huggingface.co/"
+# A Hugging Face model page, as servers write it into the model index (PROTOCOL.md): owner and name are
+# Hub repository ids (letters, digits, `-`, `_`, `.`; at most 96 characters); no query, fragment or sub-page.
+HF_MODEL_URL = re.compile(r"https://huggingface\.co/([A-Za-z0-9][\w.-]{0,95})/([A-Za-z0-9][\w.-]{0,95})/?", re.ASCII)
+
+
+def salted_key(salt: bytes, text: str) -> bytes:
+    """A per-crawl pseudo-random rank (a keyed hash): with a secret salt, nobody can pick a peer id or a
+    model prefix that sorts first, and a new salt each crawl rotates who comes first."""
+    return hashlib.blake2b(text.encode(), key=salt[:64], digest_size=8).digest()
+
+
+def hf_model_url(repository: str | None) -> str | None:
+    """The index's `repository` when it is a Hugging Face model URL (normalized), else None."""
+    match = HF_MODEL_URL.fullmatch(repository or "")
+    if match is None or any(".." in part or part.endswith(".") for part in match.groups()):
+        return None
+    return HF_URL + "/".join(match.groups())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,22 +119,34 @@ def _target_from_dict(entry: Any) -> ModelTarget:
 
 
 def choose_targets(
-    configured: list[ModelTarget], index: dict[str, ModelInfo], *, max_custom_models: int, max_num_blocks: int
+    configured: list[ModelTarget],
+    index: dict[str, ModelInfo],
+    *,
+    max_custom_models: int,
+    max_num_blocks: int,
+    verified: Mapping[str, int] | None = None,
+    salt: bytes = b"",
 ) -> tuple[list[ModelTarget], int]:
-    """Configured models first, then indexed ones (largest first); returns (targets, indexed models skipped).
+    """Configured models (always), then indexed ones to crawl; returns (targets, indexed models skipped).
 
-    Anyone can add to the index, so an indexed model is skipped when its size is absurd or when
-    `max_custom_models` are already listed.
+    Anyone can add to the index, so an indexed model is skipped when its prefix or size is absurd or when
+    it names no Hugging Face model (`hf_model_url`). The rest are ranked by how many servers earlier crawls
+    verified for them (`verified`, by prefix: a model real servers serve is never pushed out by strangers'
+    entries), then in the crawl's salted order (every new model gets its turn; nobody can pick a prefix
+    that sorts first), and the first `max_custom_models` are crawled. Nothing here is listed yet: the crawl
+    lists an indexed model only once a server it reached holds it (`monitor.crawl.finish_crawl`).
     """
+    verified = verified or {}
     known = {target.dht_prefix for target in configured}
     custom, skipped = [], 0
     for prefix, info in index.items():
         if prefix in known:
             continue
-        if not is_valid_dht_prefix(prefix) or is_private_prefix(prefix) or info.num_blocks > max_num_blocks:
+        repository = hf_model_url(info.repository)
+        bad = not is_valid_dht_prefix(prefix) or is_private_prefix(prefix) or info.num_blocks > max_num_blocks
+        if bad or repository is None:
             skipped += 1
             continue
-        repository = repository_url(info.repository)
         custom.append(
             ModelTarget(
                 dht_prefix=prefix,
@@ -124,6 +156,6 @@ def choose_targets(
                 official=False,
             )
         )
-    custom.sort(key=lambda target: (-target.num_blocks, target.dht_prefix))
+    custom.sort(key=lambda target: (-verified.get(target.dht_prefix, 0), salted_key(salt, target.dht_prefix)))
     skipped += max(len(custom) - max_custom_models, 0)
     return [*configured, *custom[:max_custom_models]], skipped

@@ -5,8 +5,13 @@ large model); a chord runs `crawl_part` for each on any worker and then `save_cr
 pings what is left and writes the snapshot in one transaction. More workers crawl faster. A worker
 that dies mid-crawl leaves the chord unfinished, so nothing is written.
 
-A wedged DHT must not wedge a worker: every call into it has a timeout (MONITOR_DHT_TIMEOUT), after
-which the task fails and the process starts a new DHT client for its next task; every task has soft and
+Servers and indexed models are ranked by what earlier crawls verified (`known_good`: servers that answered
+the monitor's pings in the latest MONITOR_KNOWN_GOOD_CRAWLS snapshots), never by what they announce; one
+random salt per crawl orders the rest the same way in every part of it.
+
+A wedged DHT must not wedge a worker: every call into it has a timeout (MONITOR_DHT_TIMEOUT). A read that
+times out fails the task; pings that time out leave their servers unchecked and the crawl is still saved.
+Either way the process starts a new DHT client for its next task. Every task has soft and
 hard time limits (MONITOR_TASK_SOFT_TIME_LIMIT, MONITOR_TASK_TIME_LIMIT). A worker process killed at its
 hard limit takes its DHT process and p2pd with it (swarm.dht.OwnedDHT).
 """
@@ -22,17 +27,21 @@ from typing import Any
 from celery import chord, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown
+from django.db import DatabaseError
 
 from monitor import conf, swarm_client
 from monitor.crawl import (
     DHTTimeoutError,
     FetchPart,
+    KnownGood,
     PartResult,
     discover_targets,
     fetch_part_and_ping,
     finish_crawl,
+    new_salt,
     plan_parts,
 )
+from monitor.models import ServerObservation, Snapshot
 from monitor.snapshots import prune_history as prune_snapshots
 from monitor.snapshots import write_snapshot
 from monitor.targets import ModelTarget
@@ -69,28 +78,64 @@ def _ping_cache():
     return swarm_client.ping_cache(conf.ping_cache_seconds())
 
 
+def known_good(crawls: int | None = None) -> KnownGood:
+    """Servers that answered the monitor's own pings in the latest `crawls` snapshots, and per model how
+    many distinct ones: the only servers a flood of strangers' announcements cannot push out."""
+    crawls = conf.known_good_crawls() if crawls is None else crawls
+    try:
+        recent = list(Snapshot.objects.order_by("-created_at", "-pk").values_list("pk", flat=True)[: max(crawls, 0)])
+        pairs = list(
+            ServerObservation.objects.filter(snapshot_id__in=recent, reachable=True)
+            .values_list("dht_prefix", "peer_id")
+            .distinct()
+        )
+    except DatabaseError as e:  # history only orders the crawl: without it, every server is a stranger
+        logger.warning("Crawling without the known-good servers: the history cannot be read (%s)", e)
+        pairs = []
+    peers: set[str] = set()
+    models: dict[str, int] = {}
+    for prefix, peer in pairs:
+        peers.add(peer)
+        models[prefix] = models.get(prefix, 0) + 1
+    return KnownGood(frozenset(peers), models)
+
+
+def _drop_dht_if_timed_out(timeouts: int) -> None:
+    """Pings that timed out were survived, but the DHT process may be wedged: the next task starts anew."""
+    if timeouts:
+        logger.warning("%d calls into the DHT timed out: the next task starts a new DHT client", timeouts)
+        swarm_client.shutdown()
+
+
 @_monitor_task("monitor.tasks.crawl_swarm")
 def crawl_swarm() -> str:
     """Start a crawl; returns the id of the task that will save it (its result: the snapshot's summary)."""
     started_at = time.time()
     options = conf.crawl_options()
-    targets, invalid_index, skipped = discover_targets(_dht(), conf.configured_models(), options)
+    salt = new_salt().hex()  # one per crawl, shared by its parts (Celery messages are not public)
+    targets, invalid_index, skipped = discover_targets(
+        _dht(), conf.configured_models(), options, known_good(), bytes.fromhex(salt)
+    )
     parts = plan_parts(targets, options.blocks_per_part)
     save = save_crawl.s(
         started_at=started_at,
         targets=[target.to_json() for target in targets],
         invalid_index_entries=invalid_index,
         skipped_models=skipped,
+        salt=salt,
     )
     if not parts:
         return save.delay([]).id
     logger.info("Crawling %d models in %d parts", len(targets), len(parts))
-    return chord(crawl_part.s(part.to_json()) for part in parts)(save).id
+    return chord(crawl_part.s(part.to_json(), salt=salt) for part in parts)(save).id
 
 
 @_monitor_task("monitor.tasks.crawl_part")
-def crawl_part(part: list[Any]) -> dict[str, Any]:
-    result = fetch_part_and_ping(_dht(), FetchPart.from_json(part), conf.crawl_options(), _ping_cache())
+def crawl_part(part: list[Any], salt: str = "") -> dict[str, Any]:
+    result = fetch_part_and_ping(
+        _dht(), FetchPart.from_json(part), conf.crawl_options(), _ping_cache(), known_good(), bytes.fromhex(salt)
+    )
+    _drop_dht_if_timed_out(result.dht_timeouts)
     return result.to_json()
 
 
@@ -102,6 +147,7 @@ def save_crawl(
     targets: list[dict[str, Any]],
     invalid_index_entries: int = 0,
     skipped_models: int = 0,
+    salt: str = "",
 ) -> dict[str, Any]:
     crawl = finish_crawl(
         _dht(),
@@ -111,10 +157,13 @@ def save_crawl(
         conf.initial_peers(),
         conf.crawl_options(),
         _ping_cache(),
+        known_good=known_good(),
+        salt=bytes.fromhex(salt),
         invalid_index_entries=invalid_index_entries,
         skipped_models=skipped_models,
     )
     snapshot = write_snapshot(crawl)
+    _drop_dht_if_timed_out(crawl.dht_timeouts)
     logger.info("Saved %s: %d servers in %.2f s", snapshot, snapshot.num_servers, snapshot.duration)
     return {
         "snapshot": snapshot.pk,

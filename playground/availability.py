@@ -68,13 +68,25 @@ def from_monitor(prefixes: list[str]) -> dict[str, Availability]:
     if not apps.is_installed("monitor"):
         return {}
     try:
+        from django.db.models import Count
+
         from monitor.conf import gap_seconds
-        from monitor.models import BlockCoverage, ModelStatus, Snapshot
+        from monitor.models import BlockCoverage, ModelStatus, ServerObservation, ServerState, Snapshot
 
         snapshot = Snapshot.objects.order_by("-created_at").first()
         # A snapshot the monitor itself calls stale says little about now (one home for that limit).
         if snapshot is None or time.time() - snapshot.created_at.timestamp() > gap_seconds():
             return {}
+        # Only servers the monitor reached count (its coverage counts no others): anyone can announce
+        # ONLINE servers, and a flood of them must not make a model look served.
+        verified = dict(
+            ServerObservation.objects.filter(
+                snapshot=snapshot, dht_prefix__in=prefixes, state=ServerState.ONLINE, reachable=True
+            )
+            .values("dht_prefix")
+            .annotate(servers=Count("id"))
+            .values_list("dht_prefix", "servers")
+        )
         found = {}
         for status in ModelStatus.objects.filter(snapshot=snapshot, dht_prefix__in=prefixes):
             covered = set(
@@ -82,7 +94,11 @@ def from_monitor(prefixes: list[str]) -> dict[str, Availability]:
             )
             missing = [block for block in range(status.num_blocks) if block not in covered]
             found[status.dht_prefix] = describe(
-                status.num_blocks, missing, status.num_servers, "monitor", snapshot.created_at.timestamp()
+                status.num_blocks,
+                missing,
+                verified.get(status.dht_prefix, 0),
+                "monitor",
+                snapshot.created_at.timestamp(),
             )
         return found
     except (ImportError, LookupError, AttributeError, DatabaseError) as e:

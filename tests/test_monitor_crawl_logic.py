@@ -6,10 +6,12 @@ import math
 
 from monitor.crawl import (
     FetchPart,
+    ModelCrawl,
     PartResult,
     PingCache,
     _without_bad_peer_ids,
     bootstrap_peer_ids,
+    cap_servers,
     merge_parts,
     ping_order,
     plan_parts,
@@ -45,21 +47,36 @@ def test_merge_joins_a_server_seen_in_several_parts():
         PartResult(first, {a: _implicit(a, 30, 40), b: _implicit(b, 0, 10, ServerState.JOINING)}, invalid_entries=2),
         PartResult(second, {a: _implicit(a, 40, 52), b: _implicit(b, 40, 41), c: span(c, 0, 80)}, invalid_entries=1),
     ]
-    (crawl,) = merge_parts([target], results, max_servers=100)
+    (crawl,) = merge_parts([target], results)
     assert (crawl.spans[a].start, crawl.spans[a].end) == (30, 52)
     assert crawl.spans[b].state == ServerState.ONLINE and (crawl.spans[b].start, crawl.spans[b].end) == (40, 41)
     assert (crawl.spans[c].start, crawl.spans[c].end) == (0, 80)
     assert crawl.invalid_entries == 3
 
 
-def test_merge_caps_servers_keeping_online_and_long_spans():
+def test_the_cap_keeps_what_the_monitor_verified_not_what_servers_claim():
     target = ModelTarget("m-hf", 8, "M")
-    spans = {peer(i): span(peer(i), 0, 1 + i % 8, ServerState(i % 3)) for i in range(50)}
-    (crawl,) = merge_parts([target], [PartResult(FetchPart("m-hf", 8, 0, 8), spans)], max_servers=10)
-    assert len(crawl.spans) == 10 and crawl.capped_servers == 40
-    kept = sorted(((s.state, s.length) for s in crawl.spans.values()), reverse=True)
-    dropped_best = max((s.state, s.length) for p, s in spans.items() if p not in crawl.spans)
-    assert kept[-1] >= dropped_best
+    claims = {"throughput": 1e9, "public_name": "fake"}
+    fakes = {peer(i): span(peer(i), 0, 8, **claims) for i in range(50)}
+    reached, known, failed, joining = peer("reached"), peer("known"), peer("failed"), peer("joining")
+    real = {
+        reached: span(reached, 0, 1, throughput=1.0),
+        known: span(known, 3, 4, throughput=1.0),  # seen reachable by earlier crawls, not pinged now
+        failed: span(failed, 2, 3, throughput=1.0),
+        joining: span(joining, 0, 1, ServerState.JOINING, throughput=1.0),
+    }
+    pings = {reached: PingResult(True, 0.01), failed: PingResult(False, error="down")}
+    pinged_fakes = set(list(fakes)[:10])
+    pings.update({p: PingResult(False, error="no route") for p in pinged_fakes})
+
+    crawl = ModelCrawl(target, {**fakes, **real})
+    cap_servers(crawl, 14, pings, known_good={known, joining}, salt=b"s")
+    # Reached now, then known good, then found unreachable; the 40 unchecked fakes claiming the most go.
+    assert set(crawl.spans) == {reached, known, joining, failed} | pinged_fakes
+    assert crawl.capped_servers == 40
+    crawl = ModelCrawl(target, {**fakes, **real})
+    cap_servers(crawl, 3, pings, known_good={known, joining}, salt=b"s")
+    assert set(crawl.spans) == {reached, known, joining}
 
 
 def test_part_results_survive_the_json_round_trip():
@@ -70,6 +87,7 @@ def test_part_results_survive_the_json_round_trip():
         {a: span(a, 0, 8, public_name="x", next_pings={peer("b"): math.inf, peer("c"): 0.5}, adapters=("lora",))},
         invalid_entries=4,
         pings={a: PingResult(True, 0.01), peer("b"): PingResult(False, error="down")},
+        dht_timeouts=1,
     )
     restored = PartResult.from_json(original.to_json())
     assert restored == original
@@ -94,14 +112,18 @@ def test_subkeys_that_are_not_peer_ids_are_dropped_and_counted():
     assert cleaned.invalid_entries == 3  # the blocks it appeared under
 
 
-def test_ping_order_puts_useful_online_servers_first():
-    spans = [
-        span(peer(1), 0, 2, throughput=5.0),
-        span(peer(2), 0, 8, throughput=1.0),
-        span(peer(3), 0, 8, throughput=9.0),
-        span(peer(4), 0, 8, ServerState.JOINING),
+def test_ping_order_puts_known_good_servers_first_and_ignores_claims():
+    spans = [span(peer(i), 0, 8, throughput=1e9) for i in range(20)] + [
+        span(peer("a"), 0, 1, throughput=1.0),
+        span(peer("b"), 3, 4, throughput=2.0),
+        span(peer("c"), 0, 8, ServerState.JOINING),  # not online: not pinged
     ]
-    assert [s.peer_id for s in ping_order(spans)] == [peer(3), peer(2), peer(1)]
+    first = [s.peer_id for s in ping_order(spans, {peer("a"), peer("b"), peer("c")}, b"salt one")]
+    assert set(first[:2]) == {peer("a"), peer("b")} and len(first) == 22
+    # The rest come in a salted order: another crawl's salt gives another order (every server gets its turn).
+    second = [s.peer_id for s in ping_order(spans, {peer("a"), peer("b")}, b"salt two")]
+    assert first[2:] != second[2:] and set(first[2:]) == set(second[2:])
+    assert first == [s.peer_id for s in ping_order(reversed(spans), {peer("a"), peer("b")}, b"salt one")]
 
 
 def test_ping_cache_reuses_results_until_they_expire(monkeypatch):

@@ -1,5 +1,6 @@
 """Hostile values stored straight into a real DHT: the crawl finishes, counts what it skipped or capped,
-and every page escapes what strangers wrote."""
+keeps the real server (known good from earlier crawls) over fakes that claim more, and every page escapes
+what strangers wrote."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
-from monitor.crawl import CrawlOptions, run_crawl
+from monitor.crawl import CrawlOptions, KnownGood, run_crawl
 from monitor.models import ServerObservation
-from monitor.snapshots import write_snapshot
+from monitor.snapshots import MAX_THROUGHPUT, write_snapshot
 from monitor.swarm_client import start_dht
 from monitor.targets import ModelTarget
 from swarm.names import MODELS_INDEX_KEY, block_uid
@@ -27,6 +28,7 @@ NUM_BLOCKS = 8
 FAKE_PEERS = 3000
 SCRIPT_NAME = "<script>alert('pwned')</script>"
 BAD_PEER_ID = "<img src=x onerror=alert(1)>"
+EVIL_PREFIX = "<b>evil</b>"
 OPTIONS = CrawlOptions(ping_timeout=2.0, max_pings=300, max_servers_per_model=1000, max_custom_models=20)
 
 
@@ -76,11 +78,19 @@ async def _store_hostile_in_dht(dht: DHT, node: DHTNode) -> None:
     for i, value in enumerate(_bad_values()):
         add(i % NUM_BLOCKS, _random_peer_id(rng), value)
     add(3, BAD_PEER_ID, (2, 1.0, {}))
-    for i in range(FAKE_PEERS):
-        add(i % NUM_BLOCKS, _random_peer_id(rng), (2, 1.0, {"public_name": f"fake {i}"}))
+    for i in range(FAKE_PEERS):  # claiming more than the real server: every block, a huge throughput
+        add(i % NUM_BLOCKS, _random_peer_id(rng), (2, 1e9, {"public_name": f"fake {i}"}))
     me = dht.peer_id.to_base58()
     for block in range(NUM_BLOCKS):
         add(block, me, (2, 5.0, {"start_block": 0, "end_block": NUM_BLOCKS, "public_name": SCRIPT_NAME}))
+    for block in range(2):
+        keys.append(block_uid(EVIL_PREFIX, block))
+        subkeys.append(me)
+        values.append((2, 5.0, {"start_block": 0, "end_block": 2, "public_name": SCRIPT_NAME}))
+    for i in range(30):  # indexed models that only fakes claim to serve
+        keys.append(block_uid(f"spam{i:02d}", 0))
+        subkeys.append(_random_peer_id(rng))
+        values.append((2, 1e9, {}))
     await node.store_many(keys, values, expiration, subkeys=subkeys)
 
     index = {
@@ -88,9 +98,10 @@ async def _store_hostile_in_dht(dht: DHT, node: DHTNode) -> None:
         "absurd": {"num_blocks": 10**9},  # malformed
         "bad.prefix": {"num_blocks": 4},  # malformed
         "wrong": "not a dict",  # malformed
-        "too-big": {"num_blocks": 50_000},  # valid, but beyond the monitor's bound: skipped
-        "<b>evil</b>": {"num_blocks": 2, "repository": "javascript:alert(1)"},
-        **{f"spam{i:02d}": {"num_blocks": 2, "repository": None} for i in range(30)},
+        "too-big": {"num_blocks": 50_000, "repository": "https://huggingface.co/o/big"},  # beyond the bound
+        "no-url": {"num_blocks": 2, "repository": "javascript:alert(1)"},  # not a Hugging Face model: skipped
+        EVIL_PREFIX: {"num_blocks": 2, "repository": "https://huggingface.co/evil/model"},  # the real server's
+        **{f"spam{i:02d}": {"num_blocks": 2, "repository": f"https://huggingface.co/spam/m{i}"} for i in range(30)},
     }
     await node.store_many([MODELS_INDEX_KEY] * len(index), list(index.values()), expiration, subkeys=list(index.keys()))
 
@@ -113,8 +124,10 @@ def hostile_swarm():
 
 @pytest.fixture
 def hostile_snapshot(hostile_swarm, db):
-    crawler, peers, _ = hostile_swarm
-    result = run_crawl(crawler, [ModelTarget(PREFIX, NUM_BLOCKS, "Hostile")], peers, OPTIONS)
+    crawler, peers, writer_id = hostile_swarm
+    # Earlier crawls reached the real server, on both of its models.
+    known_good = KnownGood(frozenset({writer_id}), {PREFIX: 1, EVIL_PREFIX: 1})
+    result = run_crawl(crawler, [ModelTarget(PREFIX, NUM_BLOCKS, "Hostile")], peers, OPTIONS, known_good=known_good)
     return write_snapshot(result)
 
 
@@ -123,25 +136,29 @@ def test_the_crawl_skips_caps_and_counts_hostile_entries(hostile_swarm, hostile_
     snapshot = hostile_snapshot
     assert snapshot.invalid_entries == len(_bad_values()) + 1  # + the subkey that is no peer id
     assert snapshot.invalid_index_entries == 3
-    assert snapshot.skipped_models == 1 + 11  # too big; 31 custom models over the cap of 20
+    # Too big, no Hugging Face URL, 31 candidates over the cap of 20; then the 19 spam models crawled but
+    # not listed: no server that answers holds them.
+    assert snapshot.skipped_models == 1 + 1 + 11 + 19
     assert snapshot.capped_servers == FAKE_PEERS + 1 - 1000
-    assert snapshot.unchecked_servers == 1000 - 300
-    assert snapshot.num_servers == 1000  # the 20 custom models listed have no servers
+    assert snapshot.num_servers == 1000 + 1
 
     statuses = list(snapshot.models.order_by("position"))
-    assert statuses[0].dht_prefix == PREFIX and len(statuses) == 1 + 20
-    assert statuses[1].dht_prefix == "<b>evil</b>" and statuses[1].repository.startswith("https://huggingface.co/")
+    assert [status.dht_prefix for status in statuses] == [PREFIX, EVIL_PREFIX]
+    assert statuses[1].repository == "https://huggingface.co/evil/model" and not statuses[1].official
 
-    real = ServerObservation.objects.get(snapshot=snapshot, peer_id=writer_id)
+    real = ServerObservation.objects.get(snapshot=snapshot, peer_id=writer_id, dht_prefix=PREFIX)
     assert (real.start, real.end, real.display_state) == (0, NUM_BLOCKS, "online")
     assert real.public_name == SCRIPT_NAME
-    fakes = ServerObservation.objects.filter(snapshot=snapshot).exclude(peer_id=writer_id)
-    assert fakes.filter(reachable=False).count() == 299  # pinged, and found unreachable
-    assert fakes.filter(reachable=None).count() == 700  # over the ping budget
-    # Coverage counts the real server on every block and the unchecked fakes (one block each), never the
-    # fakes found unreachable.
+    fakes = ServerObservation.objects.filter(snapshot=snapshot, dht_prefix=PREFIX).exclude(peer_id=writer_id)
+    # The known good server was pinged first; the other 299 pings went to fakes in a salted order (a few to
+    # the spam models' fakes), which were found unreachable and kept before the fakes not checked.
+    pinged = fakes.filter(reachable=False).count()
+    assert 299 - 19 <= pinged <= 299
+    assert fakes.filter(reachable=None).count() == snapshot.unchecked_servers == 999 - pinged  # unknown
+    assert fakes.filter(throughput__gt=MAX_THROUGHPUT).count() == 0  # 1e9 claimed
+    # Coverage counts only the server the monitor reached.
     coverage = statuses[0].coverage.values_list("online_servers", flat=True)
-    assert sum(coverage) == NUM_BLOCKS + 700
+    assert list(coverage) == [1] * NUM_BLOCKS
 
 
 def test_pages_and_apis_escape_what_strangers_wrote(hostile_swarm, hostile_snapshot, client):
@@ -154,7 +171,7 @@ def test_pages_and_apis_escape_what_strangers_wrote(hostile_swarm, hostile_snaps
 
     peer_page = client.get(f"/peers/{writer_id}/").content.decode()
     assert SCRIPT_NAME not in peer_page and "&lt;script&gt;" in peer_page
-    model_page = client.get("/models/%3Cb%3Eevil%3C/b%3E/")
+    model_page = client.get("/models/%3Cb%3Eevil%3C/b%3E/")  # EVIL_PREFIX
     assert model_page.status_code == 200 and b"<b>evil</b>" not in model_page.content
 
     state = client.get("/api/v1/state")

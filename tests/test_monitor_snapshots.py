@@ -14,7 +14,7 @@ from hivemind.p2p import PeerID
 
 from monitor.crawl import CrawlResult, ModelCrawl
 from monitor.models import BlockCoverage, BootstrapObservation, ModelStatus, ServerObservation, Snapshot
-from monitor.snapshots import block_coverage, prune_history, write_snapshot
+from monitor.snapshots import MAX_THROUGHPUT, block_coverage, prune_history, write_snapshot
 from monitor.targets import ModelTarget
 from swarm.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from swarm.ping import PingResult
@@ -125,15 +125,15 @@ def test_hostile_values_are_stored_safely():
         adapters=("a\x00b",),
         next_pings={peer("y"): math.inf, peer("z"): 0.01},
     )
-    pings = {hostile.peer_id: PingResult(False, error="e\x00rr" + "x" * 1000)}
+    pings = {hostile.peer_id: PingResult(False, error="e\x00rr" + "x" * 1000), peer("y"): REACHABLE}
     snapshot = write_snapshot(crawl_result({MODEL: [hostile, span(peer("y"), 0, 8, throughput=1e300)]}, pings))
     row = ServerObservation.objects.get(snapshot=snapshot, peer_id=hostile.peer_id)
     assert row.public_name == "nulbyte <script>"
-    assert row.throughput == 1e9 and row.cache_tokens_left == 2**63 - 1
+    assert row.throughput == MAX_THROUGHPUT and row.cache_tokens_left == 2**63 - 1
     assert row.adapters == ["ab"]
     assert row.next_pings == {peer("y"): None, peer("z"): 0.01}
     assert row.error.startswith("errxxx") and len(row.error) == 300
-    assert BlockCoverage.objects.get(snapshot=snapshot, block=0).throughput == 1e9  # the reachable-unknown one
+    assert BlockCoverage.objects.get(snapshot=snapshot, block=0).throughput == MAX_THROUGHPUT  # the reachable one
 
 
 def _fail_coverage_inserts() -> None:
