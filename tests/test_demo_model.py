@@ -1,8 +1,10 @@
 """The shipped demo models (swarm/demo_model/, a tiny Llama; swarm/demo_moe_model/, a tiny Mixtral) load offline,
-are small, share one tokenizer, and write English."""
+are small, share one tokenizer, and write English; the shipped draft (swarm/demo_draft_model/) shares it too and
+speculates for the Llama demo without changing its output."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,8 +12,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from config.demo_training import TOKENIZER_FILES, build_demo_model
-from swarm.demo_models import DEMO_MODEL_PATH, DEMO_MOE_MODEL_PATH
+from demos.build import build_demo_model
+from demos.corpus import TOKENIZER_FILES, encode_corpus, load_corpus
+from demos.distillation import (
+    distillation_step,
+    greedy_agreement,
+    init_from_teacher,
+    speculation_figures,
+    teacher_targets,
+    tokens_per_step,
+)
+from demos.shapes import make_model
+from demos.training import train
+from swarm.demo_models import DEMO_DRAFT_MODEL_PATH, DEMO_MODEL_PATH, DEMO_MOE_MODEL_PATH
 
 CHECKPOINTS = {"llama": DEMO_MODEL_PATH, "mixtral": DEMO_MOE_MODEL_PATH}
 
@@ -134,3 +147,121 @@ def test_build_demo_model_quick(tmp_path: Path, build_family: str) -> None:
 def test_build_rejects_an_unknown_family(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown demo family"):
         build_demo_model(tmp_path, family="gpt2", train_seconds=0)
+
+
+# The draft ---------------------------------------------------------------------------------------------------------
+
+DRAFT_LIMIT_BYTES = 3_000_000  # the issue's 3 MB, tokenizer files included
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return AutoModelForCausalLM.from_pretrained(DEMO_MODEL_PATH, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return AutoModelForCausalLM.from_pretrained(DEMO_DRAFT_MODEL_PATH, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    return AutoTokenizer.from_pretrained(DEMO_MODEL_PATH)
+
+
+def test_the_draft_is_tiny_and_shares_the_demo_tokenizer(draft) -> None:
+    files = [f for f in DEMO_DRAFT_MODEL_PATH.iterdir() if f.is_file()]
+    assert {"config.json", "model.safetensors", "generation_config.json", "training.json"} <= {f.name for f in files}
+    assert sum(f.stat().st_size for f in files) <= DRAFT_LIMIT_BYTES
+    for name in TOKENIZER_FILES:
+        if (DEMO_MODEL_PATH / name).is_file():
+            assert (DEMO_DRAFT_MODEL_PATH / name).read_bytes() == (DEMO_MODEL_PATH / name).read_bytes(), name
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_DRAFT_MODEL_PATH)
+    assert len(tokenizer) == draft.config.vocab_size == 4096
+    assert draft.config.model_type == "llama" and draft.config.tie_word_embeddings
+    assert draft.config.num_hidden_layers <= 2
+
+
+def test_the_draft_speculates_with_the_demo_special_tokens() -> None:
+    demo_config = GenerationConfig.from_pretrained(DEMO_MODEL_PATH)
+    config = GenerationConfig.from_pretrained(DEMO_DRAFT_MODEL_PATH)
+    assert (config.num_assistant_tokens, config.num_assistant_tokens_schedule) == (5, "heuristic")
+    assert config.assistant_confidence_threshold == 0  # never stop drafting early: a round trip costs more
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(config, name) == getattr(demo_config, name), name
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["The function returns the value of", "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+     "Explain the while statement.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"],
+    ids=["text", "chat"],
+)  # fmt: skip
+def test_greedy_with_the_draft_is_plain_greedy(demo, draft, demo_tokenizer, prompt) -> None:
+    ids = demo_tokenizer(prompt, return_tensors="pt", add_special_tokens="<|begin" not in prompt)["input_ids"]
+    with torch.no_grad():
+        plain = demo.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+        assisted = demo.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, assistant_model=draft
+        )
+    assert assisted.tolist() == plain.tolist()
+
+
+def test_the_shipped_draft_agrees_with_the_demo_model(demo, draft, demo_tokenizer) -> None:
+    """Distilled, not random: on held-out text the draft picks the demo's greedy token most of the time
+    (a freshly initialised model of its shape almost never does)."""
+    docs, chats = load_corpus(part="held_out")
+    held_out = encode_corpus(demo_tokenizer, docs, chats)[:1024]
+    assert greedy_agreement(draft, demo, held_out) >= 0.5
+    recorded = json.loads((DEMO_DRAFT_MODEL_PATH / "training.json").read_text())
+    assert {"parameters", "steps", "loss", "seconds", "greedy_agreement", "tokens_per_step"} <= set(recorded)
+
+
+def test_a_draft_equal_to_its_teacher_has_no_loss_and_full_agreement(demo, demo_tokenizer) -> None:
+    data = encode_corpus(demo_tokenizer, *load_corpus(max_docs=1))[:64]
+    targets = teacher_targets(demo, data, block=16, top_k=demo.config.vocab_size)  # the whole distribution
+    objective, kl, tokens = distillation_step(demo, targets, batch_size=2)(torch.Generator().manual_seed(0))
+    assert abs(kl) < 1e-4 and tokens == 32
+    figures = speculation_figures(demo, demo, [data[:8].tolist()], new_tokens=12, draft_tokens=5)
+    assert figures["generated_agreement"] == 1.0
+    assert figures["tokens_per_step"] > 3  # 6 a step but the last (an EOS may come early)
+
+
+def test_tokens_per_step_counts_accepted_runs_plus_the_correction() -> None:
+    assert tokens_per_step([True] * 12, 5) == (12, 2)  # 5 drafts + 1 own token, twice
+    assert tokens_per_step([False] * 4, 5) == (4, 4)  # every draft wrong: one token a step
+    assert tokens_per_step([True, True, False, True], 5) == (4, 2)  # 2 kept + correction, then 1 left
+
+
+def test_distillation_trains_a_draft_on_a_tiny_slice(demo, demo_tokenizer) -> None:
+    data = encode_corpus(demo_tokenizer, *load_corpus(max_docs=1))[:128]
+    targets = teacher_targets(demo, data, block=32, top_k=8)
+    assert targets.inputs.shape == (4, 32) and targets.ids.shape == targets.logprobs.shape == (4, 32, 8)
+    student = make_model(demo_tokenizer, "draft")
+    init_from_teacher(student, demo)
+    assert torch.equal(student.get_input_embeddings().weight, demo.get_output_embeddings().weight)  # tied
+    before = [p.detach().clone() for p in student.parameters()]
+    step = distillation_step(student, targets, batch_size=2, ce_weight=0.1)
+    stats = train(student, step, train_seconds=0, seed=0, log=lambda line: None)
+    assert stats["steps"] == 1 and stats["loss"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_build_a_draft_quick(tmp_path: Path) -> None:
+    logs: list[str] = []
+    build_demo_model(tmp_path, family="draft", train_seconds=1, seed=1, max_docs=2, log=logs.append)
+    assert any("parameters" in line for line in logs)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert model.config.tie_word_embeddings and model.config.vocab_size == 4096
+    assert (tmp_path / "tokenizer.json").read_bytes() == (DEMO_MODEL_PATH / "tokenizer.json").read_bytes()
+    assert GenerationConfig.from_pretrained(tmp_path).num_assistant_tokens_schedule == "heuristic"
+    assert sum(f.stat().st_size for f in tmp_path.iterdir()) <= DRAFT_LIMIT_BYTES
+
+
+def test_the_command_lives_in_the_demos_app_and_builds_drafts() -> None:
+    from django.core.management import get_commands, load_command_class
+
+    assert get_commands()["makedemomodel"] == "demos"
+    parser = load_command_class("demos", "makedemomodel").create_parser("manage.py", "makedemomodel")
+    family = next(action for action in parser._actions if "--family" in action.option_strings)
+    assert set(family.choices) == {"llama", "mixtral", "draft"}

@@ -77,7 +77,7 @@ def test_the_wheel_holds_the_engine_and_its_demo_models_but_not_the_site(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}
     assert tops == {"swarm", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
-    for model in ("demo_model", "demo_moe_model"):
+    for model in ("demo_model", "demo_moe_model", "demo_draft_model"):
         for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             assert f"swarm/{model}/{file}" in names
     assert {"swarm/cli/run_server.py", "swarm/cli/run_dht.py", "swarm/server/server.py"} <= set(names)

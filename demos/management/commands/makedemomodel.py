@@ -4,24 +4,32 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from config.demo_training import DEFAULT_OUTPUT, FAMILIES, build_demo_model
+from demos.build import DEFAULT_OUTPUT, build_demo_model
+from demos.shapes import FAMILIES
 
 
 class Command(BaseCommand):
-    help = "Train a tiny demo model on CPU and save it (Llama: swarm/demo_model/, Mixtral: swarm/demo_moe_model/)."
+    help = (
+        "Train a tiny demo model on CPU and save it (Llama: swarm/demo_model/, Mixtral: swarm/demo_moe_model/,"
+        " draft: swarm/demo_draft_model/)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--family",
             choices=FAMILIES,
             default="llama",
-            help="llama: dense, trains the shared tokenizer; mixtral: sparse MoE, reuses the Llama demo's tokenizer.",
+            help="llama: dense, trains the shared tokenizer; mixtral: sparse MoE, reuses the Llama demo's tokenizer;"
+            " draft: a 3 MB assistant for speculative decoding, distilled from the Llama demo.",
         )
         parser.add_argument(
             "--output", type=Path, default=None, help="Folder to write the model to (default: the family's own)."
         )
         parser.add_argument(
-            "--train-seconds", type=float, default=300.0, help="Wall-clock training budget (default 300)."
+            "--train-seconds",
+            type=float,
+            default=300.0,
+            help="Wall-clock training budget (default 300; the draft first spends a few minutes on the teacher).",
         )
         parser.add_argument("--seed", type=int, default=0, help="Seed for initialisation and data order.")
 
