@@ -16,7 +16,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from config.env import envbool, envfloat, envint, envlist, envstr
 from monitor import conf as monitor_conf  # the monitor's defaults (it reads settings only when called)
-from swarm.demo_models import DEMO_MODEL_PATH, DEMO_MOE_MODEL_PATH
+from swarm.demo_models import DEMO_DRAFT_MODEL_PATH, DEMO_MODEL_PATH, DEMO_MOE_MODEL_PATH
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(envstr("VAR_DIR", str(BASE_DIR / "var")))
@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "config",
+    "demos",
     "monitor",
     "playground",
 ]
@@ -165,6 +166,8 @@ SWARM_INITIAL_PEERS = envlist("SWARM_INITIAL_PEERS") or (
 )
 SWARM_DEMO_MODEL = envstr("SWARM_DEMO_MODEL", str(DEMO_MODEL_PATH))  # tiny Llama the demo serves
 SWARM_DEMO_MOE_MODEL = envstr("SWARM_DEMO_MOE_MODEL", str(DEMO_MOE_MODEL_PATH))  # tiny Mixtral (sparse MoE) beside it
+# The Llama demo's draft for speculative decoding ("" turns it off).
+SWARM_DEMO_DRAFT_MODEL = envstr("SWARM_DEMO_DRAFT_MODEL", str(DEMO_DRAFT_MODEL_PATH))
 SWARM_HEALTH_URL = envstr("SWARM_HEALTH_URL")
 SWARM_USE_RELAY = envbool("SWARM_USE_RELAY", True)  # the site dials servers behind NAT through their relays
 SWARM_REQUEST_TIMEOUT = envfloat("SWARM_REQUEST_TIMEOUT", 30.0)
@@ -177,7 +180,7 @@ SWARM_ANNOUNCE_MADDRS = envlist("SWARM_ANNOUNCE_MADDRS")
 import json  # noqa: E402
 
 PLAYGROUND_MODELS = json.loads(envstr("PLAYGROUND_MODELS") or "null") or {
-    "demo": {"path": SWARM_DEMO_MODEL, "display_name": "Demo (tiny Llama, 8 blocks)"},
+    "demo": {"path": SWARM_DEMO_MODEL, "display_name": "Demo (tiny Llama, 8 blocks)", "draft": SWARM_DEMO_DRAFT_MODEL},
     "demo-moe": {"path": SWARM_DEMO_MOE_MODEL, "display_name": "Demo MoE (tiny Mixtral, 8 blocks)"},
 }
 PLAYGROUND_MAX_LENGTH = envint("PLAYGROUND_MAX_LENGTH", 2048)  # tokens in one session (all turns)

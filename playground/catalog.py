@@ -14,7 +14,10 @@ Each entry maps a model name (what clients send as `model`) to:
                    "repetition_penalty": 1.1, "max_new_tokens": 256},
       "max_length": 2048,                              # session length cap for this model (tokens)
       "client": {"request_timeout": 30},               # swarm.client.config.ClientConfig overrides
-      "adapter": null                                  # a LoRA adapter the swarm serves (its announced name)
+      "adapter": null,                                 # a LoRA adapter the swarm serves (its announced name)
+      "draft": null                                    # a small local model with the same tokenizer: replies
+                                                       # are drafted by it and verified by the swarm several
+                                                       # tokens per round trip (speculative decoding)
     }
 """
 
@@ -65,6 +68,7 @@ class ChatModelSpec:
     max_length: int = 2048
     client: dict[str, Any] = dataclasses.field(default_factory=dict)
     adapter: str | None = None  # the client's active_adapter: only servers announcing it are used
+    draft: str | None = None  # path of a local draft model for speculative decoding
 
     @property
     def peers(self) -> list[str]:
@@ -118,7 +122,7 @@ def _parse_entry(name: str, entry: Any) -> ChatModelSpec:
     max_length = entry.get("max_length", 2048)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError("'max_length' must be a positive integer")
-    for key in ("display_name", "dht_prefix", "chat_template", "adapter"):
+    for key in ("display_name", "dht_prefix", "chat_template", "adapter", "draft"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise ValueError(f"'{key}' must be a string")
     return ChatModelSpec(
@@ -133,6 +137,7 @@ def _parse_entry(name: str, entry: Any) -> ChatModelSpec:
         max_length=max_length,
         client=dict(client),
         adapter=entry.get("adapter") or None,
+        draft=entry.get("draft") or None,
     )
 
 

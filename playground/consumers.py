@@ -7,7 +7,7 @@ sends only the new tokens. Extensions: `{"type": "stop"}` ends the reply being g
 `open_inference_session` may carry the `system_prompt` and the `history` of a chat the browser
 kept (too long for the session, its oldest exchanges are left out and the answer says how many
 messages: `dropped_messages`), and the last message of a reply also carries `stop_reason`,
-`tokens_per_second`, `route` (peer ids, public names and block spans) and `tokens_sent`. A socket
+`tokens_per_second`, `route` (peer ids, public names and block spans), `tokens_sent` and `round_trips`. A socket
 idle for PLAYGROUND_IDLE_TIMEOUT is closed with code 4000, which is no error.
 
 Replies run in their own task, so that `stop` is read while tokens stream; every error is
@@ -189,5 +189,6 @@ def _reply_message(chunk: ReplyChunk, text: str, token_count: int) -> dict[str, 
             tokens_per_second=chunk.tokens_per_second,
             route=chunk.route,
             tokens_sent=chunk.tokens_sent,
+            round_trips=chunk.round_trips,
         )
     return message

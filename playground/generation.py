@@ -62,6 +62,7 @@ class ReplyChunk:
     tokens_per_second: float | None = None
     route: list[dict[str, Any]] | None = None
     tokens_sent: int | None = None  # token positions this reply sent to the servers
+    round_trips: int | None = None  # steps through the swarm after the prompt's (fewer than tokens with a draft)
 
 
 # The share of a session a resumed chat leaves free for the next exchange (its oldest exchanges go first).
@@ -208,8 +209,10 @@ class Conversation:
                 generation_config=_generation_config(self.chat, options, budget),
                 streamer=stream,
                 stopping_criteria=StoppingCriteriaList([stream]),
+                **({"assistant_model": self.chat.draft} if self.chat.draft is not None else {}),
             )
-            ids = output[0].tolist()
+            # A step may bring several tokens (a draft's): the reply ends where the stream ended it.
+            ids = output[0].tolist()[: len(prompt) + stream.count]
             if stream.continued and options.continuation_token is not None:
                 ids[-1] = options.continuation_token
             self.ids = ids
@@ -308,6 +311,7 @@ class _ReplyStream(BaseStreamer, StoppingCriteria):
         self.eos = chat.eos_token_ids
         self.prompt_seen = False
         self.count = 0
+        self.round_trips = 0
         self.held = 0  # tokens whose text is not posted yet
         self.done = False
         self.continued = False
@@ -317,12 +321,17 @@ class _ReplyStream(BaseStreamer, StoppingCriteria):
 
     # BaseStreamer
     def put(self, value: torch.Tensor) -> None:
+        """Called once per step with its new tokens (several when a draft's tokens were accepted)."""
         if not self.prompt_seen:  # generate() first streams the prompt
             self.prompt_seen = True
             return
-        if self.done:
-            return
-        token = int(value.flatten()[0])
+        self.round_trips += 1
+        for token in value.flatten().tolist():
+            if self.done:
+                return
+            self._token(int(token))
+
+    def _token(self, token: int) -> None:
         self.count += 1
         self.held += 1
         now = time.perf_counter()
@@ -381,6 +390,7 @@ class _ReplyStream(BaseStreamer, StoppingCriteria):
                 tokens_per_second=round(speed, 2),
                 route=_route(self.chat, self.session.route),
                 tokens_sent=self.session.tokens_sent - self.sent_before,
+                round_trips=self.round_trips,
             )
         )
         self.held = 0

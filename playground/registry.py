@@ -31,6 +31,7 @@ class ChatModel:
     model: Any  # swarm.client.model.DistributedModelForCausalLM
     tokenizer: Any
     chat_format: ChatFormat
+    draft: Any = None  # a local draft model (speculative decoding), or None
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -167,7 +168,11 @@ class ModelRegistry:
             logger.exception("Could not load chat model %s", spec.name)
             raise SwarmUnavailable(f"model {spec.name!r} could not be loaded right now; try again later") from e
         return ChatModel(
-            spec=spec, model=model, tokenizer=self.tokenizer(spec.name), chat_format=self.chat_format(spec.name)
+            spec=spec,
+            model=model,
+            tokenizer=self.tokenizer(spec.name),
+            chat_format=self.chat_format(spec.name),
+            draft=_load_draft(spec),
         )
 
     def shutdown(self) -> None:
@@ -183,6 +188,20 @@ class ModelRegistry:
                 logger.warning("Stopping the client of %s failed", chat.spec.name, exc_info=True)
         for dht in dhts:
             dht.shutdown()
+
+
+def _load_draft(spec: ChatModelSpec) -> Any:
+    """The model's draft for speculative decoding; without one (or if it cannot load) replies are not drafted."""
+    if not spec.draft:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(spec.draft, dtype=torch.float32).eval()
+    except Exception:
+        logger.warning("Could not load the draft model %s of %s: replies go token by token", spec.draft, spec.name)
+        return None
 
 
 registry = ModelRegistry()

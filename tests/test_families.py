@@ -310,6 +310,19 @@ def test_input_gradients_match_local(model, local_model) -> None:
     torch.testing.assert_close(input_gradient(model, weights), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("draft", ["prompt_lookup", "always_wrong"])
+def test_speculative_greedy_matches_local(model, local_model, draft) -> None:
+    """Drafted tokens verified in one step and rolled back where rejected (tests/test_speculative.py): the
+    servers' caches of every family end up holding exactly the kept tokens."""
+    from tests.test_speculative import always_wrong
+
+    options = (
+        {"prompt_lookup_num_tokens": 3} if draft == "prompt_lookup" else {"assistant_model": always_wrong(local_model)}
+    )
+    prompt = torch.cat([PROMPT, PROMPT], dim=1)  # repeats, so that prompt lookup finds something to propose
+    assert greedy(model, prompt, **options).tolist() == greedy(local_model, prompt).tolist()
+
+
 def test_two_turn_session_matches_local(model, local_model) -> None:
     """The second turn reuses the servers' caches (past the sliding window) and still equals a fresh local run."""
     with model.inference_session(max_length=128) as session:

@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 
 from playground.client import PlaygroundClient
 from swarm import AutoDistributedModelForCausalLM
+from swarm.demo_models import DEMO_DRAFT_MODEL_PATH
 from swarm.local_swarm import LocalSwarm, SwarmProcess, free_port
 from tests.conftest import DEMO_MODEL, ROOT, unavailable
 
@@ -36,7 +37,8 @@ STEP_TIMEOUT = 10  # the site's PLAYGROUND_STEP_TIMEOUT in these tests
 SESSIONS_PER_CLIENT = 3
 # A second model that no server holds (its own DHT prefix), for the errors users see then.
 MODELS = {
-    "demo": {"path": DEMO_MODEL, "display_name": "Demo (tiny Llama, 8 blocks)"},
+    # With the shipped draft, as the site's default catalog: every reply below is drafted and verified.
+    "demo": {"path": DEMO_MODEL, "display_name": "Demo (tiny Llama, 8 blocks)", "draft": str(DEMO_DRAFT_MODEL_PATH)},
     "ghost": {
         "path": DEMO_MODEL,
         "display_name": "Ghost",
@@ -169,6 +171,7 @@ def test_streamed_greedy_text_equals_the_clients_own_generate(site, reference, t
     final = messages[-1]
     assert sum(m["token_count"] for m in messages) == final["reply_tokens"] <= 24
     assert final["tokens_per_second"] > 0
+    assert 0 < final["round_trips"] < final["reply_tokens"]  # the draft's tokens verified several at a time
     assert [(span["start"], span["end"]) for span in final["route"]] == [(0, 8)]
     assert final["route"][0]["peer_id"] in servers_by_peer(swarm)
 
@@ -196,10 +199,12 @@ def test_follow_up_turn_sends_only_new_tokens(site, reference, tokenizer):
 
     one, two = run(scenario())
     assert len(one) == 1 and one[0]["outputs"] == tokenizer.decode(first_reply) and one[0]["stop"]
-    assert one[0]["tokens_sent"] == len(first_ids) + 10 - 1  # the last token was sampled, not sent yet
+    # The last token was sampled, not sent yet; drafted tokens the model rejected were sent too (and rolled back).
+    assert one[0]["tokens_sent"] >= len(first_ids) + 10 - 1
     assert "".join(m["outputs"] for m in two) == expected
-    # The servers kept the first turn: only its last token, the new turn and the new reply were sent.
-    assert two[-1]["tokens_sent"] == 1 + len(second_ids) + two[-1]["reply_tokens"] - 1
+    # The servers kept the first turn: only its last token, the new turn and the new reply (with its rejected
+    # drafts) were sent.
+    assert two[-1]["tokens_sent"] >= 1 + len(second_ids) + two[-1]["reply_tokens"] - 1
     assert two[-1]["tokens_sent"] < len(conversation)
 
 

@@ -379,6 +379,9 @@
     line.className = "meta";
     const parts = [`${meta.reply_tokens} tokens`];
     if (meta.tokens_per_second != null) parts.push(`${Number(meta.tokens_per_second).toFixed(1)} tokens/s`);
+    if (meta.round_trips > 0 && meta.reply_tokens > meta.round_trips) {
+      parts.push(`${(meta.reply_tokens / meta.round_trips).toFixed(1)} tokens per round trip`); // a draft's tokens accepted
+    }
     if (meta.stop_reason === "cancelled") parts.push("stopped");
     if (meta.stop_reason === "length") parts.push("length limit");
     line.append(parts.join(" · "));
@@ -483,7 +486,7 @@
     if (message.stop) {
       const meta = {
         reply_tokens: message.reply_tokens, tokens_per_second: message.tokens_per_second,
-        stop_reason: message.stop_reason, route: message.route,
+        stop_reason: message.stop_reason, route: message.route, round_trips: message.round_trips,
       };
       finishReply(message.stop_reason === "cancelled" ? "stopped" : "done", meta);
     }

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from hivemind import DHT
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PretrainedConfig
+from transformers import Cache, GenerationConfig, GenerationMixin, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swarm.client.distributed import DistributedPreTrainedModel, load_distributed_model
@@ -84,6 +84,8 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        if input_ids is not None and logits_to_keep > input_ids.shape[1]:
+            input_ids = _resend_for_logits(self._active_session, input_ids, logits_to_keep)
         hidden = self.transformer(input_ids, inputs_embeds, attention_mask, prompts)
         logits = softcap(self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden), self.logit_softcap)
         loss = None
@@ -93,8 +95,12 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
+        session = self._active_session
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=(hidden,) if output_hidden_states else None
+            loss=loss,
+            logits=logits,
+            hidden_states=(hidden,) if output_hidden_states else None,
+            cache=SwarmCache(session) if session is not None else None,
         )
 
     # ----- generation -----
@@ -128,9 +134,11 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
     def _generation_max_length(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> int:
         config = kwargs.get("generation_config") or self.generation_config
         new_tokens = kwargs.get("max_new_tokens") or config.max_new_tokens
-        if new_tokens is not None:
-            return input_ids.shape[1] + new_tokens
-        return kwargs.get("max_length") or config.max_length
+        length = (
+            input_ids.shape[1] + new_tokens if new_tokens is not None else kwargs.get("max_length") or config.max_length
+        )
+        # Prompt lookup may verify its k drafted tokens past the last one kept (transformers drops the excess).
+        return length + (kwargs.get("prompt_lookup_num_tokens") or getattr(config, "prompt_lookup_num_tokens", 0) or 0)
 
     def _reorder_cache(self, cache: Any, beam_idx: torch.Tensor) -> Any:
         """Beam search (transformers calls this after each step): row i continues beam beam_idx[i].
@@ -142,6 +150,46 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         if session is not None:
             session.reorder(beam_idx)
         return cache
+
+
+class SwarmCache(Cache):
+    """transformers' handle on the servers' caches of a session.
+
+    Assisted generation (`assistant_model=`, `prompt_lookup_num_tokens=`) verifies k drafted tokens in one step,
+    then crops the tokens it rejected: the session forgets them, and its next step tells every server to start
+    from the position kept (`start_from_position`), in the same round trip as the next verification.
+    """
+
+    def __init__(self, session: InferenceSession):
+        super().__init__(layers=[])
+        self.session = session
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop() takes the negative number of tokens to remove")
+        self.session.rewind_tokens(self.session.token_position + tokens_to_remove)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.token_position
+
+
+def _resend_for_logits(session: InferenceSession | None, input_ids: torch.Tensor, logits: int) -> torch.Tensor:
+    """Assisted generation wants logits for the positions before its drafted tokens too; when the servers hold
+    those positions already (a session reused across generate() calls), they are rolled back and sent again,
+    in the same step."""
+    missing = logits - input_ids.shape[1]
+    if session is None or session.token_ids is None:
+        return input_ids
+    missing = min(missing, session.token_position, session.token_ids.shape[1])
+    if missing <= 0:
+        return input_ids
+    held = session.token_ids[:, session.token_position - missing : session.token_position]
+    session.rewind_tokens(session.token_position - missing)
+    return torch.cat([held.to(input_ids.device), input_ids], dim=1)
 
 
 def _align_session(session: InferenceSession, input_ids: torch.Tensor) -> None:
