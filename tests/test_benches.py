@@ -28,11 +28,38 @@ BENCHES = {
     ),
     "bench_generate.py": (["--tokens", "4", "--rounds", "1"], ["ratio_1server", "ratio_2servers"]),
     "bench_train.py": (["--rounds", "1", "--steps", "3", "--tokens", "16"], ["ratio_train_step"]),
-    "bench_wan.py": (["--tokens", "4", "--rounds", "1"], ["ratio_wan_limit", "push_over_relay"]),
+    "bench_wan.py": (
+        ["--speculative", "--tokens", "8", "--rounds", "1"],
+        [
+            "ratio_wan_limit",
+            "push_over_relay",
+            "floor_ms_per_token",
+            "floor_ratio",
+            "speculative_speedup",
+            "accepted_per_step",
+            "tokens_per_round_trip",
+            "speculative_speedup_no_delay",
+            "exact_outputs",
+        ],
+    ),
     "bench_relay.py": (["--tokens", "4", "--rounds", "1"], ["relay_over_direct"]),
     "bench_crawl.py": (
         ["--servers", "50", "--blocks", "8", "--repeats", "1"],
         ["crawl_seconds_50", "naive_over_crawl", "status_page_ms_50"],
+    ),
+    # Tiny shapes: the Llama and Mixtral checkpoints, servers and every kind of figure, in seconds of compute.
+    "bench_real_shape.py": (
+        ["--hidden", "256", "--intermediate", "512", "--quick", "--modes", "float32", "nf4", "--long-dtype", "float32"],
+        [
+            "ratio_1server",
+            "server_ratio_16_short",
+            "server_ratio_16_long",
+            "steps_per_batch_16_long",
+            "memory_overhead_pct_float32",
+            "memory_overhead_pct_nf4",
+            "load_gb_per_s",
+            "ratio_1server_mixtral",
+        ],
     ),
     "bench_stream.py": (
         ["--tokens", "4", "--rounds", "1", "--sockets", "2", "--chat-tokens", "4"],
