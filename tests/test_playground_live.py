@@ -487,7 +487,10 @@ def test_chat_page_streams_stops_and_continues(site):
             )
             second = page.locator(".message.assistant").last
             meta = second.locator(".meta").inner_text()
-            assert re.search(r"\d+ tokens · [\d.]+ tokens/s( · length limit)? · route: \S+ blocks 0:8", meta), meta
+            # (with the draft, the tokens it brought per round trip)
+            drafted = r"( · [\d.]+ tokens per round trip)?"
+            pattern = rf"\d+ tokens · [\d.]+ tokens/s{drafted}( · length limit)? · route: \S+ blocks 0:8"
+            assert re.search(pattern, meta), meta
             assert len(second.locator(".text").inner_text()) > 0
             assert page.locator(".message.user").count() == 2
 
