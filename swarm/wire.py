@@ -135,9 +135,8 @@ _FLOATING_DTYPES = ("float16", "float32", "float64")
 
 
 def _allowed_buffer_sizes(compression: int, dtype: str, shape: list[int], numel: int) -> tuple[int, ...]:
-    name = _compression_name(compression)
     if compression not in (_NONE, _FLOAT16, _MEANSTD_16BIT):
-        raise BadRequest(f"compression {name} is not accepted")
+        raise BadRequest(f"compression {_compression_name(compression)} is not accepted")
     if compression == _NONE and dtype in _PLAIN_DTYPES:
         return (numel * _PLAIN_DTYPES[dtype].itemsize,)
     if compression == _NONE and dtype == "bfloat16":
@@ -149,7 +148,7 @@ def _allowed_buffer_sizes(compression: int, dtype: str, shape: list[int], numel:
             return (numel * 2,)
         if shape:  # float16 values, then a float32 mean and std per row of the last dimension
             return (numel * 2 + 2 * 4 * math.prod(shape[:-1]),)
-    raise BadRequest(f"a {dtype[:32]!r} tensor with compression {name} is not accepted")
+    raise BadRequest(f"a {dtype[:32]!r} tensor with compression {_compression_name(compression)} is not accepted")
 
 
 def _compression_name(compression: int) -> str:

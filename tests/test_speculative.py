@@ -20,6 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 from swarm import AutoDistributedModelForCausalLM
 from swarm.demo_models import DEMO_DRAFT_MODEL_PATH
 from tests.conftest import DEMO_MODEL, start_swarm
+from tests.test_fault_tolerance import KillAfter
 
 pytestmark = pytest.mark.integration
 
@@ -164,29 +165,11 @@ def test_speculative_sampling_follows_the_target_distribution(model, local, inpu
     assert math.isfinite(chi_square) and chi_square < CHI_SQUARE_BOUND, (counts, probabilities)
 
 
-class KillAfter(BaseStreamer):
-    """Kills the server holding the session's first span after `rounds` verification steps."""
-
-    def __init__(self, rounds: int, session, processes_by_peer):
-        self.rounds, self.session, self.processes_by_peer = rounds, session, processes_by_peer
-        self.seen = 0
-        self.killed: str | None = None
-
-    def put(self, value):
-        self.seen += 1
-        if self.seen == self.rounds + 1 and self.killed is None:
-            self.killed = self.session.route[0].peer_id
-            self.processes_by_peer[self.killed].kill()
-
-    def end(self):
-        pass
-
-
 def test_a_server_killed_mid_speculation_is_replaced_exactly(swarm, model, local, inputs, expected):
     """Last in this module (it kills a server): the replacement replays the kept tokens only."""
     by_peer = {process.peer_id: process for process in swarm.processes if process.peer_id}
     with model.inference_session(max_length=inputs.shape[1] + NEW_TOKENS) as session:
-        killer = KillAfter(3, session, by_peer)
+        killer = KillAfter(1 + 3, session, by_peer)  # the prompt's put, then 3 verification steps
         output = greedy(model, inputs, assistant_model=always_wrong(local), session=session, streamer=killer)
         assert killer.killed is not None and killer.killed not in {span.peer_id for span in session.route}
     assert output.tolist() == expected

@@ -155,6 +155,15 @@ class SpanBackend:
         self.dtype, self.device = dtype, device
         self.hidden_size: int = config.hidden_size  # read on every request; config attributes are slow
         self.cache_layout = span_cache_layout(family, config, start, end)
+        # What stacked_step_bytes needs, read once (the batcher asks for every queued step): bytes per element,
+        # attention heads, activation width per token, cached bytes per token of one layer.
+        element = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+        self._step_shape = (
+            element,
+            getattr(config, "num_attention_heads", 1) or 1,
+            self.hidden_size + (getattr(config, "intermediate_size", None) or 4 * self.hidden_size),
+            self.cache_layout.bytes_per_token(element),
+        )
         self.attention = [family.layer_attention(config, index) for index in range(start, end)]
         self._additive_masks = family.attn_implementation(config) == "eager"
         # Stacked sessions attend each over its own cache where the layers call transformers' attention interface.
@@ -190,14 +199,10 @@ class SpanBackend:
     def stacked_step_bytes(self, rows: int, length: int, kv_length: int) -> int:
         """Roughly the temporary bytes of one stacked step: one layer's attention scores and masks (with padded
         copies, every row's cache padded to `kv_length`, refilled layer after layer) and MLP activations."""
-        element = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
-        heads = getattr(self.config, "num_attention_heads", 1) or 1
+        element, heads, width, kv_bytes = self._step_shape
         scores = (heads + 1) * length * kv_length * element  # one row's scores and mask
-        if self.per_session_attention:  # sessions attend one after another, each over its own cache
-            attention = scores
-        else:
-            attention = rows * (kv_length * self.cache_layout.bytes_per_token(element) + scores)
-        width = self.hidden_size + (getattr(self.config, "intermediate_size", None) or 4 * self.hidden_size)
+        # Sessions attending each over its own cache do so one after another; padded copies are made for all rows.
+        attention = scores if self.per_session_attention else rows * (kv_length * kv_bytes + scores)
         return attention + rows * length * width * element
 
     def new_cache(self, first_block: int, num_blocks: int, batch_size: int, max_length: int) -> SessionKVCache:
