@@ -29,6 +29,11 @@ def block_ranges(blocks: Iterable[int]) -> str:
     return ", ".join(block_range(start, end) for start, end in runs)
 
 
+def shorten(text: str, limit: int) -> str:
+    """Text cut to `limit` characters, the last one an ellipsis where it was cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def utc_time(moment: dt.datetime | float | int | None) -> str:
     """A datetime (naive means UTC) or a unix time → '2025-01-31 12:34:56 UTC'; '' for None."""
     if moment is None:

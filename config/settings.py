@@ -106,6 +106,14 @@ else:
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_RESULT_EXPIRES = envint("CELERY_RESULT_EXPIRES", 3600)  # seconds a task's result is kept
+# Shared by every process of the site (the crawl lock, monitor/tasks.py): Redis, or a folder beside the
+# embedded broker's (all those processes run on one machine).
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    if REDIS_URL
+    else {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": str(VAR_DIR / "cache")}
+}
 
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
@@ -171,7 +179,6 @@ SWARM_DEMO_DRAFT_MODEL = envstr("SWARM_DEMO_DRAFT_MODEL", str(DEMO_DRAFT_MODEL_P
 SWARM_HEALTH_URL = envstr("SWARM_HEALTH_URL")
 SWARM_USE_RELAY = envbool("SWARM_USE_RELAY", True)  # the site dials servers behind NAT through their relays
 SWARM_REQUEST_TIMEOUT = envfloat("SWARM_REQUEST_TIMEOUT", 30.0)
-SWARM_MAX_LENGTH = envint("SWARM_MAX_LENGTH", 4096)
 SWARM_HOST_MADDRS = envlist("SWARM_HOST_MADDRS", ["/ip4/0.0.0.0/tcp/0"])
 SWARM_ANNOUNCE_MADDRS = envlist("SWARM_ANNOUNCE_MADDRS")
 
@@ -211,12 +218,18 @@ MONITOR_TASK_TIME_LIMIT = envint("MONITOR_TASK_TIME_LIMIT", monitor_conf.TASK_TI
 MONITOR_BLOCKS_PER_TASK = envint("MONITOR_BLOCKS_PER_TASK", monitor_conf.BLOCKS_PER_TASK)
 MONITOR_PING_PARALLEL = envint("MONITOR_PING_PARALLEL", monitor_conf.PING_PARALLEL)
 MONITOR_MAX_PINGS = envint("MONITOR_MAX_PINGS", monitor_conf.MAX_PINGS)
+MONITOR_PING_BUDGET = envfloat("MONITOR_PING_BUDGET", monitor_conf.PING_BUDGET)  # seconds for a crawl's pings
+MONITOR_KNOWN_GOOD_CRAWLS = envint("MONITOR_KNOWN_GOOD_CRAWLS", monitor_conf.KNOWN_GOOD_CRAWLS)
 MONITOR_MAX_CUSTOM_MODELS = envint("MONITOR_MAX_CUSTOM_MODELS", monitor_conf.MAX_CUSTOM_MODELS)
 MONITOR_MAX_NUM_BLOCKS = envint("MONITOR_MAX_NUM_BLOCKS", monitor_conf.MAX_NUM_BLOCKS)
 MONITOR_MAX_SERVERS_PER_MODEL = envint("MONITOR_MAX_SERVERS_PER_MODEL", monitor_conf.MAX_SERVERS_PER_MODEL)
 MONITOR_PUBLIC_NAME_MIN_BLOCKS = envint("MONITOR_PUBLIC_NAME_MIN_BLOCKS", monitor_conf.PUBLIC_NAME_MIN_BLOCKS)
 MONITOR_PUSH_POLL_SECONDS = envfloat("MONITOR_PUSH_POLL_SECONDS", monitor_conf.PUSH_POLL_SECONDS)
 MONITOR_GAP_PERIODS = envfloat("MONITOR_GAP_PERIODS", monitor_conf.GAP_PERIODS)
+MONITOR_PAGE_SERVERS_PER_MODEL = envint("MONITOR_PAGE_SERVERS_PER_MODEL", monitor_conf.PAGE_SERVERS_PER_MODEL)
+MONITOR_WS_PER_IP = envint("MONITOR_WS_PER_IP", monitor_conf.WS_PER_IP)  # status-page sockets per client
+MONITOR_WS_TOTAL = envint("MONITOR_WS_TOTAL", monitor_conf.WS_TOTAL)  # and in all, per web process
+MONITOR_REFRESH_JITTER = envfloat("MONITOR_REFRESH_JITTER", monitor_conf.REFRESH_JITTER)  # seconds
 CELERY_BEAT_SCHEDULE = {
     **globals().get("CELERY_BEAT_SCHEDULE", {}),
     "monitor-crawl": {

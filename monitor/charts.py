@@ -11,8 +11,14 @@ import html
 import math
 from typing import Any
 
-STATE_COLORS = {"online": "#2e9d5b", "joining": "#d49b1c", "unreachable": "#d0413f", "offline": "#a0a6b3"}
-STATE_LEVELS = {"offline": 0, "unreachable": 1, "joining": 2, "online": 3}
+STATE_COLORS = {
+    "online": "#2e9d5b",
+    "unknown": "#8fcfaa",  # announced online, not pinged (monitor.states.display_state)
+    "joining": "#d49b1c",
+    "unreachable": "#d0413f",
+    "offline": "#a0a6b3",
+}
+STATE_LEVELS = {"offline": 0, "unreachable": 1, "joining": 2, "unknown": 3, "online": 4}
 FONT = {"family": "system-ui, -apple-system, Segoe UI, sans-serif", "size": 12}
 MIN_TIME_SPAN = dt.timedelta(minutes=10)  # a time axis spans at least this, so ticks never go sub-second
 HOVER_TIME = "%{x|%Y-%m-%d %H:%M:%S} UTC"  # the site's time format (config/formatting.py)
@@ -268,7 +274,7 @@ def peer_figures(history: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "layout": _layout(
                 "State over time",
                 xaxis=xaxis,
-                yaxis={"tickvals": list(STATE_LEVELS.values()), "ticktext": list(STATE_LEVELS), "range": [-0.5, 3.5]},
+                yaxis={"tickvals": list(STATE_LEVELS.values()), "ticktext": list(STATE_LEVELS), "range": [-0.5, 4.5]},
                 height=260,
                 margin={"l": 84, "r": 12, "t": 40, "b": 44},
                 showlegend=False,

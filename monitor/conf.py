@@ -20,14 +20,22 @@ the monitor: crawl, tasks, views and APIs import this module, never the other wa
 - MONITOR_KNOWN_GOOD_CRAWLS (10): a server that answered the monitor's ping in any of this many latest
   crawls is "known good": pinged first, kept first under the per-model cap, and it ranks its model
   among the indexed ones
-- MONITOR_MAX_CUSTOM_MODELS (20), MONITOR_MAX_NUM_BLOCKS (1000): bounds on models taken from the index
-- MONITOR_MAX_SERVERS_PER_MODEL (5000): servers stored per model and crawl; the rest are counted
+- MONITOR_MAX_CUSTOM_MODELS (10), MONITOR_MAX_NUM_BLOCKS (1000): bounds on models taken from the index
+- MONITOR_MAX_SERVERS_PER_MODEL (2000): servers stored per model and crawl; the rest are counted. With
+  the model caps this bounds one crawl's rows: (configured + custom models) x 2000, e.g. 24,000 for the
+  2 demo models and 10 indexed ones (bench/bench_crawl.py --servers 20000 --models 10 keeps every server)
 - MONITOR_PUBLIC_NAME_MIN_BLOCKS (10): a server's public name shows if it holds this many blocks
   (or half the model)
 - MONITOR_PUSH_POLL_SECONDS (3): with the in-memory channel layer, how often open pages' sockets
   look for a new snapshot in the database
 - MONITOR_GAP_PERIODS (2.5): crawls further apart than this many update periods leave a gap in the
   history (nothing ran: no coverage, no availability), and a latest snapshot this old is stale
+- MONITOR_PAGE_SERVERS_PER_MODEL (100): servers the status page lists per model, verified ones first;
+  the rest are counted and linked (the model page, the JSON API lists them all)
+- MONITOR_WS_PER_IP (20), MONITOR_WS_TOTAL (5000): open status-page sockets per client address (an IPv6
+  /64) and in all, per web process; one more is closed at once (code 4429)
+- MONITOR_REFRESH_JITTER (5): at most this many seconds an open page waits, at random, before fetching a
+  new snapshot (spreads the fetches of many open pages)
 """
 
 from __future__ import annotations
@@ -55,12 +63,16 @@ PING_PARALLEL = 128
 MAX_PINGS = 5000
 PING_BUDGET = 30.0
 KNOWN_GOOD_CRAWLS = 10
-MAX_CUSTOM_MODELS = 20
+MAX_CUSTOM_MODELS = 10
 MAX_NUM_BLOCKS = 1000
-MAX_SERVERS_PER_MODEL = 5000
+MAX_SERVERS_PER_MODEL = 2000
 PUBLIC_NAME_MIN_BLOCKS = 10
 PUSH_POLL_SECONDS = 3.0
 GAP_PERIODS = 2.5
+PAGE_SERVERS_PER_MODEL = 100
+WS_PER_IP = 20
+WS_TOTAL = 5000
+REFRESH_JITTER = 5.0
 
 
 def setting(name: str) -> Any:
@@ -143,6 +155,19 @@ def public_name_min_blocks() -> int:
 
 def push_poll_seconds() -> float:
     return float(setting("PUSH_POLL_SECONDS"))
+
+
+def page_servers_per_model() -> int:
+    return max(int(setting("PAGE_SERVERS_PER_MODEL")), 0)
+
+
+def websocket_caps() -> tuple[int, int]:
+    """(per client, in all) open status-page sockets of one web process."""
+    return int(setting("WS_PER_IP")), int(setting("WS_TOTAL"))
+
+
+def refresh_jitter() -> float:
+    return max(float(setting("REFRESH_JITTER")), 0.0)
 
 
 def initial_peers() -> list[str]:

@@ -16,8 +16,8 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from monitor import conf
-from monitor.models import BlockCoverage, ModelStatus, ServerObservation, ServerState
-from monitor.snapshots import server_counts_as_online
+from monitor.models import ModelStatus, ServerObservation, ServerState
+from monitor.states import display_state, server_counts_as_online
 
 RANGES = {"1h": 3600, "24h": 24 * 3600, "7d": 7 * 24 * 3600}
 DEFAULT_RANGE = "24h"
@@ -82,17 +82,16 @@ def model_history(
     column = {status_id: i for i, (status_id, *_) in enumerate(sampled)}
 
     online_sampled = [[None] * len(sampled) for _ in range(num_blocks)]
-    for model_id, block, count in BlockCoverage.objects.filter(model_id__in=column).values_list(
-        "model_id", "block", "online_servers"
-    ):
-        if block < num_blocks:
+    # One small array per sampled snapshot (the coverage of every block of the model).
+    for model_id, counts in ModelStatus.objects.filter(id__in=column).order_by().values_list("id", "coverage"):
+        for block, count in enumerate((counts or [])[:num_blocks]):
             online_sampled[block][column[model_id]] = count
     online = [_spread(row, positions) for row in online_sampled]
 
     latest_id = statuses[-1][0] if statuses else None
-    current = list(
-        BlockCoverage.objects.filter(model_id=latest_id).order_by("block").values_list("online_servers", "throughput")
-    )
+    latest = ModelStatus.objects.filter(id=latest_id).values_list("coverage", "coverage_throughput").first()
+    counts, rates = latest or ([], [])
+    current = list(zip(counts or [], rates or []))
     return {
         "dht_prefix": dht_prefix,
         "since": _iso(since),
@@ -243,8 +242,7 @@ def peer_history(
             version["last_seen"] = moment
     points = _sample(rows, MAX_POINTS * 2)
     for point in points:
-        state = ServerState(point["state"]).label
-        point["display_state"] = "unreachable" if state == "online" and point["reachable"] is False else state
+        point["display_state"] = display_state(point["state"], point["reachable"])
         point["time"] = _iso(point["created_at"])
     errors = [row for row in rows if row["reachable"] is False][-20:]
     return {

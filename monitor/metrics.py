@@ -79,6 +79,12 @@ def prometheus_metrics(report: StatusReport) -> str:
     out.add("crawl_capped_servers", snapshot.capped_servers, help_text="servers over the per-model cap")
     out.add("crawl_unchecked_servers", snapshot.unchecked_servers, help_text="online servers left unpinged")
     out.add("bootstrap_online", sum(p.reachable for p in report.bootstrap), help_text="reachable bootstrap peers")
+    return out.render() + report.once("metrics_text", lambda: _snapshot_metrics(report))
+
+
+def _snapshot_metrics(report: StatusReport) -> str:
+    """What depends on the snapshot alone (not on its age): rendered once per snapshot (report.once)."""
+    out = Exposition()
     _server_metrics(out, report)
     _model_metrics(out, report)
     return out.render()

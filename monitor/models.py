@@ -2,18 +2,19 @@
 
 Rows carry their snapshot's time and model prefix (denormalized) so that history queries for a
 model or a peer run on one composite index without joins.
+
+What strangers fill freely is kept small: a model's per-block coverage is two arrays on its ModelStatus
+(one row per model and crawl, not one per block), and the servers' `adapters` and `next_pings` are kept
+only in the latest snapshot (`Snapshot.details_kept`), the only one pages and APIs read them from.
 """
 
 from __future__ import annotations
 
 from django.db import models
 
+from monitor.states import ServerState, display_state
 
-class ServerState(models.IntegerChoices):
-    # The announced state, as in the wire protocol (swarm.data_structures.ServerState).
-    OFFLINE = 0, "offline"
-    JOINING = 1, "joining"
-    ONLINE = 2, "online"
+__all__ = ["BootstrapObservation", "ModelStatus", "ServerObservation", "ServerState", "Snapshot"]
 
 
 class Snapshot(models.Model):
@@ -25,10 +26,17 @@ class Snapshot(models.Model):
     skipped_models = models.PositiveIntegerField(default=0, help_text="indexed models over the caps")
     capped_servers = models.PositiveIntegerField(default=0, help_text="servers over the per-model cap")
     unchecked_servers = models.PositiveIntegerField(default=0, help_text="online servers not pinged")
+    details_kept = models.BooleanField(
+        default=False, help_text="its servers' adapters and next_pings are still stored (the latest snapshot)"
+    )
 
     class Meta:
         ordering = ["-created_at"]
         get_latest_by = "created_at"
+        # Few rows are True (the latest, rarely one more): the writer finds them without a scan.
+        indexes = [
+            models.Index(fields=["details_kept"], condition=models.Q(details_kept=True), name="snapshot_details")
+        ]
 
     def __str__(self) -> str:
         return f"snapshot {self.pk} at {self.created_at:%Y-%m-%d %H:%M:%S}"
@@ -46,6 +54,8 @@ class ModelStatus(models.Model):
     healthy = models.BooleanField(help_text="every block is held by an online, reachable server")
     num_servers = models.PositiveIntegerField(default=0)
     invalid_entries = models.PositiveIntegerField(default=0)
+    coverage = models.JSONField(default=list, help_text="per block: online, reachable servers holding it")
+    coverage_throughput = models.JSONField(default=list, help_text="per block: their summed throughput")
 
     class Meta:
         ordering = ["snapshot", "position"]
@@ -54,6 +64,11 @@ class ModelStatus(models.Model):
 
     def __str__(self) -> str:
         return f"{self.dht_prefix} in snapshot {self.snapshot_id}"
+
+    def missing_blocks(self) -> list[int]:
+        """Blocks no online, reachable server holds (beyond the stored coverage: none stored, none known)."""
+        stored = self.coverage or []
+        return [block for block in range(self.num_blocks) if block >= len(stored) or not stored[block]]
 
 
 class ServerObservation(models.Model):
@@ -78,8 +93,10 @@ class ServerObservation(models.Model):
     torch_dtype = models.CharField(max_length=256, blank=True)
     quant_type = models.CharField(max_length=16, blank=True)
     using_relay = models.BooleanField(null=True)
-    adapters = models.JSONField(default=list)
-    next_pings = models.JSONField(null=True, help_text="peer id → seconds; null for unreachable")
+    adapters = models.JSONField(default=list, help_text="cleared once a later snapshot is stored")
+    next_pings = models.JSONField(
+        null=True, help_text="peer id → seconds (null: unreachable); cleared once a later snapshot is stored"
+    )
 
     class Meta:
         indexes = [
@@ -96,27 +113,8 @@ class ServerObservation(models.Model):
 
     @property
     def display_state(self) -> str:
-        """online / joining / unreachable / offline, as the status page shows it."""
-        if self.state == ServerState.ONLINE and self.reachable is False:
-            return "unreachable"
-        return ServerState(self.state).label
-
-
-class BlockCoverage(models.Model):
-    snapshot = models.ForeignKey(Snapshot, on_delete=models.CASCADE, related_name="coverage")
-    model = models.ForeignKey(ModelStatus, on_delete=models.CASCADE, related_name="coverage")
-    created_at = models.DateTimeField()
-    dht_prefix = models.CharField(max_length=128)
-    block = models.PositiveIntegerField()
-    online_servers = models.PositiveIntegerField(help_text="online, reachable servers holding this block")
-    throughput = models.FloatField(help_text="their summed throughput")
-
-    class Meta:
-        ordering = ["model", "block"]
-        indexes = [models.Index(fields=["dht_prefix", "created_at"])]
-
-    def __str__(self) -> str:
-        return f"{self.dht_prefix}.{self.block}: {self.online_servers} servers"
+        """online / unknown / unreachable / joining / offline (monitor.states.display_state)."""
+        return display_state(self.state, self.reachable)
 
 
 class BootstrapObservation(models.Model):

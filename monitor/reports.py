@@ -1,12 +1,16 @@
 """The swarm's state in one snapshot, shaped for the status page, `/api/v1/state` and `/metrics`.
 
-Rows are plain dicts read with one query per table: the page lists thousands of servers and Django
+Rows are plain dicts read with one query per table: a report holds thousands of servers and Django
 templates resolve dict keys fastest.
 
-Every server is listed, but only those the monitor verified (announced ONLINE and answered its ping:
-display state "online") count anywhere: top contributors, what other servers report about their next
-servers (`pings_to_me`, reachability issues), and the aggregates of `/metrics`. A server not checked
-is "unknown".
+The report of the latest snapshot is built once per process and snapshot (`current_report`): every
+request only asks the database for the latest snapshot's id, and computes how old it is.
+
+Every server is in the report (the JSON API lists them all; the status page at most
+MONITOR_PAGE_SERVERS_PER_MODEL per model, verified ones first), but only those the monitor verified
+(announced ONLINE and answered its ping: display state "online") count anywhere: top contributors, what
+other servers report about their next servers (`pings_to_me`, reachability issues), and the aggregates of
+`/metrics`. A server not checked is "unknown".
 """
 
 from __future__ import annotations
@@ -14,15 +18,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+import threading
 from collections import Counter, defaultdict
 from typing import Any
 
 from django.utils import timezone
 
-from config.formatting import block_range, block_ranges
+from config.formatting import block_range, block_ranges, shorten
 from monitor import conf
-from monitor.models import BlockCoverage, BootstrapObservation, ModelStatus, ServerObservation, ServerState, Snapshot
-from monitor.snapshots import display_state
+from monitor.models import BootstrapObservation, ModelStatus, ServerObservation, ServerState, Snapshot
+from monitor.states import display_state
 
 SERVER_FIELDS = (
     "model_id",
@@ -48,6 +53,8 @@ SERVER_FIELDS = (
 )
 STATE_NAMES = {state.value: state.label for state in ServerState}
 STATES = ("online", "joining", "unreachable", "unknown", "offline")
+# The status page lists servers in this order: verified first, then those it may list once checked.
+PAGE_ORDER = {state: rank for rank, state in enumerate(("online", "unknown", "unreachable", "joining", "offline"))}
 MAX_LISTED_ISSUES = 200
 
 
@@ -57,6 +64,8 @@ class ModelReport:
     rows: list[dict[str, Any]]
     state_counts: dict[str, int]
     missing_blocks: str = ""  # e.g. "0:7, 120:126": blocks no online server holds
+    listed_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # what the status page lists
+    unlisted: int = 0  # servers the status page leaves to the model page and the API
 
     @property
     def state(self) -> str:
@@ -73,6 +82,15 @@ class StatusReport:
     update_period: int
     age_seconds: float = 0.0  # since the crawl finished
     stale: bool = False  # no crawl finished for longer than crawls should take: this is not now
+    # What the APIs derive from the snapshot, computed once: the per-request copies share this dict.
+    derived: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def once(self, name: str, compute: Any) -> Any:
+        """`compute()`'s value, computed at most once per snapshot and process (the result is shared: never
+        change it)."""
+        if name not in self.derived:
+            self.derived[name] = compute()
+        return self.derived[name]
 
     @property
     def finished_at(self) -> dt.datetime:
@@ -92,18 +110,83 @@ def latest_snapshot() -> Snapshot | None:
     return Snapshot.objects.order_by("-created_at", "-pk").first()
 
 
+def latest_snapshot_key() -> tuple[int, dt.datetime] | None:
+    """(id, start time) of the latest snapshot: what names its report (an id alone may come back after a
+    rollback, e.g. between tests)."""
+    return Snapshot.objects.order_by("-created_at", "-pk").values_list("pk", "created_at").first()
+
+
+def snapshot_age(snapshot: Snapshot, now: dt.datetime | None = None) -> tuple[float, bool]:
+    """(seconds since the crawl finished, stale): the one staleness rule of every page and API. A snapshot
+    is stale once no crawl finished for longer than crawls may be apart (conf.gap_seconds)."""
+    finished_at = snapshot.created_at + dt.timedelta(seconds=snapshot.duration)
+    age = max(((now or timezone.now()) - finished_at).total_seconds(), 0.0)
+    return age, age > conf.gap_seconds()
+
+
+class ReportCache:
+    """The latest reports of this process, by snapshot id and the settings they were built with.
+
+    Each process builds a snapshot's report once; a request asks for the latest id first, so a newer
+    snapshot is never answered with an older report. One build at a time: requests arriving together
+    after a crawl wait for the first one's report instead of each building their own."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._reports: dict[tuple, StatusReport] = {}
+        self._lock = threading.Lock()  # guards _reports
+        self._building = threading.Lock()  # one build at a time
+        self.builds = 0
+
+    def get(self, key: tuple, build: Any) -> StatusReport | None:
+        with self._lock:
+            report = self._reports.get(key)
+        if report is not None:
+            return report
+        with self._building:
+            with self._lock:
+                report = self._reports.get(key)
+            if report is None:
+                report = build()
+                if report is None:
+                    return None
+                self.builds += 1
+                with self._lock:
+                    self._reports[key] = report
+                    while len(self._reports) > self.size:
+                        del self._reports[next(iter(self._reports))]  # the oldest entry
+        return report
+
+    def clear(self) -> None:
+        with self._lock:
+            self._reports.clear()
+
+
+REPORTS = ReportCache()
+
+
 def current_report(now: dt.datetime | None = None) -> StatusReport | None:
-    """The latest snapshot's report with the configured settings (None before the first crawl)."""
-    snapshot = latest_snapshot()
-    if snapshot is None:
+    """The latest snapshot's report with the configured settings (None before the first crawl): built once
+    per snapshot in this process; its age and staleness are of this request."""
+    latest = latest_snapshot_key()
+    if latest is None:
         return None
-    return status_report(
-        snapshot,
-        update_period=conf.update_period(),
-        public_name_min_blocks=conf.public_name_min_blocks(),
-        stale_after=conf.gap_seconds(),
-        now=now,
-    )
+    snapshot_id = latest[0]
+    settings = (conf.update_period(), conf.public_name_min_blocks(), conf.page_servers_per_model())
+
+    def build() -> StatusReport | None:
+        snapshot = Snapshot.objects.filter(pk=snapshot_id).first()  # None: pruned in between
+        if snapshot is None:
+            return None
+        return status_report(
+            snapshot, update_period=settings[0], public_name_min_blocks=settings[1], listed_per_model=settings[2]
+        )
+
+    report = REPORTS.get((*latest, *settings), build)
+    if report is None:
+        return None
+    age, stale = snapshot_age(report.snapshot, now)
+    return dataclasses.replace(report, age_seconds=age, stale=stale)  # shares the cached rows, never changes them
 
 
 def public_url(name: str) -> str | None:
@@ -116,21 +199,18 @@ def status_report(
     *,
     update_period: int,
     public_name_min_blocks: int = 10,
-    stale_after: float = math.inf,
+    listed_per_model: int | None = None,
     now: dt.datetime | None = None,
 ) -> StatusReport:
-    """The snapshot for the pages and APIs; it is `stale` when it finished more than `stale_after` seconds
-    before `now` (the crawls stopped, e.g. the site restarted without its workers)."""
+    """The snapshot for the pages and APIs; it is `stale` (snapshot_age) when no crawl finished for longer
+    than crawls may be apart (the crawls stopped, e.g. the site restarted without its workers). The status
+    page lists `listed_per_model` servers of each model (all when None)."""
     statuses = list(snapshot.models.order_by("position"))
     rows_by_model: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for row in ServerObservation.objects.filter(snapshot=snapshot).values(*SERVER_FIELDS):
         rows_by_model[row["model_id"]].append(row)
 
-    missing: dict[int, list[int]] = defaultdict(list)
-    for model_id, block in BlockCoverage.objects.filter(snapshot=snapshot, online_servers=0).values_list(
-        "model_id", "block"
-    ):
-        missing[model_id].append(block)
+    missing = {status.pk: status.missing_blocks() for status in statuses}  # from each model's coverage array
 
     contributors: Counter[str] = Counter()
     issues: dict[str, dict[str, Any]] = {}
@@ -146,14 +226,16 @@ def status_report(
             if status.official and row["show_public_name"]:
                 contributors[row["public_name"]] += row["end"] - row["start"]
         _note_reachability(issues, status, rows)
-        models.append(ModelReport(status, rows, counts, block_ranges(missing.get(status.pk, []))))
+        report = ModelReport(status, rows, counts, block_ranges(missing.get(status.pk, [])))
+        report.listed_rows = _page_rows(rows, listed_per_model)
+        report.unlisted = len(rows) - len(report.listed_rows)
+        models.append(report)
 
     bootstrap = list(snapshot.bootstrap.order_by("position"))
     for peer in bootstrap:
         if not peer.reachable:
             issues.setdefault(peer.peer_id, _issue(peer.peer_id, "bootstrap peer", peer.error or "unreachable"))
-    finished_at = snapshot.created_at + dt.timedelta(seconds=snapshot.duration)
-    age = max(((now or timezone.now()) - finished_at).total_seconds(), 0.0)
+    age, stale = snapshot_age(snapshot, now)
     return StatusReport(
         snapshot=snapshot,
         models=models,
@@ -162,8 +244,14 @@ def status_report(
         bootstrap=bootstrap,
         update_period=update_period,
         age_seconds=age,
-        stale=age > stale_after,
+        stale=stale,
     )
+
+
+def _page_rows(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """The rows the status page lists: verified servers first (then by blocks), at most `limit`."""
+    ranked = sorted(rows, key=lambda row: PAGE_ORDER[row["display_state"]])  # stable: blocks order within a state
+    return ranked if limit is None else ranked[: max(limit, 0)]
 
 
 def _issue(peer_id: str, kind: str, err: str) -> dict[str, Any]:
@@ -198,11 +286,6 @@ def _note_reachability(issues: dict[str, dict[str, Any]], status: ModelStatus, r
             issue["where"].append(where)
 
 
-def describe_blocks(blocks: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] → '0:3, 5:6, 7:9' (the site's block notation: end exclusive)."""
-    return block_ranges(blocks)
-
-
 def _decorate(row: dict[str, Any], num_blocks: int, public_name_min_blocks: int) -> None:
     """Add what the page shows: display state, the span bar's geometry, per-block cache, a short id."""
     state = display_state(row["state"], row["reachable"])
@@ -218,8 +301,8 @@ def _decorate(row: dict[str, Any], num_blocks: int, public_name_min_blocks: int)
     tokens = row["cache_tokens_left"]
     row["cache_tokens_per_block"] = tokens // (2 * length) if tokens is not None and length > 0 else None
     # Text for the page, formatted here once: template filters cost more per row than Python.
-    row["public_name_short"] = _shorten(row["public_name"], 24)
-    row["version_short"] = _shorten(row["version"], 12)
+    row["public_name_short"] = shorten(row["public_name"], 24)
+    row["version_short"] = shorten(row["version"], 12)
     row["throughput_text"] = f"{row['throughput']:.1f}"
     row["precision"] = (row["torch_dtype"] or "") + (
         f" ({row['quant_type']})" if row["quant_type"] and row["quant_type"] != "none" else ""
@@ -230,10 +313,6 @@ def _decorate(row: dict[str, Any], num_blocks: int, public_name_min_blocks: int)
     row["latency_text"] = "" if latency is None else f"{latency * 1000:.0f} ms"
 
 
-def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 # ----- the health.petals.dev JSON shape -----
 
 
@@ -242,7 +321,7 @@ def state_json(report: StatusReport) -> dict[str, Any]:
     return {
         "bootstrap_states": ["online" if peer.reachable else "unreachable" for peer in report.bootstrap],
         "top_contributors": dict(report.top_contributors),
-        "model_reports": [_model_json(model) for model in report.models],
+        "model_reports": report.once("model_json", lambda: [_model_json(model) for model in report.models]),
         "reachability_issues": report.reachability_issues[:MAX_LISTED_ISSUES],
         "last_updated": report.finished_at.timestamp(),
         "age_seconds": round(report.age_seconds, 3),

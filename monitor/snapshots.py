@@ -7,25 +7,34 @@ clamped to what one block can plausibly do (MAX_THROUGHPUT).
 
 Only what the monitor verified counts: a server covers its blocks (coverage, health, the chat's
 availability, aggregates) only when it announced ONLINE *and* answered the monitor's ping in this crawl
-(`server_counts_as_online`). Anyone can announce ONLINE on every block with a huge throughput.
+(`server_counts_as_online`, monitor.states). Anyone can announce ONLINE on every block with a huge throughput.
+
+The history must not grow with what strangers announce: coverage is two arrays per model (not a row per
+block), only the latest snapshot keeps its servers' `adapters` and `next_pings` (the pages read them from
+no other), `next_pings` keeps at most MAX_STORED_PINGS entries keyed by valid peer ids, and pruning
+deletes in bounded batches, each its own transaction.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 from django.db import connection, models, transaction
 from django.utils import timezone
 
-from monitor.crawl import CrawlResult
+from monitor.crawl import PEER_ID, CrawlResult
 from monitor.gcpause import paused_gc
-from monitor.models import BlockCoverage, BootstrapObservation, ModelStatus, ServerObservation, ServerState, Snapshot
+from monitor.models import BootstrapObservation, ModelStatus, ServerObservation, ServerState, Snapshot
 from monitor.push import announce_snapshot
+from monitor.states import display_state, server_counts_as_online
 from swarm.data_structures import RemoteSpanInfo
 from swarm.ping import PingResult
+
+__all__ = ["block_coverage", "display_state", "prune_history", "server_counts_as_online", "summarize", "write_snapshot"]
 
 MAX_SECONDS = 1e9  # a round trip longer than this is a lie, and sums of lies must stay finite
 # Tokens/s of one-token inference steps through one block (what `throughput` means, PROTOCOL.md): a step
@@ -36,6 +45,11 @@ MAX_THROUGHPUT = 1e5
 # of even a 64-wide hidden state in 16 bits is 20 Gbit/s.
 MAX_TOKEN_RATE = 1e7
 MAX_BIGINT = 2**63 - 1
+# A real server pings the few servers that can follow its last block (swarm.server: 8); more is noise.
+MAX_STORED_PINGS = 64
+# Pruning: rows (servers, by Snapshot.num_servers) and snapshots deleted per transaction.
+PRUNE_BATCH_ROWS = 20_000
+PRUNE_BATCH_SNAPSHOTS = 100
 
 
 def _text(value: str | None, limit: int) -> str:
@@ -47,22 +61,16 @@ def _rate(value: float | None, limit: float) -> float | None:
 
 
 def _pings(pings: dict[str, float] | None) -> dict[str, float | None] | None:
+    """The first MAX_STORED_PINGS entries whose key is a peer id; the others are dropped, not the server."""
     if pings is None:
         return None
-    return {_text(peer, 128): (None if math.isinf(rtt) else min(rtt, MAX_SECONDS)) for peer, rtt in pings.items()}
-
-
-def server_counts_as_online(state: int, reachable: bool | None) -> bool:
-    """Whether a server covers its blocks: announced ONLINE and reached by the monitor's ping. One not
-    checked (`reachable` None: over the ping budget) is "unknown", not online."""
-    return state == ServerState.ONLINE and reachable is True
-
-
-def display_state(state: int, reachable: bool | None) -> str:
-    """online / unknown / unreachable / joining / offline, as pages and APIs show a server."""
-    if state == ServerState.ONLINE:
-        return {True: "online", None: "unknown", False: "unreachable"}[reachable]
-    return ServerState(state).label
+    kept: dict[str, float | None] = {}
+    for peer, rtt in pings.items():
+        if len(kept) == MAX_STORED_PINGS:
+            break
+        if isinstance(peer, str) and PEER_ID.fullmatch(peer):
+            kept[peer] = None if math.isinf(rtt) else min(rtt, MAX_SECONDS)
+    return kept
 
 
 def block_coverage(num_blocks: int, spans: list[tuple[int, int, float]]) -> tuple[list[int], list[float]]:
@@ -99,9 +107,9 @@ def write_snapshot(result: CrawlResult) -> Snapshot:
             skipped_models=result.skipped_models,
             capped_servers=sum(model.capped_servers for model in result.models),
             unchecked_servers=result.unchecked_servers,
+            details_kept=True,
         )
         servers: list[dict[str, Any]] = []
-        coverage: list[dict[str, Any]] = []
         for position, crawl in enumerate(result.models):
             target = crawl.target
             rows = [_server_values(span, result.pings.get(span.peer_id)) for span in crawl.spans.values()]
@@ -125,6 +133,8 @@ def write_snapshot(result: CrawlResult) -> Snapshot:
                 healthy=all(counts),
                 num_servers=len(rows),
                 invalid_entries=crawl.invalid_entries,
+                coverage=counts,
+                coverage_throughput=[_compact(rate) for rate in rates],
             )
             common = {
                 "snapshot": snapshot.pk,
@@ -133,12 +143,7 @@ def write_snapshot(result: CrawlResult) -> Snapshot:
                 "dht_prefix": status.dht_prefix,
             }
             servers += [{**common, **row} for row in rows]
-            coverage += [
-                {**common, "block": block, "online_servers": count, "throughput": rate}
-                for block, (count, rate) in enumerate(zip(counts, rates))
-            ]
         insert_rows(ServerObservation, servers)
-        insert_rows(BlockCoverage, coverage)
         insert_rows(
             BootstrapObservation,
             [
@@ -153,8 +158,27 @@ def write_snapshot(result: CrawlResult) -> Snapshot:
                 for position, (peer_id, ping) in enumerate(result.bootstrap.items())
             ],
         )
+        _keep_details_of_latest_only()
         transaction.on_commit(partial(announce_snapshot, snapshot.pk))
     return snapshot
+
+
+def _compact(rate: float) -> float:
+    """Six significant digits: a chart's precision, and a third of the JSON of a full float."""
+    return float(f"{rate:.6g}")
+
+
+def _keep_details_of_latest_only() -> None:
+    """Clear `adapters` and `next_pings` of every snapshot but the latest (by time, as pages pick it).
+
+    The snapshots that still hold them are marked (`details_kept`, a partial index): normally the one
+    written before this, and a snapshot written out of order clears itself here. Two writes committed at
+    once may both keep theirs; the next write clears both. One UPDATE, on the snapshot_id index."""
+    holders = sorted(Snapshot.objects.filter(details_kept=True).order_by().values_list("created_at", "pk"))
+    stale = [pk for _, pk in holders[:-1]]
+    if stale:
+        ServerObservation.objects.filter(snapshot_id__in=stale).update(adapters=[], next_pings=None)
+        Snapshot.objects.filter(pk__in=stale).update(details_kept=False)
 
 
 def insert_rows(model: type[models.Model], rows: list[dict[str, Any]]) -> None:
@@ -206,17 +230,45 @@ def _server_values(span: RemoteSpanInfo, ping: PingResult | None) -> dict[str, A
     }
 
 
-def prune_history(retention_seconds: float, now: dt.datetime | None = None) -> int:
-    """Delete snapshots older than the retention period; returns how many. Rows go first, table by table,
-    so each is one plain DELETE rather than Django collecting a cascade in memory."""
+def prune_history(
+    retention_seconds: float,
+    now: dt.datetime | None = None,
+    *,
+    batch_rows: int = PRUNE_BATCH_ROWS,
+    batch_snapshots: int = PRUNE_BATCH_SNAPSHOTS,
+) -> int:
+    """Delete snapshots older than the retention period; returns how many.
+
+    Oldest first, in batches of at most `batch_snapshots` snapshots and about `batch_rows` server rows
+    (at least one snapshot), each batch its own transaction: a prune after a long pause never holds one
+    huge transaction. Every DELETE selects by snapshot id (an index on each table); rows go first,
+    table by table, so the cascades Django looks for on the last two find nothing left."""
     cutoff = (now or timezone.now()) - dt.timedelta(seconds=retention_seconds)
-    with transaction.atomic():
-        BlockCoverage.objects.filter(created_at__lt=cutoff).delete()
-        ServerObservation.objects.filter(created_at__lt=cutoff).delete()
-        BootstrapObservation.objects.filter(snapshot__created_at__lt=cutoff).delete()
-        ModelStatus.objects.filter(created_at__lt=cutoff).delete()
-        deleted, _ = Snapshot.objects.filter(created_at__lt=cutoff).delete()
-    return deleted
+    old = list(
+        Snapshot.objects.filter(created_at__lt=cutoff).order_by("created_at", "pk").values_list("pk", "num_servers")
+    )
+    for batch in _batches(old, batch_rows, batch_snapshots):
+        with transaction.atomic():
+            ServerObservation.objects.filter(snapshot_id__in=batch).delete()
+            BootstrapObservation.objects.filter(snapshot_id__in=batch).delete()
+            ModelStatus.objects.filter(snapshot_id__in=batch).only("pk").delete()
+            Snapshot.objects.filter(pk__in=batch).only("pk").delete()
+    return len(old)
+
+
+def _batches(snapshots: list[tuple[int, int]], max_rows: int, max_snapshots: int) -> Iterator[list[int]]:
+    """Group (snapshot id, server rows) in order: each group at most `max_snapshots` snapshots and, unless
+    one snapshot alone is larger, `max_rows` rows."""
+    batch: list[int] = []
+    rows = 0
+    for pk, num_servers in snapshots:
+        if batch and (rows + num_servers > max_rows or len(batch) >= max_snapshots):
+            yield batch
+            batch, rows = [], 0
+        batch.append(pk)
+        rows += num_servers
+    if batch:
+        yield batch
 
 
 def summarize(snapshot: Snapshot) -> dict[str, Any]:
@@ -238,7 +290,7 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
             }
             for row in status.servers.order_by("start", "peer_id")
         ]
-        coverage = list(status.coverage.order_by("block").values_list("online_servers", flat=True))
+        coverage = list(status.coverage or [])
         models.append(
             {
                 "dht_prefix": status.dht_prefix,

@@ -14,12 +14,18 @@ times out fails the task; pings that time out leave their servers unchecked and 
 Either way the process starts a new DHT client for its next task. Every task has soft and
 hard time limits (MONITOR_TASK_SOFT_TIME_LIMIT, MONITOR_TASK_TIME_LIMIT). A worker process killed at its
 hard limit takes its DHT process and p2pd with it (swarm.dht.OwnedDHT).
+
+Crawls never overlap: `crawl_swarm` takes the crawl lock (an `add` to Django's cache, which every process
+of the site shares: Redis, or a folder in the embedded mode) and `save_crawl` releases it once the snapshot
+is written. A beat tick while a crawl runs is logged and does nothing. A crawl that dies on the way (a
+part failed, a worker was killed) leaves the lock to expire after MONITOR_TASK_TIME_LIMIT.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +33,7 @@ from typing import Any
 from celery import chord, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown
+from django.core.cache import cache
 from django.db import DatabaseError
 
 from monitor import conf, swarm_client
@@ -50,6 +57,22 @@ logger = logging.getLogger(__name__)
 
 
 SOFT_TIME_LIMIT, TIME_LIMIT = conf.task_time_limits()
+CRAWL_LOCK = "monitor:crawl-lock"
+
+
+def acquire_crawl_lock(seconds: float = TIME_LIMIT) -> str | None:
+    """A token that holds the crawl lock for at most `seconds`, or None while another crawl holds it."""
+    token = secrets.token_hex(8)
+    return token if cache.add(CRAWL_LOCK, token, timeout=seconds) else None
+
+
+def release_crawl_lock(token: str) -> None:
+    """Let the next crawl start, unless the lock expired and a later crawl took it (not ours to free)."""
+    try:
+        if token and cache.get(CRAWL_LOCK) == token:
+            cache.delete(CRAWL_LOCK)
+    except Exception as e:  # the crawl's own outcome matters more; the lock expires anyway
+        logger.warning("Could not release the crawl lock (it expires in %g s): %s", TIME_LIMIT, e)
 
 
 def _monitor_task(name: str) -> Callable:
@@ -108,8 +131,21 @@ def _drop_dht_if_timed_out(timeouts: int) -> None:
 
 
 @_monitor_task("monitor.tasks.crawl_swarm")
-def crawl_swarm() -> str:
-    """Start a crawl; returns the id of the task that will save it (its result: the snapshot's summary)."""
+def crawl_swarm() -> str | None:
+    """Start a crawl; returns the id of the task that will save it (its result: the snapshot's summary), or
+    None when the previous crawl is still running."""
+    lock = acquire_crawl_lock()
+    if lock is None:
+        logger.warning("The previous crawl has not finished: this one is skipped")
+        return None
+    try:
+        return _start_crawl(lock)
+    except BaseException:  # nothing was sent that would release it
+        release_crawl_lock(lock)
+        raise
+
+
+def _start_crawl(lock: str) -> str:
     started_at = time.time()
     options = conf.crawl_options()
     salt = new_salt().hex()  # one per crawl, shared by its parts (Celery messages are not public)
@@ -123,6 +159,7 @@ def crawl_swarm() -> str:
         invalid_index_entries=invalid_index,
         skipped_models=skipped,
         salt=salt,
+        lock=lock,
     )
     if not parts:
         return save.delay([]).id
@@ -148,6 +185,21 @@ def save_crawl(
     invalid_index_entries: int = 0,
     skipped_models: int = 0,
     salt: str = "",
+    lock: str = "",
+) -> dict[str, Any]:
+    try:
+        return _save_crawl(part_results, started_at, targets, invalid_index_entries, skipped_models, salt)
+    finally:
+        release_crawl_lock(lock)
+
+
+def _save_crawl(
+    part_results: list[dict[str, Any]],
+    started_at: float,
+    targets: list[dict[str, Any]],
+    invalid_index_entries: int,
+    skipped_models: int,
+    salt: str,
 ) -> dict[str, Any]:
     crawl = finish_crawl(
         _dht(),

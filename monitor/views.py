@@ -13,7 +13,7 @@ from monitor.crawl import PEER_ID
 from monitor.gcpause import paused_gc
 from monitor.history import DEFAULT_RANGE, RANGES, model_history, parse_since, peer_history
 from monitor.models import ModelStatus, ServerObservation
-from monitor.reports import current_report
+from monitor.reports import current_report, snapshot_age
 
 
 def status(request: HttpRequest) -> HttpResponse:
@@ -21,8 +21,15 @@ def status(request: HttpRequest) -> HttpResponse:
     template = "monitor/_status.html" if request.GET.get("fragment") else "monitor/status.html"
     with paused_gc():  # thousands of row dicts at once
         report = current_report()
-        context = {"report": report, "update_period": conf.update_period(), "contributions": []}
+        context = {
+            "report": report,
+            "update_period": conf.update_period(),
+            "contributions": [],
+            "refresh_jitter": conf.refresh_jitter(),
+        }
         if report is not None:
+            # The open page marks itself stale after this long without a new snapshot (status.js).
+            context["stale_in"] = max(conf.gap_seconds() - report.age_seconds, 0.0)
             statuses = [model.status for model in report.models]
             context["contributions"] = contributions(statuses, conf.local_models(), conf.initial_peers())
         return render(request, template, context)
@@ -34,7 +41,9 @@ def _range(request: HttpRequest) -> str:
 
 
 def model_detail(request: HttpRequest, dht_prefix: str) -> HttpResponse:
-    status = ModelStatus.objects.filter(dht_prefix=dht_prefix).order_by("-created_at").first()
+    status = (
+        ModelStatus.objects.filter(dht_prefix=dht_prefix).select_related("snapshot").order_by("-created_at").first()
+    )
     if status is None:
         raise Http404("No crawl has seen this model")
     selected = _range(request)
@@ -52,7 +61,8 @@ def model_detail(request: HttpRequest, dht_prefix: str) -> HttpResponse:
         "snapshots": history["snapshots"],
         "availability": history["availability"]["overall"],
         "availability_percent": _percent(history["availability"]["overall"]),
-        "stale": (now - status.created_at).total_seconds() > conf.gap_seconds(),
+        "stale": snapshot_age(status.snapshot, now)[1],  # the status page's rule: the crawl's finish is the reference
+        "state_url": reverse("monitor:state"),
     }
     return render(request, "monitor/model.html", context)
 

@@ -7,11 +7,9 @@ IPv6 /64 (`config.proxy.client_key`).
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
-
 from django.conf import settings
 
+from config.client_caps import ClientCaps
 from config.proxy import client_key
 from playground.errors import LimitExceeded
 
@@ -31,35 +29,29 @@ class SessionSlot:
 
 class Admission:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._per_address: Counter[str] = Counter()
+        self._caps = ClientCaps()
 
     @property
     def total(self) -> int:
-        return sum(self._per_address.values())
+        return self._caps.total
 
     def acquire(self, address: str) -> SessionSlot:
         per_client, overall = settings.PLAYGROUND_SESSIONS_PER_CLIENT, settings.PLAYGROUND_MAX_SESSIONS
         key = client_key(address)
-        with self._lock:
-            if self._per_address[key] >= per_client:
-                raise LimitExceeded(
-                    f"too many open sessions from your address (limit {per_client}); close another chat first"
-                )
-            if self.total >= overall:
-                raise LimitExceeded(f"the server is busy ({overall} sessions open); try again in a minute")
-            self._per_address[key] += 1
+        refused = self._caps.acquire(key, per_client, overall)
+        if refused == "client":
+            raise LimitExceeded(
+                f"too many open sessions from your address (limit {per_client}); close another chat first"
+            )
+        if refused == "total":
+            raise LimitExceeded(f"the server is busy ({overall} sessions open); try again in a minute")
         return SessionSlot(self, key)
 
     def _release(self, key: str) -> None:
-        with self._lock:
-            self._per_address[key] -= 1
-            if self._per_address[key] <= 0:
-                del self._per_address[key]
+        self._caps.release(key)
 
     def count(self, address: str) -> int:
-        with self._lock:
-            return self._per_address[client_key(address)]
+        return self._caps.count(client_key(address))
 
 
 admission = Admission()

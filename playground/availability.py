@@ -71,7 +71,7 @@ def from_monitor(prefixes: list[str]) -> dict[str, Availability]:
         from django.db.models import Count
 
         from monitor.conf import gap_seconds
-        from monitor.models import BlockCoverage, ModelStatus, ServerObservation, ServerState, Snapshot
+        from monitor.models import ModelStatus, ServerObservation, ServerState, Snapshot
 
         snapshot = Snapshot.objects.order_by("-created_at").first()
         # A snapshot the monitor itself calls stale says little about now (one home for that limit).
@@ -89,10 +89,7 @@ def from_monitor(prefixes: list[str]) -> dict[str, Availability]:
         )
         found = {}
         for status in ModelStatus.objects.filter(snapshot=snapshot, dht_prefix__in=prefixes):
-            covered = set(
-                BlockCoverage.objects.filter(model=status, online_servers__gt=0).values_list("block", flat=True)
-            )
-            missing = [block for block in range(status.num_blocks) if block not in covered]
+            missing = status.missing_blocks()
             found[status.dht_prefix] = describe(
                 status.num_blocks,
                 missing,

@@ -24,7 +24,7 @@ import pytest
 
 from monitor import crawl as crawl_module
 from monitor.crawl import CrawlOptions, FetchPart, KnownGood, PartResult, finish_crawl, new_salt
-from monitor.models import BlockCoverage, ServerObservation
+from monitor.models import ModelStatus, ServerObservation
 from monitor.snapshots import MAX_THROUGHPUT, write_snapshot
 from monitor.targets import ModelTarget
 from playground.availability import from_monitor
@@ -116,7 +116,8 @@ def test_six_thousand_fakes_claiming_everything_leave_the_two_real_servers_on_th
     write_snapshot(crawl_result({MODEL: real}, {alice: REACHABLE, bob: REACHABLE}, started_at=time.time() - 60))
     pings.update({alice: REACHABLE, bob: REACHABLE})
 
-    options = CrawlOptions(ping_timeout=1.0, ping_budget=30.0)  # the defaults' caps: 5000 pings, 5000 servers
+    options = CrawlOptions(ping_timeout=1.0, ping_budget=30.0)  # the defaults' caps: 5000 pings, 2000 servers
+    cap = CrawlOptions().max_servers_per_model
     result = finish_crawl(
         loopback(),
         time.time(),
@@ -128,13 +129,13 @@ def test_six_thousand_fakes_claiming_everything_leave_the_two_real_servers_on_th
         known_good=known_good(),
         salt=new_salt(),
     )
-    assert result.models[0].capped_servers == FAKES + 2 - 5000
+    assert result.models[0].capped_servers == FAKES + 2 - cap
     write_snapshot(result)
 
     state = client.get("/api/v1/state").json()
     (model,) = state["model_reports"]
     rows = {row["peer_id"]: row for row in model["server_rows"]}
-    assert len(rows) == 5000 and rows[alice]["state"] == rows[bob]["state"] == "online"
+    assert len(rows) == cap and rows[alice]["state"] == rows[bob]["state"] == "online"
     assert model["state"] == "healthy"
     assert {row["state"] for peer_id, row in rows.items() if peer_id not in (alice, bob)} <= {"unreachable", "unknown"}
     assert state["top_contributors"] == {"alice": 4, "bob": 4}
@@ -273,9 +274,9 @@ def test_claimed_throughput_is_clamped_and_sums_only_verified_servers():
     write_snapshot(crawl_result({MODEL: [span(real, 0, 8, **CLAIMS), span(fake, 0, 8, **CLAIMS)]}, {real: REACHABLE}))
     row = ServerObservation.objects.get(peer_id=real)
     assert row.throughput == row.inference_rps == MAX_THROUGHPUT
-    coverage = BlockCoverage.objects.filter(dht_prefix=MODEL.dht_prefix).order_by("block")
+    status = ModelStatus.objects.get(dht_prefix=MODEL.dht_prefix)
     # The unchecked fake adds neither a server nor its claim.
-    assert list(coverage.values_list("online_servers", "throughput")) == [(1, MAX_THROUGHPUT)] * 8
+    assert list(zip(status.coverage, status.coverage_throughput)) == [(1, MAX_THROUGHPUT)] * 8
 
 
 def test_strangers_next_pings_do_not_make_a_healthy_server_an_issue(client):

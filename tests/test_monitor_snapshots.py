@@ -13,7 +13,7 @@ from django.db import DatabaseError, connection
 from hivemind.p2p import PeerID
 
 from monitor.crawl import CrawlResult, ModelCrawl
-from monitor.models import BlockCoverage, BootstrapObservation, ModelStatus, ServerObservation, Snapshot
+from monitor.models import BootstrapObservation, ModelStatus, ServerObservation, Snapshot
 from monitor.snapshots import MAX_THROUGHPUT, block_coverage, prune_history, write_snapshot
 from monitor.targets import ModelTarget
 from swarm.data_structures import RemoteSpanInfo, ServerInfo, ServerState
@@ -97,9 +97,8 @@ def test_snapshot_rows_and_coverage_match_the_crawl():
     assert rows[a].rpc_latency == pytest.approx(0.004) and rows[a].public_name == "alice"
     assert rows[c].reachable is False and rows[c].error == "routing: not found"
     assert rows[d].reachable is None  # not pinged
-    coverage = list(BlockCoverage.objects.filter(snapshot=snapshot).order_by("block"))
-    assert [row.online_servers for row in coverage] == [1] * 8
-    assert [row.throughput for row in coverage] == [10.0] * 4 + [5.0] * 4
+    assert status.coverage == [1] * 8
+    assert status.coverage_throughput == [10.0] * 4 + [5.0] * 4
     boot = list(BootstrapObservation.objects.filter(snapshot=snapshot).order_by("position"))
     assert [(row.reachable, row.error) for row in boot] == [(True, ""), (False, "no answer")]
 
@@ -109,7 +108,7 @@ def test_a_model_with_an_uncovered_block_is_broken():
     snapshot = write_snapshot(crawl_result({MODEL: [span(peer(1), 0, 7)]}, {peer(1): REACHABLE}))
     status = ModelStatus.objects.get(snapshot=snapshot)
     assert not status.healthy
-    assert list(status.coverage.order_by("block").values_list("online_servers", flat=True)) == [1] * 7 + [0]
+    assert status.coverage == [1] * 7 + [0] and status.missing_blocks() == [7]
 
 
 @pytest.mark.django_db
@@ -133,35 +132,35 @@ def test_hostile_values_are_stored_safely():
     assert row.adapters == ["ab"]
     assert row.next_pings == {peer("y"): None, peer("z"): 0.01}
     assert row.error.startswith("errxxx") and len(row.error) == 300
-    assert BlockCoverage.objects.get(snapshot=snapshot, block=0).throughput == MAX_THROUGHPUT  # the reachable one
+    assert snapshot.models.get().coverage_throughput[0] == MAX_THROUGHPUT  # the reachable one
 
 
-def _fail_coverage_inserts() -> None:
-    """Make the database itself refuse coverage rows, as a full disk or a lost connection would."""
+def _fail_bootstrap_inserts() -> None:
+    """Make the database itself refuse bootstrap rows (written last), as a full disk or a lost connection would."""
     with connection.cursor() as cursor:
         if connection.vendor == "sqlite":
             cursor.execute(
-                "CREATE TRIGGER refuse_coverage BEFORE INSERT ON monitor_blockcoverage "
+                "CREATE TRIGGER refuse_bootstrap BEFORE INSERT ON monitor_bootstrapobservation "
                 "BEGIN SELECT RAISE(ABORT, 'refused'); END"
             )
         else:
             cursor.execute(
-                "CREATE FUNCTION refuse_coverage() RETURNS trigger AS "
+                "CREATE FUNCTION refuse_bootstrap() RETURNS trigger AS "
                 "$$ BEGIN RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql"
             )
             cursor.execute(
-                "CREATE TRIGGER refuse_coverage BEFORE INSERT ON monitor_blockcoverage "
-                "FOR EACH ROW EXECUTE FUNCTION refuse_coverage()"
+                "CREATE TRIGGER refuse_bootstrap BEFORE INSERT ON monitor_bootstrapobservation "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_bootstrap()"
             )
 
 
 @pytest.mark.django_db
 def test_a_write_that_fails_midway_leaves_no_snapshot():
-    _fail_coverage_inserts()
-    result = crawl_result({MODEL: [span(peer(1), 0, 8)]}, {peer(1): REACHABLE})
+    _fail_bootstrap_inserts()
+    result = crawl_result({MODEL: [span(peer(1), 0, 8)]}, {peer(1): REACHABLE}, bootstrap={peer("boot"): REACHABLE})
     with pytest.raises(DatabaseError):
         write_snapshot(result)
-    # The snapshot, model and server rows were inserted before the coverage failed; all are gone.
+    # The snapshot, model and server rows were inserted before the bootstrap rows failed; all are gone.
     assert not Snapshot.objects.exists()
     assert not ModelStatus.objects.exists()
     assert not ServerObservation.objects.exists()
@@ -170,11 +169,12 @@ def test_a_write_that_fails_midway_leaves_no_snapshot():
 @pytest.mark.django_db
 def test_prune_removes_old_snapshots_with_their_rows():
     now = time.time()
-    old = write_snapshot(crawl_result({MODEL: [span(peer(1), 0, 8)]}, started_at=now - 3 * 3600))
-    recent = write_snapshot(crawl_result({MODEL: [span(peer(1), 0, 8)]}, started_at=now - 600))
+    boot = {peer("boot"): REACHABLE}
+    old = write_snapshot(crawl_result({MODEL: [span(peer(1), 0, 8)]}, started_at=now - 3 * 3600, bootstrap=boot))
+    recent = write_snapshot(crawl_result({MODEL: [span(peer(1), 0, 8)]}, started_at=now - 600, bootstrap=boot))
     deleted = prune_history(2 * 3600, now=dt.datetime.fromtimestamp(now, tz=dt.UTC))
     assert deleted == 1
     assert list(Snapshot.objects.values_list("pk", flat=True)) == [recent.pk]
-    for model in (ModelStatus, ServerObservation, BlockCoverage):
+    for model in (ModelStatus, ServerObservation, BootstrapObservation):
         assert not model.objects.filter(snapshot=old.pk).exists()
         assert model.objects.filter(snapshot=recent.pk).exists()

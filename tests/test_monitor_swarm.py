@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from django.core.management import call_command
 
 from monitor import swarm_client
 from monitor.crawl import CrawlOptions, run_crawl
-from monitor.models import BlockCoverage, ModelStatus, ServerObservation
+from monitor.models import ModelStatus, ServerObservation
 from monitor.snapshots import write_snapshot
 from monitor.targets import ModelTarget
 from swarm.local_swarm import ONLINE_MARK, SwarmProcess
@@ -141,8 +142,7 @@ def test_crawl_command_records_the_swarm(swarm, settings):
     assert (b.start, b.end, b.display_state, b.reachable, b.throughput) == (4, 8, "online", True, 20.0)
     assert a.public_name == "alice" and a.version and a.torch_dtype and a.cache_tokens_left > 0
     assert a.rpc_latency is not None and 0 < a.rpc_latency < 5
-    coverage = BlockCoverage.objects.filter(model=status).order_by("block")
-    assert [(c.online_servers, c.throughput) for c in coverage] == [(1, 10.0)] * 4 + [(1, 20.0)] * 4
+    assert list(zip(status.coverage, status.coverage_throughput)) == [(1, 10.0)] * 4 + [(1, 20.0)] * 4
     assert [row.reachable for row in status.snapshot.bootstrap.all()] == [True]
 
 
@@ -173,8 +173,8 @@ from django.db import connection
 def crash_while_writing(execute, sql, params, many, context):
     if sql.startswith("INSERT") and "monitor_serverobservation" in sql:
         print("server rows inserted", flush=True)
-    if sql.startswith("INSERT") and "monitor_blockcoverage" in sql:
-        print("dying before the coverage rows", flush=True)
+    if sql.startswith("INSERT") and "monitor_bootstrapobservation" in sql:
+        print("dying before the bootstrap rows", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     return execute(sql, params, many, context)
 
@@ -189,8 +189,8 @@ def test_a_crawl_killed_while_writing_leaves_no_snapshot(swarm, shared_db, tmp_p
         [sys.executable, "-c", CRASHING_CRAWL], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180
     )
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
-    assert "server rows inserted" in crashed.stdout and "dying before the coverage rows" in crashed.stdout
-    for table in ("snapshot", "modelstatus", "serverobservation", "blockcoverage"):
+    assert "server rows inserted" in crashed.stdout and "dying before the bootstrap rows" in crashed.stdout
+    for table in ("snapshot", "modelstatus", "serverobservation", "bootstrapobservation"):
         assert query(shared_db, f"SELECT COUNT(*) FROM monitor_{table}") == [(0,)], table
 
     # The database is intact: the next crawl writes a whole snapshot.
@@ -270,11 +270,11 @@ def test_a_celery_worker_crawls_through_a_fanned_out_chord(celery_worker, swarm,
     assert rows == [(swarm.ids["A"], 0, 4, 2, 1), (swarm.ids["B"], 4, 8, 2, 1)]  # online, reachable
     coverage = query(
         shared_db,
-        "SELECT online_servers FROM monitor_blockcoverage WHERE snapshot_id = ? AND dht_prefix = ? ORDER BY block",
+        "SELECT coverage FROM monitor_modelstatus WHERE snapshot_id = ? AND dht_prefix = ?",
         snapshot_id,
         DEMO_PREFIX,
     )
-    assert coverage == [(1,)] * 8
+    assert [json.loads(value) for (value,) in coverage] == [[1] * 8]
     # Six tasks ran in two pool processes; each joined the swarm once and kept its DHT client.
     joins = worker.output().count("Joining the swarm")
     assert 1 <= joins <= 2, worker.output()[-3000:]
@@ -327,7 +327,7 @@ def test_status_and_model_pages_in_a_browser(swarm, web_server, browser, shared_
     rows.first.wait_for()
     assert rows.count() == 2
     assert page.locator(f'tr.server.online[data-peer-id="{swarm.ids["A"]}"]').inner_text().count("alice") == 1
-    assert page.locator(".legend .swatch").count() == 4
+    assert page.locator(".legend .swatch").count() == 5  # every display state
 
     # A new crawl lands: the page swaps in the new state without reloading.
     page.evaluate("window.stillTheSamePage = true")
@@ -360,7 +360,7 @@ def _crawl(dht, swarm) -> tuple[ModelStatus, dict[str, ServerObservation]]:
 
 
 def _coverage(status: ModelStatus) -> list[int]:
-    return list(status.coverage.order_by("block").values_list("online_servers", flat=True))
+    return status.coverage
 
 
 def test_servers_leaving_are_followed_until_they_are_gone(swarm):

@@ -419,13 +419,13 @@ def test_idle_sockets_are_closed():
 def test_availability_comes_from_the_monitor_snapshot_when_there_is_one():
     from django.utils import timezone
 
-    from monitor.models import BlockCoverage, ModelStatus, Snapshot
+    from monitor.models import ModelStatus, Snapshot
     from playground.availability import from_monitor
 
     assert from_monitor(["demo_model-hf"]) == {}
     now = timezone.now()
     snapshot = Snapshot.objects.create(created_at=now, duration=1.0, num_servers=1)
-    status = ModelStatus.objects.create(
+    ModelStatus.objects.create(
         snapshot=snapshot,
         created_at=now,
         position=0,
@@ -434,17 +434,9 @@ def test_availability_comes_from_the_monitor_snapshot_when_there_is_one():
         num_blocks=8,
         healthy=False,
         num_servers=1,
+        coverage=[1] * 4 + [0] * 4,
+        coverage_throughput=[1.0] * 4 + [0.0] * 4,
     )
-    for block in range(8):
-        BlockCoverage.objects.create(
-            snapshot=snapshot,
-            model=status,
-            created_at=now,
-            dht_prefix="demo_model-hf",
-            block=block,
-            online_servers=0 if block >= 4 else 1,
-            throughput=1.0,
-        )
     found = from_monitor(["demo_model-hf"])["demo_model-hf"]
     assert found.state == "partial" and found.source == "monitor"
     assert found.missing_blocks == (4, 5, 6, 7) and found.message == "blocks 4:8 are not served right now"

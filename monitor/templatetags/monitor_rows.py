@@ -15,6 +15,8 @@ from django import template
 from django.urls import reverse
 from django.utils.safestring import SafeString, mark_safe
 
+from config.formatting import shorten
+
 register = template.Library()
 
 PEER_PLACEHOLDER = "PEER"
@@ -54,13 +56,11 @@ def _contributor(row: dict[str, Any]) -> str:
     return f'<span title="{name}">{short}</span>'
 
 
-def _short(text: str, limit: int = 20) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _adapters(names: list[str], shown: int = 4) -> str:
     """Each adapter by the last part of its name (the whole name on hover), the first few of them."""
-    items = [f'<span title="{escape(name)}">{escape(_short(name.rsplit("/", 1)[-1]))}</span>' for name in names[:shown]]
+    items = [
+        f'<span title="{escape(name)}">{escape(shorten(name.rsplit("/", 1)[-1], 20))}</span>' for name in names[:shown]
+    ]
     if len(names) > shown:
         items.append(f'<span class="muted">+{len(names) - shown}</span>')
     return ", ".join(items)
