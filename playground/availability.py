@@ -44,8 +44,11 @@ class Availability:
 
 def describe(num_blocks: int, missing: list[int], servers: int, source: str, checked_at: float) -> Availability:
     if not missing:
+        # The monitor counts servers it reached; the swarm's own answer is what servers announce, which
+        # anyone can (a flood of fakes would look "available" here): the message says which it is.
+        served = "served by" if source == "monitor" else "announced (not checked) by"
         return Availability(
-            "available", f"all {num_blocks} blocks served by {servers} server(s)", (), servers, source, checked_at
+            "available", f"all {num_blocks} blocks {served} {servers} server(s)", (), servers, source, checked_at
         )
     if len(missing) == num_blocks:
         return Availability(

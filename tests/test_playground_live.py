@@ -387,7 +387,7 @@ def test_models_api_reports_live_availability(site):
         demo, ghost = json.loads(response.read())["models"]
     assert demo["name"] == "demo" and demo["state"] == "available" and demo["source"] == "swarm"
     assert demo["servers"] == 2 and demo["missing_blocks"] == []
-    assert demo["message"] == "all 8 blocks served by 2 server(s)"
+    assert demo["message"] == "all 8 blocks announced (not checked) by 2 server(s)"
     assert ghost["state"] == "unavailable" and ghost["missing_blocks"] == list(range(8))
 
 
@@ -449,7 +449,7 @@ def test_chat_page_streams_stops_and_continues(site):
             page.wait_for_function(
                 "document.getElementById('model-status').dataset.state === 'available'", timeout=60000
             )
-            assert "all 8 blocks served by 2 server(s)" in page.inner_text("#model-status")
+            assert "all 8 blocks announced (not checked) by 2 server(s)" in page.inner_text("#model-status")
             page.uncheck("#do-sample")
             page.fill("#repetition-penalty", "1")
             page.fill("#max-new-tokens", str(LONG_REPLY["max_new_tokens"]))

@@ -442,6 +442,14 @@ def test_availability_comes_from_the_monitor_snapshot_when_there_is_one():
     assert found.missing_blocks == (4, 5, 6, 7) and found.message == "blocks 4:8 are not served right now"
 
 
+def test_availability_read_from_announcements_says_it_was_not_checked():
+    from playground.availability import describe
+
+    # Without the monitor, the DHT's announcements are all there is, and anyone can announce.
+    assert "not checked" in describe(8, [], 3, "swarm", 0.0).message
+    assert describe(8, [], 3, "monitor", 0.0).message == "all 8 blocks served by 3 server(s)"
+
+
 # ----- chats the browser keeps: system prompt, history, regenerate, reply budget -----
 
 

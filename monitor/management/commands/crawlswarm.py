@@ -10,6 +10,7 @@ from monitor import conf
 from monitor.crawl import PingCache, run_crawl
 from monitor.snapshots import summarize, write_snapshot
 from monitor.swarm_client import start_dht
+from monitor.tasks import known_good
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,9 @@ class Command(BaseCommand):
             raise CommandError("no swarm to crawl: give --initial-peers or set SWARM_INITIAL_PEERS")
         dht = start_dht(peers)
         try:
-            result = run_crawl(
-                dht, conf.configured_models(), peers, conf.crawl_options(ping=not options["no_ping"]), PingCache(0)
-            )
+            crawl_options = conf.crawl_options(ping=not options["no_ping"])
+            # Servers earlier crawls reached go first, as in the scheduled crawls: a flood cannot push them out.
+            result = run_crawl(dht, conf.configured_models(), peers, crawl_options, PingCache(0), known_good())
         finally:
             dht.shutdown()
         snapshot = write_snapshot(result)
