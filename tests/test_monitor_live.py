@@ -13,13 +13,13 @@ from django.db import OperationalError
 from django.utils import timezone
 
 from config.asgi import application
-from monitor import consumers, tasks
+from monitor import consumers
 from monitor.consumers import SOCKETS, TOO_MANY_CODE
 from monitor.models import Snapshot
 from monitor.reports import REPORTS
 from tests.test_monitor_cache import _write
 from tests.test_monitor_push import _write as write_pushed
-from tests.test_monitor_swarm import REDIS_URL, browser, celery_worker, migrated_db, shared_db, swarm  # noqa: F401
+from tests.test_monitor_swarm import browser  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the consumer reads from its own thread
 
@@ -107,31 +107,6 @@ def test_a_failing_database_is_retried_by_the_live_update_loop(settings, monkeyp
     async_to_sync(scenario)()
     assert failures["left"] == 0
     assert caplog.text.count("the latest snapshot cannot be read") == 3
-
-
-# ----- crawls never overlap, with a real worker -----
-
-
-@pytest.mark.integration
-def test_a_worker_skips_a_tick_while_a_crawl_holds_the_lock(celery_worker, request, settings, tmp_path):  # noqa: F811
-    app, worker = celery_worker
-    if request.node.callspec.params["celery_worker"] == "redis":  # the cache the worker shares
-        settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
-    else:  # the embedded mode's folder under the worker's VAR_DIR
-        cache = {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": str(tmp_path / "cache")}
-        settings.CACHES = {"default": cache}
-    held = tasks.acquire_crawl_lock(seconds=120)  # a crawl is running
-    assert held
-    try:
-        assert app.send_task("monitor.tasks.crawl_swarm").get(timeout=120) is None
-        assert "The previous crawl has not finished: this one is skipped" in worker.output()
-    finally:
-        tasks.release_crawl_lock(held)
-    save_id = app.send_task("monitor.tasks.crawl_swarm").get(timeout=120)
-    assert app.AsyncResult(save_id).get(timeout=120)["snapshot"]
-    freed = tasks.acquire_crawl_lock(seconds=120)  # the worker's save released the crawl's lock
-    assert freed
-    tasks.release_crawl_lock(freed)
 
 
 # ----- the page in a browser -----

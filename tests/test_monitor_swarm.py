@@ -255,8 +255,31 @@ def celery_worker(request, swarm, shared_db, tmp_path):
                 connection.default_channel.client.delete("celery")  # leave no queued task behind
 
 
-def test_a_celery_worker_crawls_through_a_fanned_out_chord(celery_worker, swarm, shared_db):
+def _share_the_workers_cache(settings, kind: str, var_dir: Path) -> None:
+    """This process uses the cache the worker uses (Redis, or the embedded mode's folder under its VAR_DIR)."""
+    if kind == "redis":
+        settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    else:
+        cache = {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": str(var_dir / "cache")}
+        settings.CACHES = {"default": cache}
+
+
+def test_a_celery_worker_crawls_through_a_fanned_out_chord(
+    celery_worker, swarm, shared_db, request, settings, tmp_path
+):
+    from monitor import tasks
+
     app, worker = celery_worker
+    # A beat tick while a crawl holds the lock starts no second crawl.
+    _share_the_workers_cache(settings, request.node.callspec.params["celery_worker"], tmp_path)
+    held = tasks.acquire_crawl_lock(seconds=120)
+    assert held
+    try:
+        assert app.send_task("monitor.tasks.crawl_swarm").get(timeout=120) is None
+        assert "The previous crawl has not finished: this one is skipped" in worker.output()
+    finally:
+        tasks.release_crawl_lock(held)
+
     summaries = []
     for _ in range(2):
         save_id = app.send_task("monitor.tasks.crawl_swarm").get(timeout=120)
@@ -278,6 +301,9 @@ def test_a_celery_worker_crawls_through_a_fanned_out_chord(celery_worker, swarm,
     # Six tasks ran in two pool processes; each joined the swarm once and kept its DHT client.
     joins = worker.output().count("Joining the swarm")
     assert 1 <= joins <= 2, worker.output()[-3000:]
+    freed = tasks.acquire_crawl_lock(seconds=120)  # each save released its crawl's lock
+    assert freed
+    tasks.release_crawl_lock(freed)
 
 
 # ----- the pages in a real browser -----
