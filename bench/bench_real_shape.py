@@ -1,6 +1,6 @@
 """Serving real-shaped blocks: a Llama-3-8B-shaped span and a Mixtral-8x7B-shaped block, random weights.
 
-    python bench/bench_real_shape.py [--blocks 2] [--positions 16 2048] [--quick]
+    python bench/bench_real_shape.py [--blocks 2] [--positions 16 2048] [--quick] [--only memory]
 
 Builds the blocks with transformers' own config classes (Llama-3-8B: hidden 4096, 32 heads, 8 KV
 heads, intermediate 14336; Mixtral-8x7B: the same with 8 experts, 2 per token) and random weights,
@@ -31,6 +31,8 @@ each ratio measured within this run:
   at the fullest (from rpc_info; one peer may hold 75% of the announced pool, so the pool itself is
   never full), as a percentage of weights + cache. Also for the Mixtral block (`_mixtral`). The peak
   includes the load: a server that casts or quantizes holds the checkpoint's bytes for a while too.
+  With `--only memory`, `memory_overhead_after_load_pct_<mode>=` is the same at the end of the load,
+  before the first request (bitsandbytes' CPU matmuls unpack a layer's weights to float for each call).
 - `load_gb_per_s=`: checkpoint bytes per second of loading the span in this process as a server
   does (`load_span`) and reading every weight once (safetensors maps what needs no cast lazily), in
   the stored dtype; `load_cast_gb_per_s=` the same with a cast. The files were just written, so
@@ -45,7 +47,8 @@ width, the same for both models, so the scaled figures at long positions are pes
 Within 24 GiB of RAM (at most ~7 GB at once with the default shapes: servers of real shapes start
 one after the other, int8 and nf4 together) and about 10-15 minutes on 2 cores. `--quick` (fewer
 tokens, steps and rounds, positions 8 and 128) with tiny shapes (`--hidden 256 --intermediate 512`)
-is the smoke test's setting.
+is the smoke test's setting. `--only memory` prints only the memory and load figures (each server
+serves one short decode probe instead of the speed measurements): a few minutes at the default shapes.
 """
 
 from __future__ import annotations
@@ -512,17 +515,18 @@ def greedy_ratio(server: Server, local, swarm: LocalSwarm, args, dtype: torch.dt
 # ----- memory -----
 
 
-def memory_figures(server: Server, floor: int) -> float:
-    peak = peak_rss_bytes(server.process.pid)
+def memory_figures(server: Server, floor: int, peak: int | None = None, label: str = "") -> float:
+    """The server's overhead now (or at `peak`, an earlier VmHWM: `label` says which) over weights and cache."""
+    peak = peak_rss_bytes(server.process.pid) if peak is None else peak
     weights, cache = server.weight_bytes(), server.cache_used
     overhead = peak - floor - weights - cache
     pct = 100 * overhead / (weights + cache)
     print(
-        f"memory {server.name}: peak_rss_mb={peak / MB:.0f} import_floor_mb={floor / MB:.0f} "
+        f"memory{label} {server.name}: peak_rss_mb={peak / MB:.0f} import_floor_mb={floor / MB:.0f} "
         f"weights_mb={weights / MB:.0f} cache_used_mb={cache / MB:.1f} "
         f"(announced pool {server.pool_bytes / MB:.1f} MB) overhead_mb={overhead / MB:.0f}"
     )
-    print(f"memory_overhead_pct_{server.name}={pct:.1f}")
+    print(f"memory_overhead{label}_pct_{server.name}={pct:.1f}")
     return pct
 
 
@@ -635,11 +639,15 @@ def llama_servers(args, servers: Servers, local, figures: dict) -> None:
     path, p2p = servers.checkpoints["llama"], servers.p2p
     for mode in args.modes:
         dtype, quant = mode_options(mode)
-        if quant != "none":  # only a decode probe runs on each: they may load together
+        if quant != "none" and not args.only:  # only a decode probe runs on each: they may load together
             servers.start([name for name in args.modes if mode_options(name)[1] != "none"])
         server = servers.get(mode)
         try:
-            if mode == "float32":
+            if args.only == "memory":  # one short decode: the peak of a server that has served, no speed figures
+                loaded = peak_rss_bytes(server.process.pid)  # what loading took, before any request
+                memory_figures(server, floor_quantized if quant != "none" else floor, loaded, "_after_load")
+                figures.setdefault("probe", {})[mode] = decode_probe(server, p2p, args)
+            elif mode == "float32":
                 print(f"{stamp()} greedy generation, float32, local transformers vs one server:")
                 engine = sharing_backend(path, local, args.blocks)
                 rates, ratios, equal = greedy_ratio(server, local, servers.swarm, args, torch.float32, engine)
@@ -652,13 +660,13 @@ def llama_servers(args, servers: Servers, local, figures: dict) -> None:
                 print(f"ratio_1server_vs_engine={vs_engine:.3f}")
                 if not equal:
                     failures.append("greedy tokens through the server differ from local transformers'")
-            if mode in DTYPES:
+            if mode in DTYPES and not args.only:
                 check = engine if mode == "float32" else None
                 label = "short" if mode == "float32" else f"short_{mode}"
                 figures[label] = (load_phase(server, p2p, args, short, args.blocks, label, check), mode)
-            if mode == args.long_dtype:
+            if mode == args.long_dtype and not args.only:
                 figures["long"] = (load_phase(server, p2p, args, long, 1, "long", None), mode)
-            if quant != "none":
+            if quant != "none" and not args.only:
                 rate = decode_probe(server, p2p, args)
                 figures.setdefault("probe", {})[mode] = rate
                 print(f"{mode}: one session {rate:.2f} tokens/s through {args.blocks} blocks")
@@ -670,6 +678,10 @@ def llama_servers(args, servers: Servers, local, figures: dict) -> None:
 def mixtral_server(args, servers: Servers, local, figures: dict) -> None:
     server = servers.get("mixtral")
     try:
+        if args.only == "memory":
+            decode_probe(server, p2p=servers.p2p, args=args)
+            memory_figures(server, figures["floors"][0])
+            return
         print(f"{stamp()} greedy generation, Mixtral block in bfloat16, local transformers vs one server:")
         rates, ratios, equal = greedy_ratio(server, local, servers.swarm, args, torch.bfloat16)
         figures["mixtral"] = statistics.median(rates["swarm"])
@@ -698,7 +710,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         local_mixtral = build_checkpoint(mixtral_config(args), torch.bfloat16, checkpoints["mixtral"], args.shard_size)
     figures["floors"] = import_floors(floors)
     print(f"import floor: {figures['floors'][0] / MB:.0f} MB, with bitsandbytes {figures['floors'][1] / MB:.0f} MB")
-    for name, dtype in DTYPES.items():  # measured once nothing else of this bench runs
+    for name, dtype in DTYPES.items() if not args.only else ():  # measured once nothing else of this bench runs
         ratio = matmul_ratio_16(args.hidden, args.intermediate, dtype)
         print(f"matmul_ratio_16_{name}={ratio:.2f} (one {args.hidden}x{args.intermediate} matmul, 16 rows vs 1)")
     # Both dtypes: one of them is a cast. The files were just written: they come from the page cache.
@@ -715,7 +727,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         dht = create_dht(swarm.initial_peers, client_mode=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         try:
             servers = Servers(args, swarm, run_sync(dht.replicate_p2p()), checkpoints)
-            if small:
+            if small and not args.only:
                 servers.start([*args.modes, "mixtral"] if args.mixtral else args.modes)
             llama_servers(args, servers, local, figures)
             del local
@@ -759,6 +771,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in each server")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps, 4 tokens, positions 8 128")
     parser.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder)")
+    parser.add_argument("--only", choices=["memory"], help="only these figures (memory: and the load rates)")
     args = parser.parse_args()
     quick = {"positions": [8, 128], "steps": 2, "rounds": 1, "tokens": 4}
     full = {"positions": [16, 2048], "steps": 16, "rounds": 3, "tokens": 16}

@@ -154,3 +154,69 @@ def test_missing_shard_error_names_the_shard(checkpoints, tmp_path: Path) -> Non
 def test_nonexistent_absolute_path_raises_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         CheckpointFiles(str(tmp_path / "no-such-model"))
+
+
+# ----- block by block, casting a chunk at a time -----
+
+BLOCKS = [f"model.layers.{index}." for index in range(4)]
+
+
+@pytest.mark.parametrize("kind", ["single", "sharded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_blocks_reads_each_block_only_when_taken(kind, dtype, checkpoints, tiny_model, monkeypatch) -> None:
+    """A block's tensors are read when the consumer asks for that block, not before: a server that converts
+    each block before taking the next never holds more than one block of unconverted bytes."""
+    read: list[str] = []
+    real = swarm.checkpoint.TensorReader.read
+
+    def recording(self, path, name, wanted_dtype):
+        read.append(name)
+        return real(self, path, name, wanted_dtype)
+
+    monkeypatch.setattr(swarm.checkpoint.TensorReader, "read", recording)
+    monkeypatch.setattr(swarm.checkpoint, "CAST_CHUNK_BYTES", 1000)  # several chunks per tensor
+    blocks = CheckpointFiles(str(checkpoints[kind])).load_blocks(BLOCKS, dtype=dtype)
+    for index, prefix in enumerate(BLOCKS):
+        weights = next(blocks)
+        assert {name for name in read if not name.startswith(prefix)} == set().union(
+            *({name for name in read if name.startswith(BLOCKS[i])} for i in range(index))
+        )  # nothing of a later block yet
+        expected = _expected(tiny_model, prefix)
+        assert set(weights) == {name[len(prefix) :] for name in expected}
+        for name, tensor in expected.items():
+            assert weights[name[len(prefix) :]].dtype == dtype
+            assert torch.equal(weights[name[len(prefix) :]], tensor.to(dtype)), name
+        del weights
+    assert next(blocks, None) is None
+
+
+def test_cast_reads_a_chunk_at_a_time(checkpoints, monkeypatch) -> None:
+    """A cast never holds the stored tensor whole: it goes through one buffer of CAST_CHUNK_BYTES."""
+    monkeypatch.setattr(swarm.checkpoint, "CAST_CHUNK_BYTES", 4096)
+    buffers: list[int] = []
+    real = swarm.checkpoint._read_into
+
+    def recording(path, stored, flat, buffer, step):
+        buffers.append(buffer.numel())
+        return real(path, stored, flat, buffer, step)
+
+    monkeypatch.setattr(swarm.checkpoint, "_read_into", recording)
+    (weights,) = CheckpointFiles(str(checkpoints["single"])).load_blocks([LAYER], dtype=torch.float16)
+    assert weights["mlp.up_proj.weight"].numel() * 4 > 4096 and max(buffers) == 4096
+
+
+def test_truncated_or_malformed_file_gives_a_clear_error(checkpoints, tmp_path: Path) -> None:
+    source = (checkpoints["single"] / SINGLE_FILE).read_bytes()
+    (tmp_path / SINGLE_FILE).write_bytes(source[: len(source) // 2])
+    with pytest.raises(ValueError, match="outside the file"):
+        swarm.checkpoint.read_header(str(tmp_path / SINGLE_FILE))
+    (tmp_path / SINGLE_FILE).write_bytes((2**40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        swarm.checkpoint.read_header(str(tmp_path / SINGLE_FILE))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / SINGLE_FILE).write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(ValueError, match="not what its shape and dtype take"):
+        swarm.checkpoint.read_header(str(tmp_path / SINGLE_FILE))
+    (tmp_path / SINGLE_FILE).write_bytes((4).to_bytes(8, "little") + b"{no}")
+    with pytest.raises(ValueError, match="unreadable"):
+        swarm.checkpoint.read_header(str(tmp_path / SINGLE_FILE))

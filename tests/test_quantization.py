@@ -8,6 +8,7 @@ so these tests run the real int8 and nf4 matmuls.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from swarm.checkpoint import CheckpointFiles
 from swarm.demo_models import DEMO_MOE_MODEL_PATH
 from swarm.dht import fetch_swarm
 from swarm.models.registry import bytes_per_block, family_for, prepare_config
+from swarm.server import quantization
 from swarm.server.backend import load_span
 from swarm.server.block_selection import blocks_that_fit
 from swarm.server.quantization import (
@@ -261,3 +263,91 @@ def test_quantize_block_leaves_unquantized_layers_alone():
     assert isinstance(quantized[0], bnb.nn.Linear4bit) and type(quantized[1]) is nn.LayerNorm
     again = quantize_block(quantized, "nf4", torch.float32)  # already quantized: untouched
     assert again[0] is quantized[0]
+
+
+# ----- loading: one block's float weights at a time -----
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizing_now_in_chunks_equals_bitsandbytes_own(quant_type, dtype, monkeypatch):
+    """What loading does (each layer quantized at once, a few rows at a time) gives bitsandbytes' own bytes."""
+    monkeypatch.setattr(quantization, "QUANTIZE_CHUNK_BYTES", 3000)  # several chunks per layer, odd sizes
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(96, 70), nn.Linear(70, 33, bias=False))
+    released: list[torch.Tensor] = []
+    reference = quantize_block(copy.deepcopy(block), quant_type, dtype).to(CPU)
+    now = quantize_block(copy.deepcopy(block), quant_type, dtype, CPU, released.append)
+    assert len(released) > 2 * len(block)  # each layer's rows went chunk by chunk
+    for expected, layer in zip(reference, now):
+        assert torch.equal(expected.weight.data, layer.weight.data)
+        if quant_type == "int8":
+            assert torch.equal(expected.weight.SCB, layer.weight.SCB)
+        else:
+            a, b = expected.weight.quant_state, layer.weight.quant_state
+            assert (a.shape, a.dtype, a.blocksize) == (b.shape, b.dtype, b.blocksize)
+            assert torch.equal(a.absmax, b.absmax) and torch.equal(a.offset, b.offset)
+            assert torch.equal(a.state2.absmax, b.state2.absmax) and torch.equal(a.state2.code, b.state2.code)
+    hidden = torch.randn(4, 96, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(reference(hidden), now(hidden))
+
+
+PEAK_SCRIPT = """
+import json, sys, gc, torch
+from pathlib import Path
+from transformers import AutoConfig
+from swarm.checkpoint import CheckpointFiles, trim_heap
+from swarm.models.registry import family_for, prepare_config
+from swarm.server import quantization
+from swarm.server.backend import load_span
+
+def status(key):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+path = sys.argv[1]
+config = prepare_config(AutoConfig.from_pretrained(path))
+layer = quantization.quantize_block(torch.nn.Sequential(torch.nn.Linear(64, 64)), "nf4", torch.float32)
+quantization.quantize_block(torch.nn.Sequential(torch.nn.Linear(64, 64)), "int8", torch.float32).to("cpu")
+layer.to("cpu")(torch.randn(1, 64))  # bitsandbytes' first-use setup is not the loader's
+figures = {}
+for mode in sys.argv[2:]:
+    dtype, quant = (torch.float32, mode) if mode in ("int8", "nf4") else (getattr(torch, mode), "none")
+    gc.collect(); trim_heap()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
+    before = status("VmRSS")
+    files, family = CheckpointFiles(path), family_for(config)
+    backend = load_span(files, family, config, 0, 6, dtype, torch.device("cpu"), quant_type=quant)
+    weights = sum(quantization.measured_bytes(block) for block in backend.blocks)
+    figures[mode] = status("VmHWM") - before - weights
+    del backend
+print(json.dumps(figures))
+"""
+
+
+def test_loading_holds_at_most_one_block_of_float_weights_besides_the_served_ones(tmp_path):
+    """The server's peak while loading (a fresh process's VmHWM) over the weights it ends up serving stays below
+    one block of checkpoint bytes, whatever the span's length: cast and quantized a block (a few rows) at a time."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path, max_shard_size="200MB")
+    one_block = block_bytes(config, torch.float32, "none")  # 61 MB; the span's six blocks: 366 MB
+    modes = ["bfloat16", "int8", "nf4"]
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(tmp_path), *modes],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    overheads = json.loads(result.stdout.strip().splitlines()[-1])
+    for mode in modes:
+        assert overheads[mode] < one_block, f"{mode}: {overheads[mode] / 2**20:.0f} MB over the served weights"

@@ -9,12 +9,13 @@ uses with its own caches.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarm.checkpoint import CheckpointFiles
+from swarm.checkpoint import CheckpointFiles, LoadedWeights, PageReleaser, trim_heap
 from swarm.models.family import BlockInputs, CacheLayout, ModelFamily, call_decoder_layer
 from swarm.server.activations import KeptForward
 from swarm.server.adapters import LoraHook, LoraWeights, attach_adapter, using_adapter
@@ -144,12 +145,14 @@ class SpanBackend:
         config: PretrainedConfig,
         start: int,
         end: int,
-        block_weights: list[dict[str, torch.Tensor]],
+        block_weights: Iterable[dict[str, torch.Tensor]],
         dtype: torch.dtype,
         device: torch.device,
         quant_type: str = "none",
     ):
-        """`block_weights[i]` holds block start + i's tensors, named as in the checkpoint without the block prefix."""
+        """The i-th of `block_weights` holds block start + i's tensors, named as in the checkpoint without the block
+        prefix. A generator (`CheckpointFiles.load_blocks`) is taken one block at a time: each block is built,
+        quantized and moved before the next one is read."""
         self.family, self.config = family, config
         self.start, self.end = start, end
         self.dtype, self.device = dtype, device
@@ -177,16 +180,30 @@ class SpanBackend:
         if getattr(config, "_experts_implementation", None) is None:
             config._experts_implementation = "grouped_mm"  # MoE layers: what transformers picks for whole models
         self.blocks = nn.ModuleList()
-        for index, weights in zip(range(start, end), block_weights, strict=True):
-            with torch.device("meta"):
-                block = family.make_block(config, index)
-            block.load_state_dict(family.convert_block_weights(weights, config), strict=True, assign=True)
-            block = quantize_block(block, quant_type, dtype)  # quantized as .to() moves it to the device
-            self.blocks.append(block.to(device=device, dtype=dtype).eval().requires_grad_(False))
+        weights = iter(block_weights)
+        for index in range(start, end):
+            # Passed on, not bound here: the block's float tensors die as soon as it is built and converted.
+            self.blocks.append(self._build_block(index, next(weights, None), quant_type))
+        if next(weights, None) is not None:
+            raise ValueError(f"more block weights than the {end - start} blocks {start}:{end}")
         self.rotary = family.make_rotary(config).to(device) if family.make_rotary else None
         self._rope_follows_length = _rope_follows_length(self.rotary)
         self.adapters: list[str] = []  # served LoRA adapters, by name
         self._lora_hooks: dict[tuple[int, str], LoraHook] = {}
+
+    def _build_block(self, index: int, weights: dict[str, torch.Tensor] | None, quant_type: str) -> nn.Module:
+        if weights is None:
+            raise ValueError(f"no weights for block {index} of blocks {self.start}:{self.end}")
+        # Tensors straight from the loader are nobody else's: their mapped pages can go once quantized.
+        release = PageReleaser() if isinstance(weights, LoadedWeights) else None
+        state = self.family.convert_block_weights(weights, self.config)
+        del weights
+        with torch.device("meta"):
+            block = self.family.make_block(self.config, index)
+        block.load_state_dict(state, strict=True, assign=True)
+        del state  # the block holds the tensors now: quantizing a layer frees its float weight
+        block = quantize_block(block, quant_type, self.dtype, self.device, release)
+        return block.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
 
     def add_adapter(self, name: str, loras: dict[tuple[int, str], LoraWeights]) -> None:
         """Serve LoRA adapter `name` (weights by block index and layer path); the base weights stay as they are."""
@@ -421,17 +438,11 @@ def load_span(
     """Read only blocks [start, end) from a checkpoint (only the shards that hold them) and build their backend."""
     names = family.checkpoint.resolve(files.tensor_names())
     prefixes = [names.block_prefix(index) for index in range(start, end)]
-    tensors = files.load(
-        lambda name: name.startswith(tuple(prefixes)),
-        dtype=dtype,
-        progress=progress,
-        description=f"Loading blocks {start}:{end}",
-    )
-    block_weights = [
-        {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
-        for prefix in prefixes
-    ]
-    return SpanBackend(family, config, start, end, block_weights, dtype, device, quant_type)
+    # One block at a time: read (cast chunk by chunk), built, quantized, moved, then the next one.
+    blocks = files.load_blocks(prefixes, dtype=dtype, progress=progress, description=f"Loading blocks {start}:{end}")
+    backend = SpanBackend(family, config, start, end, blocks, dtype, device, quant_type)
+    trim_heap()  # what the conversions freed goes back to the system, not only to this process's heap
+    return backend
 
 
 def _rope_follows_length(rotary: nn.Module | None) -> bool:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from swarm.checkpoint import trim_heap
 from swarm.data_structures import QUANT_TYPES
 
 logger = logging.getLogger(__name__)
@@ -76,21 +78,23 @@ def _is_router(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ROUTER_NAMES
 
 
-def _quantized_linear(linear: nn.Linear, quant_type: str, dtype: torch.dtype) -> nn.Module:
-    """A bitsandbytes layer holding `linear`'s float weights; they are quantized when it moves to a device."""
+def _empty_layer(linear: nn.Linear, quant_type: str, dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes layer of `linear`'s shape on the meta device (no throwaway float weights)."""
     bnb = _bitsandbytes()
-    weight = linear.weight.data.to(dtype)
-    has_bias = linear.bias is not None
-    with torch.device("meta"):  # no throwaway float weights
+    with torch.device("meta"):
         if quant_type == "int8":
             layer = bnb.nn.Linear8bitLt(
-                linear.in_features, linear.out_features, has_bias, has_fp16_weights=False, threshold=INT8_THRESHOLD
+                linear.in_features,
+                linear.out_features,
+                linear.bias is not None,
+                has_fp16_weights=False,
+                threshold=INT8_THRESHOLD,
             )
         else:
             layer = bnb.nn.Linear4bit(
                 linear.in_features,
                 linear.out_features,
-                has_bias,
+                linear.bias is not None,
                 compute_dtype=dtype,
                 compress_statistics=True,
                 quant_type="nf4",
@@ -99,36 +103,145 @@ def _quantized_linear(linear: nn.Linear, quant_type: str, dtype: torch.dtype) ->
         # whose matmul has no autograd: a later backward (rpc_backward) would then fail or get wrong
         # gradients (bitsandbytes 0.50.2). The standard layout serves both.
         layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def _with_bias(layer: nn.Module, linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
+    bias = linear.bias
+    layer.bias = None if bias is None else nn.Parameter(bias.data.to(dtype), requires_grad=False)
+    return layer.train(linear.training)  # int8 decomposes outliers differently in training mode
+
+
+def _quantized_linear(linear: nn.Linear, quant_type: str, dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes layer holding `linear`'s float weights; they are quantized when it moves to a device."""
+    bnb = _bitsandbytes()
+    weight = linear.weight.data.to(dtype)
+    layer = _empty_layer(linear, quant_type, dtype)
     if quant_type == "int8":
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         layer.weight = bnb.nn.Params4bit(
             weight, requires_grad=False, blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4"
         )
-    layer.bias = None if not has_bias else nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
-    return layer.train(linear.training)  # int8 decomposes outliers differently in training mode
+    return _with_bias(layer, linear, dtype)
 
 
-def quantize_block(block: nn.Module, quant_type: str, dtype: torch.dtype) -> nn.Module:
+QUANTIZE_CHUNK_BYTES = 4 * 2**20  # float weight bytes quantized at a time (quantize_block with a device)
+
+
+def _row_chunks(weight: torch.Tensor, multiple_of: int) -> list[tuple[int, int]]:
+    """Row ranges of about QUANTIZE_CHUNK_BYTES each; each range's element count is a multiple of `multiple_of`."""
+    rows, row_elements = weight.shape[0], weight[0].numel() if weight.shape[0] else 1
+    step = multiple_of // math.gcd(row_elements, multiple_of)  # rows whose elements fill whole blocks
+    per_chunk = max(step, QUANTIZE_CHUNK_BYTES // max(row_elements * weight.element_size(), 1) // step * step)
+    return [(first, min(first + per_chunk, rows)) for first in range(0, rows, per_chunk)]
+
+
+def _int8_weight(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, release) -> nn.Parameter:
+    """LLM.int8()'s row-wise quantization, as Int8Params does when moved to a device, a few rows at a time."""
+    bnb = _bitsandbytes()
+    quantized, scales = None, None
+    for first, end in _row_chunks(weight, 1):
+        rows = weight[first:end]
+        # The same casts as Int8Params: to the span's dtype (on the CPU), then float16 on the device.
+        chunk, chunk_scales, _ = bnb.functional.int8_vectorwise_quant(rows.to(dtype).to(device, torch.float16))
+        if quantized is None:
+            quantized = torch.empty(weight.shape, dtype=chunk.dtype, device=device)
+            scales = torch.empty(weight.shape[0], dtype=chunk_scales.dtype, device=device)
+        quantized[first:end], scales[first:end] = chunk, chunk_scales
+        release(rows)
+    return bnb.nn.Int8Params(quantized, requires_grad=False, has_fp16_weights=False, CB=quantized, SCB=scales)
+
+
+def _nf4_weight(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, release) -> nn.Parameter:
+    """QLoRA's NF4 with double-quantized scales, as Params4bit does when moved to a device, a few rows at a time.
+
+    Each block of 64 weights is quantized alone, so chunks of whole blocks give the bytes of the whole tensor;
+    the second-level quantization of the scales then runs once over all of them, as bitsandbytes does it.
+    """
+    bnb = _bitsandbytes()
+    functional = bnb.functional
+    count = weight.numel()
+    packed = torch.empty(((count + 1) // 2, 1), dtype=torch.uint8, device=device)
+    absmax = torch.empty(math.ceil(count / NF4_BLOCKSIZE), dtype=torch.float32, device=device)
+    for first, end in _row_chunks(weight, NF4_BLOCKSIZE):
+        rows = weight[first:end]
+        chunk = rows.to(dtype).to(device).contiguous()
+        start = first * (count // max(weight.shape[0], 1))  # elements before this chunk
+        part, scales = torch.ops.bitsandbytes.quantize_4bit.default(chunk, NF4_BLOCKSIZE, "nf4", torch.uint8)
+        packed[start // 2 : start // 2 + part.shape[0]] = part
+        absmax[start // NF4_BLOCKSIZE : start // NF4_BLOCKSIZE + scales.numel()] = scales
+        release(rows)
+    offset = absmax.mean()
+    scales, nested = functional.quantize_blockwise(absmax - offset, blocksize=NF4_DOUBLE_QUANT_BLOCK)
+    state = functional.QuantState(
+        absmax=scales,
+        shape=weight.shape,
+        dtype=dtype,
+        blocksize=NF4_BLOCKSIZE,
+        code=functional.get_4bit_type("nf4", device=device),
+        quant_type="nf4",
+        offset=offset,
+        state2=nested,
+    )
+    return bnb.nn.Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=NF4_BLOCKSIZE,
+        compress_statistics=True,
+        quant_type="nf4",
+        bnb_quantized=True,
+    )
+
+
+def _quantized_linear_now(linear: nn.Linear, quant_type: str, dtype: torch.dtype, device, release) -> nn.Module:
+    """`linear` quantized on `device` right away, its float weight read a chunk of rows at a time."""
+    layer = _empty_layer(linear, quant_type, dtype)
+    weight = linear.weight.detach()
+    quantize = _int8_weight if quant_type == "int8" else _nf4_weight
+    layer.weight = quantize(weight, dtype, device, release)
+    return _with_bias(layer, linear, dtype).to(device)
+
+
+def quantize_block(
+    block: nn.Module,
+    quant_type: str,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+    release: Callable[[torch.Tensor], None] | None = None,
+) -> nn.Module:
     """Swap the block's `nn.Linear` layers (on the CPU, not yet moved) for int8/nf4 ones, in place.
 
-    The weights are quantized by the block's next `.to(device)`, on that device. `none` returns the
-    block as it is.
+    Without `device`, the weights are quantized by the block's next `.to(device)`, on that device. With it,
+    each layer is quantized there at once, a chunk of rows at a time, and its float weight dropped before
+    the next layer's is read; `release(rows)` is called with each chunk's source once it is converted (the
+    loader's mapped pages can go then). `none` returns the block as it is.
     """
     if quant_type == "none":
         return block
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant type must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
-    targets = [
-        (name, module)
+    names = [  # names only: holding the modules would keep every float weight alive until the end
+        name
         for name, module in block.named_modules()
         if type(module) is nn.Linear and not _is_router(name)  # exact type: already quantized layers are skipped
     ]
-    for name, linear in targets:
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
-        setattr(parent, child, _quantized_linear(linear, quant_type, dtype))
+        linear = getattr(parent, child)
+        if device is None:
+            setattr(parent, child, _quantized_linear(linear, quant_type, dtype))
+        else:
+            setattr(parent, child, _quantized_linear_now(linear, quant_type, dtype, device, release or _keep))
+            del linear
+            trim_heap()  # the C heap keeps the chunks' freed temporaries otherwise: they would add up to a peak
     return block
+
+
+def _keep(tensor: torch.Tensor) -> None:
+    """The default `release`: the source stays as it is."""
 
 
 def log_quantization(quant_type: str, blocks: nn.ModuleList) -> None:
