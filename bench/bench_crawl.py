@@ -208,6 +208,7 @@ def main() -> None:
     from hivemind import DHT
     from hivemind.utils import get_dht_time
 
+    from monitor import conf
     from monitor.crawl import CrawlOptions, KnownGood, run_crawl
     from monitor.models import ServerObservation
     from monitor.snapshots import write_snapshot
@@ -271,7 +272,8 @@ def main() -> None:
             response = client.get("/")
             render_times.append(time.perf_counter() - began)
         rows = response.content.count(b'<tr class="server ')
-        assert rows == kept, f"the status page lists {rows} of {kept} servers"
+        listed = sum(min(len(model.spans), conf.page_servers_per_model()) for model in result.models)
+        assert rows == listed, f"the status page lists {rows} of {listed} servers (of {kept})"
 
         crawl, naive = statistics.median(crawl_times), statistics.median(naive_times)
         announcements = sum(e - s for _, s, e, _ in servers) + sum(e - s for _, s, e, _ in flood)

@@ -27,7 +27,7 @@ from monitor.conf import CrawlOptions  # (also importable from here, as before)
 from monitor.gcpause import paused_gc
 from monitor.targets import ModelTarget, choose_targets, salted_key
 from swarm.data_structures import RemoteSpanInfo, ServerInfo, ServerState
-from swarm.dht import MAX_PEERS_PER_MODEL, fetch_model_index, fetch_swarm_in_dht
+from swarm.dht import MAX_PEERS_PER_MODEL, fetch_model_index, fetch_swarm_in_dht, shared_parsing
 from swarm.ping import PingResult, ping_dht_peer, ping_server, ping_within
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ async def _fetch_parts_in_dht(
         return number, view
 
     results = [PartResult(part, {}) for part in parts]
-    with paused_gc():
+    with paused_gc(), shared_parsing():  # a server's value, read on each of its blocks, is parsed once
         for number, view in await asyncio.gather(*(read(*args) for args in reads)):
             result = results[number]
             result.invalid_entries += view.invalid_entries

@@ -6,26 +6,33 @@ large raw answers are parsed where they arrive and only validated results cross 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
-import math
 import multiprocessing
 import os
 import re
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from multiprocessing import forkserver
 from multiprocessing.process import AuthenticationString
 from pathlib import Path
 from typing import Any
 
+import msgpack
 from hivemind import DHT
 from hivemind.dht.node import DHTNode
-from hivemind.utils import get_dht_time
+from hivemind.dht.routing import DHTID
+from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.dht.traverse import traverse_dht
+from hivemind.p2p import PeerID
+from hivemind.proto import dht_pb2
+from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from swarm.data_structures import ModelInfo, RemoteSpanInfo, ServerInfo, ServerState
 from swarm.names import MODELS_INDEX_KEY, block_uid, is_private_prefix, is_valid_dht_prefix
@@ -35,8 +42,12 @@ from swarm.relays import relay_p2pd_flags, set_p2pd_flags
 logger = logging.getLogger(__name__)
 install_in_hivemind()  # a DHT process killed mid-reply must not wedge every later DHT of this program
 
-# A stranger can announce any number of fake peers; beyond this many per model we stop reading.
+# A stranger can announce any number of fake peers; beyond this many per model (per read of a model's
+# blocks, and per crawl part) we stop reading. It bounds memory, not the swarm: it is per model, so 20,000
+# honest servers over 10 models are far below it.
 MAX_PEERS_PER_MODEL = 20_000
+# hivemind's msgpack extension code for a dictionary value (DictionaryDHTValue), as it travels in rpc_find.
+DICTIONARY_EXT_CODE = MSGPackSerializer._ext_types[DictionaryDHTValue]
 MAX_INDEXED_MODELS = 1_000
 DHT_START_TIMEOUT = 120.0  # seconds for a DHT peer to start and join; p2pd has its own, shorter startup timeout
 ORPHAN_POLL_SECONDS = 0.5  # how often a DHT process checks that its owner is alive
@@ -341,21 +352,153 @@ async def fetch_swarm_in_dht(
     dht: DHT, node: DHTNode, *, prefix: str, num_blocks: int, start: int, end: int
 ) -> SwarmView:
     uids = [block_uid(prefix, index) for index in range(start, end)]
-    found = (
-        await node.get_many(uids, sufficient_expiration_time=math.inf, num_workers=min(len(uids), 32)) if uids else {}
-    )
-    entries = {uid: (found[uid].value if found.get(uid) is not None else None) for uid in uids}
-    view = spans_from_entries(prefix, num_blocks, start, entries)
+    entries = await read_raw_entries(node, uids) if uids else {}
+    view = spans_from_entries(prefix, num_blocks, start, entries, encoded=True)
     view.fetched_at = get_dht_time()
     return view
 
 
-def spans_from_entries(prefix: str, num_blocks: int, start: int, entries: dict[str, Any]) -> SwarmView:
-    """Turn raw per-block DHT entries (uid -> {peer id: ValueWithExpiration}) into one span per server.
+# ----- reading block announcements, values left encoded -----
+#
+# hivemind's `get_many` decodes every subkey of a block into objects (a heap entry, a ValueWithExpiration
+# and the decoded value per server and block: 280,000 of each for 20,000 servers), though a server announces
+# the same bytes on each of its blocks. This read asks the same peers (hivemind's traversal and blacklist)
+# but keeps each subkey's value as the bytes it was stored as, so that the parser decodes and validates
+# each distinct value once. Like a crawler's `get` it neither caches what it read nor stores it elsewhere.
+
+RawEntry = dict[Any, tuple[bytes, float]]  # subkey -> (encoded value, expiration time)
+INVALID_ENTRY = "invalid"  # a block whose value is not a dictionary (a stranger's regular value)
+
+
+async def read_raw_entries(node: DHTNode, uids: list[str]) -> dict[str, RawEntry | str | None]:
+    """The latest subkeys under each key (uid -> {subkey: (value bytes, expiration)}, INVALID_ENTRY, or None
+    when nothing was found), merged over this node's storage and every peer of the search as `get_many`
+    with `sufficient_expiration_time=inf` does, values left encoded."""
+    key_ids = {DHTID.generate(source=uid): uid for uid in uids}
+    found: dict[DHTID, RawEntry] = {key_id: {} for key_id in key_ids}
+    invalid: set[DHTID] = set()
+    now = get_dht_time()
+    for key_id in key_ids:
+        for local in (node.protocol.storage.get(key_id), node.protocol.cache.get(key_id)):
+            if local is not None:
+                _merge_local(found[key_id], invalid, key_id, local.value, now)
+    peers: dict[DHTID, PeerID] = {}
+    for key_id in key_ids:
+        peers.update(
+            node.protocol.routing_table.get_nearest_neighbors(key_id, node.protocol.bucket_size, exclude=node.node_id)
+        )
+
+    async def get_neighbors(peer: DHTID, queries: Any) -> dict[DHTID, tuple[tuple[DHTID, ...], bool]]:
+        queries = list(queries)
+        response = await _find_raw(node, peers[peer], queries)
+        if response is None:
+            return {query: ((), False) for query in queries}
+        output = {}
+        for key_id, (value, nearest) in zip(queries, response):
+            peers.update(nearest)
+            if value is INVALID_ENTRY:
+                invalid.add(key_id)
+            elif value is not None:
+                _merge_items(found[key_id], value, now)
+            output[key_id] = tuple(nearest), False  # every peer's subkeys count: read the whole beam
+        return output
+
+    if peers:
+        await traverse_dht(
+            queries=list(key_ids),
+            initial_nodes=list(peers),
+            beam_size=node.protocol.bucket_size,
+            num_workers=min(len(key_ids), node.num_workers),
+            queries_per_call=1,  # one block per request: under a flood a block's value is about 1 MB
+            get_neighbors=get_neighbors,
+            visited_nodes={key_id: {node.node_id} for key_id in key_ids},
+        )
+    return {
+        uid: found[key_id] if found[key_id] else INVALID_ENTRY if key_id in invalid else None
+        for key_id, uid in key_ids.items()
+    }
+
+
+def _merge_local(entry: RawEntry, invalid: set[DHTID], key_id: DHTID, value: Any, now: float) -> None:
+    if not isinstance(value, DictionaryDHTValue):
+        invalid.add(key_id)
+        return
+    _merge_items(entry, [(subkey, item.value, item.expiration_time) for subkey, item in value.items()], now)
+
+
+def _merge_items(entry: RawEntry, items: Any, now: float) -> None:
+    """Add a peer's (subkey, value bytes, expiration) items: per subkey the latest unexpired value wins."""
+    for item in items:
+        try:
+            subkey, value, expiration = item
+            if not isinstance(value, bytes) or not isinstance(expiration, (int, float)) or expiration < now:
+                continue  # expired, or junk from a stranger's node: hivemind would drop it as well
+            known = entry.get(subkey)
+            if known is None or known[1] < expiration:
+                entry[subkey] = (value, expiration)
+        except (TypeError, ValueError):  # not a triple, or an unhashable subkey
+            continue
+
+
+async def _find_raw(node: DHTNode, peer_id: PeerID, key_ids: list[DHTID]) -> list[tuple[Any, dict]] | None:
+    """One rpc_find to a peer, its dictionary values decoded only down to (subkey, bytes, expiration) items;
+    None when the peer is blacklisted or failed (which blacklists it, as hivemind's own reads do)."""
+    if peer_id in node.blacklist:
+        return None
+    protocol = node.protocol
+    request = dht_pb2.FindRequest(keys=[key_id.to_bytes() for key_id in key_ids], peer=protocol.node_info)
+    try:
+        async with protocol.rpc_semaphore:
+            response = await protocol.get_stub(peer_id).rpc_find(request, timeout=protocol.wait_timeout)
+        if len(response.results) != len(key_ids):
+            raise ValueError("the reply does not match the request")
+        output = [(_raw_value(result), _nearest(node, result)) for result in response.results]
+    except Exception:  # what hivemind does on a failed call: the peer is blacklisted for a while
+        logger.debug("Reading from %s failed", peer_id, exc_info=True)
+        node.blacklist.register_failure(peer_id)
+        return None
+    node.blacklist.register_success(peer_id)
+    if response.peer and response.peer.node_id:
+        asyncio.create_task(protocol.update_routing_table(DHTID.from_bytes(response.peer.node_id), peer_id))
+    return output
+
+
+def _raw_value(result: Any) -> Any:
+    if result.type == dht_pb2.NOT_FOUND:
+        return None
+    if result.type != dht_pb2.FOUND_DICTIONARY:
+        return INVALID_ENTRY
+    try:
+        ext = msgpack.unpackb(result.value, raw=False)
+        if not isinstance(ext, msgpack.ExtType) or ext.code != DICTIONARY_EXT_CODE:
+            return INVALID_ENTRY
+        _, _, items = msgpack.unpackb(ext.data, raw=False, use_list=False, strict_map_key=False)
+        return items if isinstance(items, tuple) else INVALID_ENTRY
+    except Exception:  # msgpack's errors, or a stranger's odd shapes
+        return INVALID_ENTRY
+
+
+def _nearest(node: DHTNode, result: Any) -> dict[DHTID, PeerID]:
+    nearest = {}
+    for node_id, peer_id in zip(result.nearest_node_ids, result.nearest_peer_ids):
+        peer = PeerID(peer_id)
+        if peer not in node.blacklist:
+            nearest[DHTID.from_bytes(node_id)] = peer
+    return nearest
+
+
+def spans_from_entries(
+    prefix: str, num_blocks: int, start: int, entries: dict[str, Any], *, encoded: bool = False
+) -> SwarmView:
+    """Turn raw per-block DHT entries (uid -> {peer id: ValueWithExpiration}, or with `encoded`
+    {peer id: (value bytes, expiration)} as `read_raw_entries` gives) into one span per server.
 
     A server's span is its announced [start_block, end_block) when both are given, else the run of
-    blocks it appears under. Malformed entries are counted and skipped.
+    blocks it appears under. Malformed entries are counted and skipped. With `encoded`, each distinct value
+    is decoded and validated once: a server announces the same bytes on each of its blocks (and a flood of
+    fakes often one value for all).
     """
+    parse = _cached_parser() if encoded else ServerInfo.from_tuple
     spans: dict[str, RemoteSpanInfo] = {}
     last_values: dict[str, Any] = {}  # the raw value each server's span was parsed from
     invalid = 0
@@ -371,7 +514,7 @@ def spans_from_entries(prefix: str, num_blocks: int, start: int, entries: dict[s
                 invalid += 1
                 continue
             known = spans.get(peer_id)
-            raw = getattr(record, "value", None)
+            raw = record[0] if encoded else getattr(record, "value", None)
             explicit = known is not None and None not in (known.server_info.start_block, known.server_info.end_block)
             if explicit and raw == last_values.get(peer_id):
                 # A server announces one value for its whole span; parsing the same value again at each of
@@ -380,7 +523,7 @@ def spans_from_entries(prefix: str, num_blocks: int, start: int, entries: dict[s
             try:
                 if not isinstance(peer_id, str) or not 0 < len(peer_id) <= 128:
                     raise ValueError("peer id must be a short string")
-                info = ServerInfo.from_tuple(raw)
+                info = parse(raw)
                 if info.end_block is not None and info.end_block > num_blocks:
                     raise ValueError("span ends past the model's last block")
             except ValueError:
@@ -398,6 +541,47 @@ def spans_from_entries(prefix: str, num_blocks: int, start: int, entries: dict[s
     if invalid:
         logger.warning("Skipped %d malformed DHT entries for model %s", invalid, prefix)
     return SwarmView(prefix=prefix, num_blocks=num_blocks, spans=spans, invalid_entries=invalid)
+
+
+# Parsed values shared by the reads of one crawl (`shared_parsing`): a server's blocks are read a few at a
+# time, so a cache per read would still parse its value once per read.
+_shared_parsed: contextvars.ContextVar[dict[bytes, ServerInfo | None] | None] = contextvars.ContextVar(
+    "shared_parsed", default=None
+)
+MAX_SHARED_PARSED = 100_000  # distinct values kept; a stranger's endless variations are parsed, not kept
+
+
+@contextlib.contextmanager
+def shared_parsing() -> Iterator[None]:
+    """Reads started inside (tasks created here copy the context) decode each distinct value once in all."""
+    token = _shared_parsed.set({})
+    try:
+        yield
+    finally:
+        _shared_parsed.reset(token)
+
+
+def _cached_parser() -> Any:
+    """`ServerInfo.from_tuple` of an encoded value, each distinct value decoded and validated once per read
+    (or per `shared_parsing` block)."""
+    shared = _shared_parsed.get()
+    parsed: dict[bytes, ServerInfo | None] = shared if shared is not None else {}
+
+    def parse(raw: bytes) -> ServerInfo:
+        try:
+            info = parsed[raw]
+        except KeyError:
+            try:
+                info = ServerInfo.from_tuple(MSGPackSerializer.loads(raw))
+            except Exception:  # msgpack's errors, ValueError, a hostile ext type's own
+                info = None
+            if len(parsed) < MAX_SHARED_PARSED:
+                parsed[raw] = info
+        if info is None:
+            raise ValueError("not a valid announcement")
+        return info
+
+    return parse
 
 
 def fetch_model_index(dht: DHT, wait: bool = True) -> Any:

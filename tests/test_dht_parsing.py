@@ -1,15 +1,18 @@
-"""Turning raw DHT entries into per-server spans and the model index (pure parsing, no DHT)."""
+"""Turning raw DHT entries into per-server spans and the model index (pure parsing; one test reads a real DHT)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytest
-from hivemind.utils import ValueWithExpiration
+from hivemind import DHT
+from hivemind.dht.routing import DHTID
+from hivemind.utils import MSGPackSerializer, ValueWithExpiration, get_dht_time
 
 import swarm.dht
 from swarm.data_structures import ModelInfo, ServerInfo, ServerState
-from swarm.dht import SwarmView, parse_model_index, spans_from_entries
+from swarm.dht import SwarmView, fetch_swarm, parse_model_index, spans_from_entries
 from swarm.names import block_uid
 
 PREFIX = "Tiny-Llama-hf"
@@ -238,3 +241,88 @@ def test_parse_model_index_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(swarm.dht, "MAX_INDEXED_MODELS", 2)
     models, invalid = parse_model_index({f"M{i}-hf": rec({"num_blocks": 1}) for i in range(5)})
     assert len(models) == 2 and invalid == 3
+
+
+# ----- encoded values (as `read_raw_entries` gives them): each distinct value decoded once -----
+
+
+def encoded(value: Any, expiration: float = 1e12) -> tuple[bytes, float]:
+    return MSGPackSerializer.dumps(value), expiration
+
+
+def test_encoded_entries_decode_each_distinct_value_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    parse = ServerInfo.from_tuple
+    monkeypatch.setattr(ServerInfo, "from_tuple", lambda value: calls.append(value) or parse(value))
+    fake = encoded(ServerInfo(ONLINE, 1e9).to_tuple())  # a flood's one value, on every block
+    real = encoded(ServerInfo(ONLINE, 5.0, start_block=0, end_block=3).to_tuple())
+    block = {"QmReal": real, **{f"QmFake{i}": fake for i in range(50)}}
+    view = spans_from_entries(PREFIX, 3, 0, entries_for([block, block, block]), encoded=True)
+    assert len(calls) == 2
+    assert span_tuple(view, "QmReal") == (0, 3, ONLINE)
+    assert span_tuple(view, "QmFake7") == (0, 3, ONLINE)  # runs of blocks still join
+    assert view.invalid_entries == 0
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        (b"\xc1", 1e12),  # not msgpack
+        (MSGPackSerializer.dumps("not a tuple"), 1e12),
+        (MSGPackSerializer.dumps((2, -1.0, {})), 1e12),  # negative throughput
+        (b"\xc7\x03\x50abc", 1e12),  # hivemind's dictionary extension with junk inside
+    ],
+)
+def test_encoded_hostile_values_are_counted_per_entry(value: tuple[bytes, float]) -> None:
+    block = {"QmBad": value, "QmOk": encoded(ServerInfo(ONLINE, 1.0).to_tuple())}
+    view = spans_from_entries(PREFIX, 2, 0, entries_for([block, block]), encoded=True)
+    assert set(view.spans) == {"QmOk"}
+    assert view.invalid_entries == 2  # once per block, as for decoded values
+
+
+async def _store_locally_in_dht(dht: Any, node: Any, *, items: list[tuple[str, Any, Any, float]]) -> None:
+    # Straight into this node's storage: two nodes can then hold different values under the same subkey.
+    for uid, subkey, value, expiration in items:
+        key_id = DHTID.generate(source=uid)
+        node.protocol.storage.store(key_id, MSGPackSerializer.dumps(value), expiration, subkey=subkey)
+
+
+def test_reading_merges_every_peers_subkeys_and_keeps_the_latest() -> None:
+    """A real DHT: each peer holds some announcements; the read joins them, the latest value of a subkey wins,
+    and a regular value a stranger stored under a block on one peer hides nothing the others hold."""
+    now = get_dht_time()
+    old, new = ServerInfo(JOINING, 1.0, start_block=0, end_block=2), ServerInfo(ONLINE, 2.0, start_block=0, end_block=2)
+    other = ServerInfo(ONLINE, 3.0, start_block=1, end_block=2)
+    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [first]
+    try:
+        peers = [str(maddr) for maddr in first.get_visible_maddrs()]
+        second = DHT(initial_peers=peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        dhts.append(second)
+        uid0, uid1 = block_uid(PREFIX, 0), block_uid(PREFIX, 1)
+        first.run_coroutine(
+            partial(
+                _store_locally_in_dht,
+                items=[
+                    (uid0, "QmA", new.to_tuple(), now + 200),
+                    (uid1, "QmA", old.to_tuple(), now + 100),
+                    (uid1, "QmB", other.to_tuple(), now + 100),
+                ],
+            )
+        )
+        second.run_coroutine(partial(_store_locally_in_dht, items=[(uid0, "QmA", old.to_tuple(), now + 100)]))
+        second.run_coroutine(partial(_store_regular_in_dht, uid=uid1, expiration=now + 300))
+        reader = DHT(initial_peers=peers, start=True, client_mode=True)
+        dhts.append(reader)
+        view = fetch_swarm(reader, PREFIX, 2)
+        assert view.invalid_entries == 0
+        assert span_tuple(view, "QmA") == (0, 2, ONLINE)
+        assert view.spans["QmA"].server_info.throughput == 2.0
+        assert span_tuple(view, "QmB") == (1, 2, ONLINE)
+    finally:
+        for dht in reversed(dhts):
+            dht.shutdown()
+
+
+async def _store_regular_in_dht(dht: Any, node: Any, *, uid: str, expiration: float) -> None:
+    node.protocol.storage.store(DHTID.generate(source=uid), MSGPackSerializer.dumps("junk"), expiration)
