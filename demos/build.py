@@ -20,12 +20,15 @@ import torch
 from demos.corpus import copy_tokenizer_files, encode_corpus, load_corpus, train_tokenizer, wrap_tokenizer
 from demos.distillation import (
     DRAFT_LEARNING_RATE,
+    concat_targets,
     distillation_step,
     greedy_agreement,
     held_out_prompts,
     init_from_teacher,
     speculation_figures,
+    teacher_continuations,
     teacher_targets,
+    training_prompts,
 )
 from demos.shapes import FAMILIES, make_model
 from demos.training import LEARNING_RATE, language_modeling_step, train
@@ -36,6 +39,9 @@ DEFAULT_OUTPUT: dict[str, Path] = {
     "mixtral": DEMO_MOE_MODEL_PATH,
     "draft": DEMO_DRAFT_MODEL_PATH,
 }
+
+# `makedemomodel`'s budgets (the draft's is the shipped draft's); the steps they buy depend on the machine.
+DEFAULT_TRAIN_SECONDS: dict[str, float] = {"llama": 300, "mixtral": 300, "draft": 900}
 
 Log = Callable[[str], object]
 
@@ -110,8 +116,9 @@ def _train_from_scratch(family: str, source: Path, train_seconds: float, seed: i
 
 
 def _distill_draft(teacher_path: Path, train_seconds: float, seed: int, max_docs: int | None, log: Log):
-    """The draft learns the teacher's next-token distributions on the corpus minus the held-out topics,
-    then is measured against the teacher on those (after a bfloat16 round trip, as it ships)."""
+    """The draft learns the teacher's next-token distributions on the corpus minus the held-out topics
+    and along the teacher's own greedy continuations of prompts from it, then is measured against the
+    teacher on those (after a bfloat16 round trip, as it ships)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
@@ -119,7 +126,10 @@ def _distill_draft(teacher_path: Path, train_seconds: float, seed: int, max_docs
     docs, chats = load_corpus(max_docs, part="train")
     data = encode_corpus(tokenizer, docs, chats)
     log(f"corpus: {len(docs)} documents, {len(chats)} chat pairs, {len(data)} tokens (held-out topics left out)")
-    targets = teacher_targets(teacher, data)
+    prompts = training_prompts(tokenizer, docs, chats, data)
+    generated = teacher_continuations(teacher, prompts)
+    log(f"teacher: greedy continuations of {len(prompts)} prompts, {len(generated)} tokens")
+    targets = concat_targets([teacher_targets(teacher, data), teacher_targets(teacher, generated)])
     log(f"teacher: top-{targets.ids.shape[-1]} targets on {len(targets.inputs)} windows")
 
     model = make_model(tokenizer, "draft")
@@ -132,7 +142,8 @@ def _distill_draft(teacher_path: Path, train_seconds: float, seed: int, max_docs
     model.to(torch.bfloat16).to(torch.float32)  # measure the weights that ship
     figures = _measure(model, teacher, tokenizer, max_docs)
     log(", ".join(f"{name} {value:.3f}" for name, value in figures.items()))
-    return model, {"seed": seed, "parameters": n_params, "corpus_tokens": len(data), **stats, **figures}
+    record = {"seed": seed, "parameters": n_params, "corpus_tokens": len(data), "generated_tokens": len(generated)}
+    return model, record | stats | figures
 
 
 def _measure(draft, teacher, tokenizer, max_docs: int | None) -> dict[str, float]:

@@ -7,11 +7,15 @@ tokens plus one bucket for the rest (`top_k_kl`; greedy agreement is decided in 
 optional small next-token cross-entropy.
 
 Speculative greedy decoding keeps a draft token exactly when it is the token the demo model would
-pick itself, so the figure that matters is agreement: how often the draft's argmax is the demo's.
+pick itself, so the figure that matters is agreement: how often the draft's argmax is the demo's, along
+the demo's OWN greedy output. So the windows are also taken from that output (sequence-level
+distillation, `teacher_continuations`): the teacher's greedy continuations of prompts from the training
+corpus, scored the same way.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +29,11 @@ TOP_K = 64  # the teacher's 64 likeliest tokens hold ~75% of its probability on 
 DISTILL_BATCH_SIZE = 4  # small batches, many steps: what a CPU budget of minutes allows
 DRAFT_LEARNING_RATE = 3e-3
 _TEACHER_BATCH = 16  # windows per teacher forward pass
+# Sequence-level distillation: prompts of the corpus, each continued greedily by the teacher.
+PROMPT_TOKENS = 16  # as long as a held-out document opening
+PROMPT_STRIDE = 128  # a prompt every this many corpus tokens (plus every opening and chat question)
+CONTINUATION_TOKENS = 96  # longer than what speculation_figures measures (64)
+_GENERATE_BATCH = 256  # prompts of one length per teacher.generate() call (larger is faster a token)
 
 
 @dataclass
@@ -34,6 +43,11 @@ class TeacherTargets:
     inputs: torch.Tensor  # (windows, block) token ids
     ids: torch.Tensor  # (windows, block, k) int16: the vocabulary fits
     logprobs: torch.Tensor  # (windows, block, k) float32
+
+
+def concat_targets(parts: Sequence[TeacherTargets]) -> TeacherTargets:
+    """One set of targets from several (same window length and k), sampled uniformly together."""
+    return TeacherTargets(*(torch.cat([getattr(p, name) for p in parts]) for name in ("inputs", "ids", "logprobs")))
 
 
 def _windows(data: torch.Tensor, block: int) -> torch.Tensor:
@@ -51,6 +65,47 @@ def teacher_targets(teacher, data: torch.Tensor, *, block: int = BLOCK_SIZE, top
         ids.append(top.indices.to(torch.int16))
         logprobs.append(top.values)
     return TeacherTargets(inputs, torch.cat(ids), torch.cat(logprobs))
+
+
+def training_prompts(tokenizer, docs: list[str], chats: list[tuple[str, str]], data: torch.Tensor) -> list[list[int]]:
+    """Prompts like the held-out ones, from the training part: every document opening and chat question,
+    plus a `PROMPT_TOKENS` slice of the corpus stream every `PROMPT_STRIDE` tokens."""
+    backend = tokenizer.backend_tokenizer
+    prompts = [backend.encode(doc).ids[:PROMPT_TOKENS] for doc in docs]
+    for question, _ in chats:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        prompts.append(backend.encode(text, add_special_tokens=False).ids)
+    stream = data.tolist()
+    prompts += [stream[s : s + PROMPT_TOKENS] for s in range(0, len(stream) - PROMPT_TOKENS, PROMPT_STRIDE)]
+    return prompts
+
+
+@torch.inference_mode()
+def teacher_continuations(
+    teacher, prompts: Sequence[list[int]], *, new_tokens: int = CONTINUATION_TOKENS, batch: int = _GENERATE_BATCH
+) -> torch.Tensor:
+    """Each prompt followed by the teacher's greedy continuation (its generation config's repetition
+    penalty included, as in speculation_figures), cut after a stop token, all in one token stream.
+
+    Prompts are batched by length, so no padding can change what the teacher generates."""
+    stop = set(teacher.generation_config.eos_token_id or [])
+    by_length: dict[int, list[list[int]]] = defaultdict(list)
+    for prompt in prompts:
+        if prompt:
+            by_length[len(prompt)].append(prompt)
+    stream: list[int] = []
+    for length, group in sorted(by_length.items()):
+        for start in range(0, len(group), batch):
+            ids = torch.tensor(group[start : start + batch])
+            output = teacher.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens
+            )
+            for row in output.tolist():
+                end = next((i + 1 for i in range(length, len(row)) if row[i] in stop), len(row))
+                stream += row[:end]
+    return torch.tensor(stream, dtype=torch.long)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from demos.build import build_demo_model
+from demos.build import DEFAULT_TRAIN_SECONDS, build_demo_model
 from demos.corpus import TOKENIZER_FILES, encode_corpus, load_corpus
 from demos.distillation import (
     distillation_step,
@@ -185,7 +185,7 @@ def test_the_draft_is_tiny_and_shares_the_demo_tokenizer(draft) -> None:
 def test_the_draft_speculates_with_the_demo_special_tokens() -> None:
     demo_config = GenerationConfig.from_pretrained(DEMO_MODEL_PATH)
     config = GenerationConfig.from_pretrained(DEMO_DRAFT_MODEL_PATH)
-    assert (config.num_assistant_tokens, config.num_assistant_tokens_schedule) == (5, "heuristic")
+    assert (config.num_assistant_tokens, config.num_assistant_tokens_schedule) == (8, "constant")  # see demos.shapes
     assert config.assistant_confidence_threshold == 0  # never stop drafting early: a round trip costs more
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         assert getattr(config, name) == getattr(demo_config, name), name
@@ -254,7 +254,7 @@ def test_build_a_draft_quick(tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert model.config.tie_word_embeddings and model.config.vocab_size == 4096
     assert (tmp_path / "tokenizer.json").read_bytes() == (DEMO_MODEL_PATH / "tokenizer.json").read_bytes()
-    assert GenerationConfig.from_pretrained(tmp_path).num_assistant_tokens_schedule == "heuristic"
+    assert GenerationConfig.from_pretrained(tmp_path).num_assistant_tokens_schedule == "constant"
     assert sum(f.stat().st_size for f in tmp_path.iterdir()) <= DRAFT_LIMIT_BYTES
 
 
@@ -265,3 +265,16 @@ def test_the_command_lives_in_the_demos_app_and_builds_drafts() -> None:
     parser = load_command_class("demos", "makedemomodel").create_parser("manage.py", "makedemomodel")
     family = next(action for action in parser._actions if "--family" in action.option_strings)
     assert set(family.choices) == {"llama", "mixtral", "draft"}
+
+
+def test_the_commands_defaults_rebuild_the_shipped_draft() -> None:
+    """`makedemomodel --family draft` with no other option trains for as long, from the same seed, as the
+    shipped draft did (and on its teacher's own greedy continuations too)."""
+    from django.core.management import load_command_class
+
+    parser = load_command_class("demos", "makedemomodel").create_parser("manage.py", "makedemomodel")
+    options = vars(parser.parse_args(["--family", "draft"]))
+    assert options["train_seconds"] is None and options["seed"] == 0  # None: the family's DEFAULT_TRAIN_SECONDS
+    recorded = json.loads((DEMO_DRAFT_MODEL_PATH / "training.json").read_text())
+    assert recorded["seed"] == 0 and recorded["generated_tokens"] > recorded["corpus_tokens"] / 2
+    assert DEFAULT_TRAIN_SECONDS["draft"] <= recorded["seconds"] < DEFAULT_TRAIN_SECONDS["draft"] + 5
