@@ -154,7 +154,7 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-CAST_CHUNK_BYTES = 32 * 2**20  # stored bytes read at a time when casting: the most a cast holds besides its result
+CAST_CHUNK_BYTES = 8 * 2**20  # stored bytes read at a time when casting: the most a cast holds besides its result
 
 
 @dataclasses.dataclass(frozen=True)
