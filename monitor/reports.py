@@ -210,8 +210,6 @@ def status_report(
     for row in ServerObservation.objects.filter(snapshot=snapshot).values(*SERVER_FIELDS):
         rows_by_model[row["model_id"]].append(row)
 
-    missing = {status.pk: status.missing_blocks() for status in statuses}  # from each model's coverage array
-
     contributors: Counter[str] = Counter()
     issues: dict[str, dict[str, Any]] = {}
     models = []
@@ -226,10 +224,9 @@ def status_report(
             if status.official and row["show_public_name"]:
                 contributors[row["public_name"]] += row["end"] - row["start"]
         _note_reachability(issues, status, rows)
-        report = ModelReport(status, rows, counts, block_ranges(missing.get(status.pk, [])))
-        report.listed_rows = _page_rows(rows, listed_per_model)
-        report.unlisted = len(rows) - len(report.listed_rows)
-        models.append(report)
+        listed = _page_rows(rows, listed_per_model)
+        missing = block_ranges(status.missing_blocks())  # from the model's coverage array
+        models.append(ModelReport(status, rows, counts, missing, listed, unlisted=len(rows) - len(listed)))
 
     bootstrap = list(snapshot.bootstrap.order_by("position"))
     for peer in bootstrap:

@@ -353,7 +353,7 @@ async def fetch_swarm_in_dht(
 ) -> SwarmView:
     uids = [block_uid(prefix, index) for index in range(start, end)]
     entries = await read_raw_entries(node, uids) if uids else {}
-    view = spans_from_entries(prefix, num_blocks, start, entries, encoded=True)
+    view = spans_from_entries(prefix, num_blocks, start, entries)
     view.fetched_at = get_dht_time()
     return view
 
@@ -487,18 +487,16 @@ def _nearest(node: DHTNode, result: Any) -> dict[DHTID, PeerID]:
     return nearest
 
 
-def spans_from_entries(
-    prefix: str, num_blocks: int, start: int, entries: dict[str, Any], *, encoded: bool = False
-) -> SwarmView:
-    """Turn raw per-block DHT entries (uid -> {peer id: ValueWithExpiration}, or with `encoded`
-    {peer id: (value bytes, expiration)} as `read_raw_entries` gives) into one span per server.
+def spans_from_entries(prefix: str, num_blocks: int, start: int, entries: dict[str, Any]) -> SwarmView:
+    """Turn raw per-block DHT entries (uid -> {peer id: (value bytes, expiration)}, as `read_raw_entries`
+    gives them) into one span per server.
 
     A server's span is its announced [start_block, end_block) when both are given, else the run of
-    blocks it appears under. Malformed entries are counted and skipped. With `encoded`, each distinct value
-    is decoded and validated once: a server announces the same bytes on each of its blocks (and a flood of
-    fakes often one value for all).
+    blocks it appears under. Malformed entries are counted and skipped. Each distinct value is decoded and
+    validated once: a server announces the same bytes on each of its blocks (and a flood of fakes often
+    one value for all).
     """
-    parse = _cached_parser() if encoded else ServerInfo.from_tuple
+    parse = _cached_parser()
     spans: dict[str, RemoteSpanInfo] = {}
     last_values: dict[str, Any] = {}  # the raw value each server's span was parsed from
     invalid = 0
@@ -514,7 +512,7 @@ def spans_from_entries(
                 invalid += 1
                 continue
             known = spans.get(peer_id)
-            raw = record[0] if encoded else getattr(record, "value", None)
+            raw = record[0] if isinstance(record, tuple) and record and isinstance(record[0], bytes) else None
             explicit = known is not None and None not in (known.server_info.start_block, known.server_info.end_block)
             if explicit and raw == last_values.get(peer_id):
                 # A server announces one value for its whole span; parsing the same value again at each of

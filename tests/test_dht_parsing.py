@@ -19,12 +19,18 @@ PREFIX = "Tiny-Llama-hf"
 ONLINE, JOINING, OFFLINE = ServerState.ONLINE, ServerState.JOINING, ServerState.OFFLINE
 
 
-def rec(value: Any, expiration: float = 1e12) -> ValueWithExpiration:
+def rec(value: Any, expiration: float = 1e12) -> tuple[bytes, float]:
+    """A record as `read_raw_entries` gives it: the value as stored (msgpack) and its expiration."""
+    return MSGPackSerializer.dumps(value), expiration
+
+
+def indexed(value: Any, expiration: float = 1e12) -> ValueWithExpiration:
+    """A model index record as hivemind's `get` gives it (decoded)."""
     return ValueWithExpiration(value, expiration)
 
 
-def ann(state: ServerState = ONLINE, throughput: float = 10.0, **extra: Any) -> ValueWithExpiration:
-    """A record as a server would store it: ServerInfo.to_tuple() inside a ValueWithExpiration."""
+def ann(state: ServerState = ONLINE, throughput: float = 10.0, **extra: Any) -> tuple[bytes, float]:
+    """A record as a server would store it: ServerInfo.to_tuple(), encoded."""
     return rec(ServerInfo(state, throughput, **extra).to_tuple())
 
 
@@ -189,8 +195,8 @@ def test_online_spans() -> None:
 
 def test_parse_model_index_valid() -> None:
     entry = {
-        "Meta-Llama-3-1-70B-hf": rec({"num_blocks": 80, "repository": "https://huggingface.co/meta-llama/x"}),
-        "bigscience/bloom-petals": rec({"num_blocks": 70, "repository": None}),
+        "Meta-Llama-3-1-70B-hf": indexed({"num_blocks": 80, "repository": "https://huggingface.co/meta-llama/x"}),
+        "bigscience/bloom-petals": indexed({"num_blocks": 70, "repository": None}),
     }
     models, invalid = parse_model_index(entry)
     assert invalid == 0
@@ -227,7 +233,7 @@ def test_parse_model_index_empty_and_non_dict() -> None:
     ],
 )
 def test_parse_model_index_skips_bad_entries(prefix: Any, value: Any) -> None:
-    models, invalid = parse_model_index({prefix: rec(value), "Good-hf": rec({"num_blocks": 2})})
+    models, invalid = parse_model_index({prefix: indexed(value), "Good-hf": indexed({"num_blocks": 2})})
     assert models == {"Good-hf": ModelInfo(2)}
     assert invalid == 1
 
@@ -239,25 +245,21 @@ def test_parse_model_index_record_without_value() -> None:
 
 def test_parse_model_index_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(swarm.dht, "MAX_INDEXED_MODELS", 2)
-    models, invalid = parse_model_index({f"M{i}-hf": rec({"num_blocks": 1}) for i in range(5)})
+    models, invalid = parse_model_index({f"M{i}-hf": indexed({"num_blocks": 1}) for i in range(5)})
     assert len(models) == 2 and invalid == 3
 
 
 # ----- encoded values (as `read_raw_entries` gives them): each distinct value decoded once -----
 
 
-def encoded(value: Any, expiration: float = 1e12) -> tuple[bytes, float]:
-    return MSGPackSerializer.dumps(value), expiration
-
-
 def test_encoded_entries_decode_each_distinct_value_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     parse = ServerInfo.from_tuple
     monkeypatch.setattr(ServerInfo, "from_tuple", lambda value: calls.append(value) or parse(value))
-    fake = encoded(ServerInfo(ONLINE, 1e9).to_tuple())  # a flood's one value, on every block
-    real = encoded(ServerInfo(ONLINE, 5.0, start_block=0, end_block=3).to_tuple())
+    fake = rec(ServerInfo(ONLINE, 1e9).to_tuple())  # a flood's one value, on every block
+    real = rec(ServerInfo(ONLINE, 5.0, start_block=0, end_block=3).to_tuple())
     block = {"QmReal": real, **{f"QmFake{i}": fake for i in range(50)}}
-    view = spans_from_entries(PREFIX, 3, 0, entries_for([block, block, block]), encoded=True)
+    view = spans_from_entries(PREFIX, 3, 0, entries_for([block, block, block]))
     assert len(calls) == 2
     assert span_tuple(view, "QmReal") == (0, 3, ONLINE)
     assert span_tuple(view, "QmFake7") == (0, 3, ONLINE)  # runs of blocks still join
@@ -274,8 +276,8 @@ def test_encoded_entries_decode_each_distinct_value_once(monkeypatch: pytest.Mon
     ],
 )
 def test_encoded_hostile_values_are_counted_per_entry(value: tuple[bytes, float]) -> None:
-    block = {"QmBad": value, "QmOk": encoded(ServerInfo(ONLINE, 1.0).to_tuple())}
-    view = spans_from_entries(PREFIX, 2, 0, entries_for([block, block]), encoded=True)
+    block = {"QmBad": value, "QmOk": rec(ServerInfo(ONLINE, 1.0).to_tuple())}
+    view = spans_from_entries(PREFIX, 2, 0, entries_for([block, block]))
     assert set(view.spans) == {"QmOk"}
     assert view.invalid_entries == 2  # once per block, as for decoded values
 
