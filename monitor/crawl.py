@@ -27,7 +27,7 @@ from monitor.conf import CrawlOptions  # (also importable from here, as before)
 from monitor.gcpause import paused_gc
 from monitor.targets import ModelTarget, choose_targets, salted_key
 from swarm.data_structures import RemoteSpanInfo, ServerInfo, ServerState
-from swarm.dht import MAX_PEERS_PER_MODEL, fetch_model_index, fetch_swarm_in_dht, shared_parsing
+from swarm.dht import SpanBuilder, fetch_model_index, read_block_entries, shared_parsing
 from swarm.ping import PingResult, ping_dht_peer, ping_server, ping_within
 
 logger = logging.getLogger(__name__)
@@ -237,26 +237,21 @@ async def _fetch_parts_in_dht(
         for start in range(part.start, part.end, max(per_read, 1))
     ]
     limit = asyncio.Semaphore(max(at_once, 1))
-
-    async def read(number: int, start: int, end: int) -> tuple[int, Any]:
-        part = parts[number]
-        async with limit:
-            view = await fetch_swarm_in_dht(
-                dht, node, prefix=part.dht_prefix, num_blocks=part.num_blocks, start=start, end=end
-            )
-        return number, view
-
-    results = [PartResult(part, {}) for part in parts]
     with paused_gc(), shared_parsing():  # a server's value, read on each of its blocks, is parsed once
-        for number, view in await asyncio.gather(*(read(*args) for args in reads)):
-            result = results[number]
-            result.invalid_entries += view.invalid_entries
-            for span in view.spans.values():
-                if len(result.spans) >= MAX_PEERS_PER_MODEL and span.peer_id not in result.spans:
-                    result.invalid_entries += 1  # a flood: as `spans_from_entries` bounds one read
-                    continue
-                _merge_span(result.spans, span)
-    return [_without_bad_peer_ids(result) for result in results]
+        # One builder per part across its reads: a server seen in several reads is looked at once per value.
+        builders = [SpanBuilder(part.dht_prefix, part.num_blocks) for part in parts]
+
+        async def read(number: int, start: int, end: int) -> None:
+            part = parts[number]
+            async with limit:
+                entries = await read_block_entries(node, part.dht_prefix, start, end)
+            builders[number].add_blocks(start, entries)
+
+        await asyncio.gather(*(read(*args) for args in reads))
+    return [
+        _without_bad_peer_ids(PartResult(part, builder.spans, builder.invalid_entries))
+        for part, builder in zip(parts, builders)
+    ]
 
 
 def _without_bad_peer_ids(result: PartResult) -> PartResult:

@@ -196,10 +196,19 @@ def insert_rows(model: type[models.Model], rows: list[dict[str, Any]]) -> None:
         quote(model._meta.db_table), ", ".join(quote(field.column) for field in fields), ", ".join(["%s"] * len(fields))
     )
     params = []
+    # Most rows share these values (the snapshot's time, no adapters, no pings): each is prepared once.
+    shared: dict[tuple[int, Any], Any] = {}
     for row in rows:
         values = list(row.values())
         for i in prepared:
-            values[i] = fields[i].get_db_prep_save(values[i], connection)
+            value = values[i]
+            if value is None or isinstance(value, dt.datetime) or value == []:
+                key = (i, value if value != [] else "[]")
+                if key not in shared:
+                    shared[key] = fields[i].get_db_prep_save(value, connection)
+                values[i] = shared[key]
+            else:
+                values[i] = fields[i].get_db_prep_save(value, connection)
         params.append(values)
     with connection.cursor() as cursor:
         cursor.executemany(sql, params)

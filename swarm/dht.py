@@ -34,6 +34,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import dht_pb2
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
+from swarm import msgpack_limits
 from swarm.data_structures import ModelInfo, RemoteSpanInfo, ServerInfo, ServerState
 from swarm.names import MODELS_INDEX_KEY, block_uid, is_private_prefix, is_valid_dht_prefix
 from swarm.process_locks import hivemind_locks, install_in_hivemind, use_in_hivemind
@@ -41,10 +42,11 @@ from swarm.relays import relay_p2pd_flags, set_p2pd_flags
 
 logger = logging.getLogger(__name__)
 install_in_hivemind()  # a DHT process killed mid-reply must not wedge every later DHT of this program
+msgpack_limits.install()  # a stranger's deeply nested value must not crash this process
 
-# A stranger can announce any number of fake peers; beyond this many per model (per read of a model's
-# blocks, and per crawl part) we stop reading. It bounds memory, not the swarm: it is per model, so 20,000
-# honest servers over 10 models are far below it.
+# A stranger can announce any number of fake peers; beyond this many per model (per `SpanBuilder`: one
+# `fetch_swarm`, or one crawl part) the rest are counted as invalid, not kept. It bounds memory, not the
+# swarm: it is per model, so 20,000 honest servers over 10 models are far below it.
 MAX_PEERS_PER_MODEL = 20_000
 # hivemind's msgpack extension code for a dictionary value (DictionaryDHTValue), as it travels in rpc_find.
 DICTIONARY_EXT_CODE = MSGPackSerializer._ext_types[DictionaryDHTValue]
@@ -351,11 +353,16 @@ def fetch_swarm(
 async def fetch_swarm_in_dht(
     dht: DHT, node: DHTNode, *, prefix: str, num_blocks: int, start: int, end: int
 ) -> SwarmView:
-    uids = [block_uid(prefix, index) for index in range(start, end)]
-    entries = await read_raw_entries(node, uids) if uids else {}
+    entries = await read_block_entries(node, prefix, start, end)
     view = spans_from_entries(prefix, num_blocks, start, entries)
     view.fetched_at = get_dht_time()
     return view
+
+
+async def read_block_entries(node: DHTNode, prefix: str, start: int, end: int) -> dict[str, RawEntry | str | None]:
+    """Blocks [start, end) of a model as `read_raw_entries` gives them, in block order."""
+    uids = [block_uid(prefix, index) for index in range(start, end)]
+    return await read_raw_entries(node, uids) if uids else {}
 
 
 # ----- reading block announcements, values left encoded -----
@@ -489,56 +496,80 @@ def _nearest(node: DHTNode, result: Any) -> dict[DHTID, PeerID]:
 
 def spans_from_entries(prefix: str, num_blocks: int, start: int, entries: dict[str, Any]) -> SwarmView:
     """Turn raw per-block DHT entries (uid -> {peer id: (value bytes, expiration)}, as `read_raw_entries`
-    gives them) into one span per server.
+    gives them, in block order from `start`) into one span per server (see `SpanBuilder`)."""
+    builder = SpanBuilder(prefix, num_blocks)
+    builder.add_blocks(start, entries)
+    return builder.view()
 
-    A server's span is its announced [start_block, end_block) when both are given, else the run of
-    blocks it appears under. Malformed entries are counted and skipped. Each distinct value is decoded and
-    validated once: a server announces the same bytes on each of its blocks (and a flood of fakes often
-    one value for all).
+
+class SpanBuilder:
+    """One span per server of a model, from block entries fed in any order (a crawl reads a model a few
+    blocks at a time, and the reads finish in any order).
+
+    A server's span is its announced [start_block, end_block) when both are given, else the blocks it
+    appears under. Its highest announced state wins; spans of the same state join. Malformed entries are
+    counted and skipped. A server announces the same bytes on each of its blocks: once its announced span is
+    known, seeing that value again is one dictionary lookup and one comparison of bytes, and each distinct
+    value is decoded and validated once (`_cached_parser`).
     """
-    parse = _cached_parser()
-    spans: dict[str, RemoteSpanInfo] = {}
-    last_values: dict[str, Any] = {}  # the raw value each server's span was parsed from
-    invalid = 0
-    for offset, entry in enumerate(entries.values()):
-        index = start + offset
+
+    def __init__(self, prefix: str, num_blocks: int):
+        self.prefix, self.num_blocks = prefix, num_blocks
+        self.spans: dict[str, RemoteSpanInfo] = {}
+        self.invalid_entries = 0
+        self._settled: dict[Any, bytes] = {}  # peer id -> the value its announced span was taken from
+        self._parse = _cached_parser()
+
+    def add_blocks(self, start: int, entries: dict[str, Any]) -> None:
+        """Entries of blocks start, start + 1, ... (uid -> entry, in block order)."""
+        for offset, entry in enumerate(entries.values()):
+            self.add(start + offset, entry)
+
+    def add(self, index: int, entry: Any) -> None:
+        """One block's entry: {peer id: (value bytes, expiration)}, None (nothing there) or junk."""
         if entry is None:
-            continue
+            return
         if not isinstance(entry, dict):
-            invalid += 1
-            continue
+            self.invalid_entries += 1
+            return
+        settled = self._settled
         for peer_id, record in entry.items():
-            if len(spans) >= MAX_PEERS_PER_MODEL and peer_id not in spans:
-                invalid += 1
-                continue
-            known = spans.get(peer_id)
-            raw = record[0] if isinstance(record, tuple) and record and isinstance(record[0], bytes) else None
-            explicit = known is not None and None not in (known.server_info.start_block, known.server_info.end_block)
-            if explicit and raw == last_values.get(peer_id):
-                # A server announces one value for its whole span; parsing the same value again at each of
-                # its blocks would change nothing once its explicit span is known.
-                continue
-            try:
-                if not isinstance(peer_id, str) or not 0 < len(peer_id) <= 128:
-                    raise ValueError("peer id must be a short string")
-                info = parse(raw)
-                if info.end_block is not None and info.end_block > num_blocks:
-                    raise ValueError("span ends past the model's last block")
-            except ValueError:
-                invalid += 1
-                continue
-            if known is None or known.state < info.state:
-                if info.start_block is not None and info.end_block is not None:
-                    span_start, span_end = info.start_block, info.end_block
-                else:
-                    span_start, span_end = index, index + 1
-                spans[peer_id] = RemoteSpanInfo(peer_id, span_start, span_end, info)
-                last_values[peer_id] = raw
-            elif known.state == info.state and (info.start_block is None or info.end_block is None):
-                spans[peer_id] = dataclasses.replace(known, end=max(known.end, index + 1))
-    if invalid:
-        logger.warning("Skipped %d malformed DHT entries for model %s", invalid, prefix)
-    return SwarmView(prefix=prefix, num_blocks=num_blocks, spans=spans, invalid_entries=invalid)
+            raw = record[0] if type(record) is tuple and record and type(record[0]) is bytes else None
+            if raw is not None and settled.get(peer_id) == raw:
+                continue  # the value this server's announced span came from: nothing new
+            self._add_record(index, peer_id, raw)
+
+    def _add_record(self, index: int, peer_id: Any, raw: bytes | None) -> None:
+        spans = self.spans
+        known = spans.get(peer_id)
+        try:
+            if known is None and len(spans) >= MAX_PEERS_PER_MODEL:
+                raise ValueError("a flood: too many servers for one model")
+            if not isinstance(peer_id, str) or not 0 < len(peer_id) <= 128:
+                raise ValueError("peer id must be a short string")
+            if raw is None:
+                raise ValueError("not a (value, expiration) record")
+            info = self._parse(raw)
+            if info.end_block is not None and info.end_block > self.num_blocks:
+                raise ValueError("span ends past the model's last block")
+        except ValueError:
+            self.invalid_entries += 1
+            return
+        announced = info.start_block is not None and info.end_block is not None
+        start, end = (info.start_block, info.end_block) if announced else (index, index + 1)
+        if known is None or known.state < info.state:
+            spans[peer_id] = RemoteSpanInfo(peer_id, start, end, info)
+            if announced:
+                self._settled[peer_id] = raw
+            else:
+                self._settled.pop(peer_id, None)
+        elif known.state == info.state and (start < known.start or end > known.end):
+            spans[peer_id] = dataclasses.replace(known, start=min(known.start, start), end=max(known.end, end))
+
+    def view(self) -> SwarmView:
+        if self.invalid_entries:
+            logger.warning("Skipped %d malformed DHT entries for model %s", self.invalid_entries, self.prefix)
+        return SwarmView(self.prefix, self.num_blocks, self.spans, self.invalid_entries)
 
 
 # Parsed values shared by the reads of one crawl (`shared_parsing`): a server's blocks are read a few at a

@@ -328,3 +328,55 @@ def test_reading_merges_every_peers_subkeys_and_keeps_the_latest() -> None:
 
 async def _store_regular_in_dht(dht: Any, node: Any, *, uid: str, expiration: float) -> None:
     node.protocol.storage.store(DHTID.generate(source=uid), MSGPackSerializer.dumps("junk"), expiration)
+
+
+# ----- values nested to crash msgpack: a stranger must not bring down a crawler or a DHT peer -----
+
+NESTED_VALUE_CHECK = """
+from functools import partial
+
+import msgpack
+from hivemind import DHT
+from hivemind.dht.routing import DHTID
+from hivemind.utils import MSGPackSerializer, get_dht_time
+
+from swarm.dht import spans_from_entries  # importing swarm.dht bounds the nesting in this process
+from swarm.names import block_uid
+
+nested = 1
+for _ in range(3000):  # 15 KB: enough to overflow msgpack's C stack through hivemind's hook
+    nested = msgpack.ExtType(MSGPackSerializer._TUPLE_EXT_TYPE_CODE, msgpack.packb([nested]))
+raw = msgpack.packb(nested)
+try:
+    MSGPackSerializer.loads(raw)
+except ValueError as error:
+    print("loads:", error)
+view = spans_from_entries("Tiny-hf", 1, 0, {block_uid("Tiny-hf", 0): {"QmA": (raw, 1e12)}})
+print("invalid entries:", view.invalid_entries)
+
+# A stranger's store request whose subkey is the nested value: the receiving peer decodes it in rpc_store.
+async def attack(dht, node, peer_id):
+    key = DHTID.generate(source="some-key")
+    return await node.protocol.call_store(peer_id, [key], [b"x"], get_dht_time() + 60, subkeys=[nested])
+
+peer = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+stranger = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peer.get_visible_maddrs())
+print("store:", stranger.run_coroutine(partial(attack, peer_id=peer.peer_id), return_future=True).result(30))
+print("alive:", peer.is_alive(), stranger.store("after", 1, get_dht_time() + 60))
+stranger.shutdown()
+peer.shutdown()
+"""
+
+
+def test_deeply_nested_values_are_refused_not_a_crash() -> None:
+    """hivemind decodes nested extension types with recursive msgpack calls: ~500 levels (2.4 KB) of nested
+    tuples overflowed the C stack and killed the process (a crawler's DHT reading one announcement, any DHT
+    peer receiving one store request). Run in a child process: on failure it dies, not the test session."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", NESTED_VALUE_CHECK], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert "loads: msgpack value nests extension types more than 32 deep" in done.stdout
+    assert "invalid entries: 1" in done.stdout
+    assert "alive: True True" in done.stdout

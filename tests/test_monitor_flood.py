@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import math
 import threading
 import time
@@ -330,26 +329,28 @@ def test_parts_are_read_a_few_blocks_at_a_time_and_joined(loopback, monkeypatch)
     """A read of many blocks packs several flooded blocks into one reply, over p2pd's 4 MB limit, and ten
     models' parts read all at once timed out at the peer holding them: hivemind then blacklisted that peer
     and the next crawls found 0 servers."""
-    from swarm.dht import SwarmView
+    from hivemind.utils import MSGPackSerializer
+
+    from swarm.data_structures import ServerInfo, ServerState
+    from swarm.names import block_uid
 
     reads: list[tuple[str, int, int]] = []
     reading, most = 0, 0
+    # One server on every block, announcing no span (its span is where it was seen), and one junk value per read.
+    implicit = (MSGPackSerializer.dumps(ServerInfo(ServerState.ONLINE, 1.0).to_tuple()), 1e12)
 
-    async def fetch_swarm_in_dht(dht, node, *, prefix, num_blocks, start, end):
+    async def read_block_entries(node, prefix, start, end):
         nonlocal reading, most
         reads.append((prefix, start, end))
         reading += 1
         most = max(most, reading)
         await asyncio.sleep(0.01)
         reading -= 1
-        # One server on every block (as if it announced no span: its span is where it was seen).
-        implicit = span(peer(prefix), start, end)
-        implicit = dataclasses.replace(
-            implicit, server_info=dataclasses.replace(implicit.server_info, start_block=None, end_block=None)
-        )
-        return SwarmView(prefix, num_blocks, {implicit.peer_id: implicit}, invalid_entries=1)
+        entries = {block_uid(prefix, index): {peer(prefix): implicit} for index in range(start, end)}
+        entries[block_uid(prefix, start)]["QmJunk"] = (b"\xc1", 1e12)
+        return entries
 
-    monkeypatch.setattr(crawl_module, "fetch_swarm_in_dht", fetch_swarm_in_dht)
+    monkeypatch.setattr(crawl_module, "read_block_entries", read_block_entries)
     targets = [ModelTarget(f"m{i}-hf", 80, f"M{i}") for i in range(10)]
     parts = crawl_module.plan_parts(targets, 32)
     results = crawl_module.fetch_parts(loopback(), parts, timeout=30)
