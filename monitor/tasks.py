@@ -16,24 +16,29 @@ hard time limits (MONITOR_TASK_SOFT_TIME_LIMIT, MONITOR_TASK_TIME_LIMIT). A work
 hard limit takes its DHT process and p2pd with it (swarm.dht.OwnedDHT).
 
 Crawls never overlap: `crawl_swarm` takes the crawl lock (an `add` to Django's cache, which every process
-of the site shares: Redis, or a folder in the embedded mode) and `save_crawl` releases it once the snapshot
-is written. A beat tick while a crawl runs is logged and does nothing. A crawl that dies on the way (a
-part failed, a worker was killed) leaves the lock to expire after MONITOR_TASK_TIME_LIMIT.
+of the site shares: Redis, where `add` is atomic, or a folder in the embedded mode, where a file lock makes
+it so) and `save_crawl` releases it once the snapshot is written. A beat tick while a crawl runs is logged
+and does nothing. A crawl that dies on the way (a part failed, a worker was killed) leaves the lock to
+expire after MONITOR_TASK_TIME_LIMIT.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from celery import chord, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown
-from django.core.cache import cache
+from django.core.cache import cache, caches
+from django.core.cache.backends.filebased import FileBasedCache
 from django.db import DatabaseError
 
 from monitor import conf, swarm_client
@@ -63,16 +68,33 @@ CRAWL_LOCK = "monitor:crawl-lock"
 def acquire_crawl_lock(seconds: float = TIME_LIMIT) -> str | None:
     """A token that holds the crawl lock for at most `seconds`, or None while another crawl holds it."""
     token = secrets.token_hex(8)
-    return token if cache.add(CRAWL_LOCK, token, timeout=seconds) else None
+    with _exclusive_cache():
+        return token if cache.add(CRAWL_LOCK, token, timeout=seconds) else None
 
 
 def release_crawl_lock(token: str) -> None:
     """Let the next crawl start, unless the lock expired and a later crawl took it (not ours to free)."""
     try:
-        if token and cache.get(CRAWL_LOCK) == token:
-            cache.delete(CRAWL_LOCK)
+        with _exclusive_cache():
+            if token and cache.get(CRAWL_LOCK) == token:
+                cache.delete(CRAWL_LOCK)
     except Exception as e:  # the crawl's own outcome matters more; the lock expires anyway
         logger.warning("Could not release the crawl lock (it expires in %g s): %s", TIME_LIMIT, e)
+
+
+@contextlib.contextmanager
+def _exclusive_cache() -> Iterator[None]:
+    """One process at a time between the lock's read and write in a folder cache: its `add` is a check
+    then a write, so two workers could both take the lock. Redis's `add` is atomic on its own."""
+    backend = caches["default"]
+    if not isinstance(backend, FileBasedCache):
+        yield
+        return
+    folder = Path(backend._dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "crawl-lock.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
 
 
 def _monitor_task(name: str) -> Callable:

@@ -197,3 +197,27 @@ def test_celery_results_expire():
 
 def test_page_servers_per_model_has_a_default():
     assert conf.page_servers_per_model() == conf.PAGE_SERVERS_PER_MODEL == 100
+
+
+def test_two_workers_taking_the_crawl_lock_at_once_in_a_folder_cache(shared_cache, monkeypatch):
+    """The folder cache's `add` checks for the key, then writes it: without a file lock around it, two
+    workers between those two steps both took the lock (the check is slowed here to make that certain)."""
+    import threading
+
+    from django.core.cache.backends.filebased import FileBasedCache
+
+    has_key = FileBasedCache.has_key
+
+    def slow_has_key(self, *args, **kwargs):
+        found = has_key(self, *args, **kwargs)
+        time.sleep(0.3)  # the other worker checks meanwhile
+        return found
+
+    monkeypatch.setattr(FileBasedCache, "has_key", slow_has_key)
+    tokens: list[str | None] = []
+    workers = [threading.Thread(target=lambda: tokens.append(tasks.acquire_crawl_lock(seconds=60))) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert sorted(token is not None for token in tokens) == [False, True]
