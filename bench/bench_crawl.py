@@ -114,31 +114,28 @@ def flood_announcements(num_fakes: int, num_blocks: int, seed: int = 1):
     return servers
 
 
-async def _store_in_dht(dht, node, *, keys, subkeys, values, expiration_time):
-    return await node.store_many(keys, values, expiration_time, subkeys=subkeys, num_workers=32)
+async def _store_in_dht(dht, node, *, prefix, servers, expiration_time):
+    # Straight into this peer's own storage, as a store request from the servers would put them there (the
+    # crawler is not started yet, so this peer is the only one): each server's value under each of its blocks.
+    from hivemind.dht.routing import DHTID
+    from hivemind.utils import MSGPackSerializer
+
+    from swarm.names import block_uid
+
+    for peer, start, end, value in servers:
+        encoded = MSGPackSerializer.dumps(value)
+        for block in range(start, end):
+            key_id = DHTID.generate(source=block_uid(prefix, block))
+            node.protocol.storage.store(key_id, encoded, expiration_time, subkey=peer)
 
 
 def store_announcements(dht, servers, expiration_time: float, prefix: str = PREFIX) -> None:
-    from swarm.names import block_uid
-
-    keys, subkeys, values = [], [], []
-    for peer, start, end, value in servers:
-        for block in range(start, end):
-            keys.append(block_uid(prefix, block))
-            subkeys.append(peer)
-            values.append(value)
-    chunk = 40  # keep each call small (~16 KB): arguments over ~60 KB break the pipe into the DHT process
-    for offset in range(0, len(keys), chunk):
-        dht.run_coroutine(
-            partial(
-                _store_in_dht,
-                keys=keys[offset : offset + chunk],
-                subkeys=subkeys[offset : offset + chunk],
-                values=values[offset : offset + chunk],
-                expiration_time=expiration_time,
-            )
-        )
-    print(f"stored {len(keys)} block announcements of {len(servers)} servers of {prefix}")
+    chunk = 10  # servers per call (~4 KB): a larger message may reach the DHT process in parts, which breaks it
+    for offset in range(0, len(servers), chunk):
+        batch = servers[offset : offset + chunk]
+        dht.run_coroutine(partial(_store_in_dht, prefix=prefix, servers=batch, expiration_time=expiration_time))
+    blocks = sum(end - start for _, start, end, _ in servers)
+    print(f"stored {blocks} block announcements of {len(servers)} servers of {prefix}")
 
 
 def naive_fetch(dht, num_blocks: int, prefix: str = PREFIX):
