@@ -27,7 +27,7 @@ from monitor.conf import CrawlOptions  # (also importable from here, as before)
 from monitor.gcpause import paused_gc
 from monitor.targets import ModelTarget, choose_targets, salted_key
 from swarm.data_structures import RemoteSpanInfo, ServerInfo, ServerState
-from swarm.dht import SpanBuilder, fetch_model_index, read_block_entries, shared_parsing
+from swarm.dht import SpanBuilder, fetch_model_index, merge_span, read_block_entries, shared_parsing
 from swarm.ping import PingResult, ping_dht_peer, ping_server, ping_within
 
 logger = logging.getLogger(__name__)
@@ -389,18 +389,8 @@ def merge_parts(targets: list[ModelTarget], results: Iterable[PartResult]) -> li
             continue
         crawl.invalid_entries += result.invalid_entries
         for span in result.spans.values():
-            _merge_span(crawl.spans, span)
+            merge_span(crawl.spans, span)
     return list(crawls.values())
-
-
-def _merge_span(spans: dict[str, RemoteSpanInfo], span: RemoteSpanInfo) -> None:
-    """Add a server's span read from some blocks: it keeps its highest state and the union of its spans."""
-    known = spans.get(span.peer_id)
-    if known is None or known.state < span.state:
-        spans[span.peer_id] = span
-    elif known.state == span.state and (span.start < known.start or span.end > known.end):
-        start, end = min(known.start, span.start), max(known.end, span.end)
-        spans[span.peer_id] = dataclasses.replace(known, start=start, end=end)
 
 
 def verified_rank(

@@ -202,8 +202,8 @@ def insert_rows(model: type[models.Model], rows: list[dict[str, Any]]) -> None:
         values = list(row.values())
         for i in prepared:
             value = values[i]
-            if value is None or isinstance(value, dt.datetime) or value == []:
-                key = (i, value if value != [] else "[]")
+            if value is None or value == [] or isinstance(value, dt.datetime):
+                key = (i, repr(value))
                 if key not in shared:
                     shared[key] = fields[i].get_db_prep_save(value, connection)
                 values[i] = shared[key]

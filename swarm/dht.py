@@ -557,19 +557,30 @@ class SpanBuilder:
             return
         announced = info.start_block is not None and info.end_block is not None
         start, end = (info.start_block, info.end_block) if announced else (index, index + 1)
-        if known is None or known.state < info.state:
-            spans[peer_id] = RemoteSpanInfo(peer_id, start, end, info)
+        if merge_span(spans, RemoteSpanInfo(peer_id, start, end, info)):
             if announced:
                 self._settled[peer_id] = raw
             else:
                 self._settled.pop(peer_id, None)
-        elif known.state == info.state and (start < known.start or end > known.end):
-            spans[peer_id] = dataclasses.replace(known, start=min(known.start, start), end=max(known.end, end))
 
     def view(self) -> SwarmView:
         if self.invalid_entries:
             logger.warning("Skipped %d malformed DHT entries for model %s", self.invalid_entries, self.prefix)
         return SwarmView(self.prefix, self.num_blocks, self.spans, self.invalid_entries)
+
+
+def merge_span(spans: dict[str, RemoteSpanInfo], span: RemoteSpanInfo) -> bool:
+    """Add a server's span seen under some blocks: its highest state wins, spans of the same state join.
+    True when `span` took the place of what was known (it was new, or of a higher state)."""
+    known = spans.get(span.peer_id)
+    if known is None or known.state < span.state:
+        spans[span.peer_id] = span
+        return True
+    if known.state == span.state and (span.start < known.start or span.end > known.end):
+        spans[span.peer_id] = dataclasses.replace(
+            known, start=min(known.start, span.start), end=max(known.end, span.end)
+        )
+    return False
 
 
 # Parsed values shared by the reads of one crawl (`shared_parsing`): a server's blocks are read a few at a
